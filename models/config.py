@@ -1,0 +1,90 @@
+"""Recipe sections owned by the model families and the training loop (no torch import here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slm.configkit import ConfigError, positive
+
+FAMILIES = ("slm", "llm", "is", "mix", "pn")
+
+# Transformer presets: (layers, d_model, heads, d_ff). paper-* follow paper.md §6 (Table 6).
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "paper-slm": (7, 1024, 8, 4096),     # 126M at 32k vocab
+    "paper-llm": (7, 2816, 22, 11264),   # 771M at 32k vocab
+    "demo-slm": (2, 128, 4, 512),
+    "demo-llm": (3, 256, 4, 1024),
+    "tiny": (1, 32, 2, 64),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation for pretraining (paper: Adam 1e-4, clip 5, 1k warmup)."""
+
+    micro_batch: int = field(default=8, metadata={"help": "windows per worker per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final LR as a fraction of peak (cosine decay)"})
+    warmup: int = field(default=1000, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    clip: float = field(default=5.0, metadata={"help": "gradient-norm clipping"})
+    eval_every: int = field(default=200, metadata={"help": "steps between evaluations on held-out windows"})
+    eval_batches: int = field(default=8, metadata={"help": "micro-batches per evaluation"})
+    ckpt_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    zero_stage: int = field(default=1, metadata={"help": "DeepSpeed ZeRO stage (0-3)"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
+
+    def validate(self) -> None:
+        positive(self, "micro_batch", "grad_accum", "lr", "eval_every", "eval_batches", "ckpt_every", "clip")
+        positive(self, "warmup", "weight_decay", allow_zero=True)
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"field 'zero_stage' is {self.zero_stage}; use 0, 1, 2 or 3")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"field 'precision' is '{self.precision}'; use auto, bf16 or fp32")
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train scaling: the only fields that change from a laptop to a GPU cluster."""
+
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers per training run"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per worker"})
+    max_failures: int = field(default=3, metadata={"help": "worker failures to recover from (FailureConfig)"})
+    parallel_experts: int = field(default=0, metadata={"help": "SLM-mix experts trained at once (0 = as resources allow)"})
+
+    def validate(self) -> None:
+        positive(self, "num_workers", "cpus_per_worker")
+        positive(self, "max_failures", "parallel_experts", allow_zero=True)
+
+
+@dataclass
+class PretrainConfig:
+    """Which families to pretrain, their sizes and budgets."""
+
+    families: list[str] = field(default_factory=lambda: list(FAMILIES), metadata={"help": "families to pretrain: slm, llm, is, mix, pn"})
+    slm_size: str = field(default="paper-slm", metadata={"help": "preset of the small (served) model"})
+    llm_size: str = field(default="paper-llm", metadata={"help": "preset of the large model / teacher"})
+    steps: dict[str, int] = field(default_factory=lambda: {"slm": 400_000, "llm": 400_000, "is": 200_000, "mix": 400_000, "pn": 400_000}, metadata={"help": "pretraining budget in optimizer steps per family (mix: per expert)"})
+    pn_h: int = field(default=8, metadata={"help": "SLM-pn capacity multiplier h (T tensors have h slices)"})
+    pn_m: int = field(default=8, metadata={"help": "SLM-pn expert-embedding size m"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    logger: str = field(default="tensorboard", metadata={"help": "tensorboard | mlflow | wandb | none"})
+
+    def validate(self) -> None:
+        for f in self.families:
+            if f not in FAMILIES:
+                raise ConfigError(f"field 'families' has unknown family '{f}'; known: {', '.join(FAMILIES)}")
+        for name in (self.slm_size, self.llm_size):
+            if name not in SIZES:
+                raise ConfigError(f"unknown model size '{name}'; presets: {', '.join(SIZES)}")
+        for fam, s in self.steps.items():
+            if fam not in FAMILIES:
+                raise ConfigError(f"field 'steps' has unknown family '{fam}'; known: {', '.join(FAMILIES)}")
+            if s <= 0:
+                raise ConfigError(f"field 'steps.{fam}' is {s}; a pretraining budget must be > 0 steps")
+        positive(self, "pn_h", "pn_m")
+        if self.logger not in ("tensorboard", "mlflow", "wandb", "none"):
+            raise ConfigError(f"field 'logger' is '{self.logger}'; use tensorboard, mlflow, wandb or none")

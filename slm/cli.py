@@ -1,0 +1,237 @@
+"""The `slm` command: a thin layer that parses arguments and calls the library.
+
+Every sub-command that works on a study takes ``--recipe NAME|PATH`` plus one ``--section.field``
+flag per recipe field (generated from the dataclasses), so a YAML recipe, the CLI and the Python
+API are the same config. Library imports happen inside the handlers: ``slm --help`` stays fast
+and never imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from slm.errors import SlmError
+
+# Where a hub is unreachable the default embedding model must resolve offline (see
+# pipeline/embed.py); users with a hub keep whatever they set.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _recipe(args):
+    from slm.config import load_recipe, overrides_from_args
+
+    return load_recipe(args.recipe, overrides_from_args(args))
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers: each one parses nothing, calls one library function, returns an exit status.
+# --------------------------------------------------------------------------------------------
+
+def cmd_data_demo(args) -> int:
+    from slm.pipeline.demo_corpus import build_demo_corpus
+
+    m = build_demo_corpus(args.out or None, force=args.force)
+    print(f"demo corpus ready: {m['path']}")
+    return 0
+
+
+def cmd_data_run(args) -> int:
+    from slm.pipeline.run import run_pipeline
+
+    recipe = _recipe(args)
+    run_pipeline(recipe, force=args.force)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from slm.models.pretrain import pretrain
+
+    recipe = _recipe(args)
+    families = args.family or recipe.pretrain.families
+    for fam in families:
+        pretrain(recipe, fam)
+    return 0
+
+
+def cmd_specialize(args) -> int:
+    from slm.tune.add_domain import specialize_new_domain
+
+    specialize_new_domain(args.run, args.domain, name=args.name, methods=args.method,
+                          text_column=args.text_column)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from slm.tune.sweep import run_sweep
+
+    run_sweep(_recipe(args))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from slm.tune.report import write_report
+
+    path = write_report(_recipe(args), extra_results=args.results)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from slm.tune.planner import plan, format_plan
+
+    result = plan(pretrain_budget=args.pretrain_budget, specialize_budget=args.specialize_budget,
+                  inference_budget=args.inference_budget, domains=args.domains,
+                  domain_tokens=args.domain_tokens, results=args.results, run=args.run)
+    print(format_plan(result))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from slm.tune.study import run_study
+
+    run_study(_recipe(args), force=args.force)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from slm.deploy.export import export_model
+
+    path = export_model(args.run, args.domain, method=args.method, out=args.out)
+    print(f"exported: {path}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from slm.deploy.serve import serve
+
+    serve(args.run, domains=args.domain, host=args.host, port=args.port, blocking=True)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from slm.cluster.submit import submit
+
+    return submit(args.entrypoint, address=args.address, follow=args.follow,
+                  num_cpus=args.entrypoint_num_cpus, num_gpus=args.entrypoint_num_gpus,
+                  working_dir=args.working_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------
+
+def _with_recipe(p: argparse.ArgumentParser) -> None:
+    from slm.config import Recipe
+    from slm.configkit import add_flags
+
+    p.add_argument("--recipe", default="demo",
+                   help="built-in recipe (demo, paper, study) or a YAML path (default: demo)")
+    add_flags(p, Recipe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slm",
+        description="Train small, cheap-to-serve language models specialized to domains with "
+                    "little data, on Ray. With no cluster given, an embedded local Ray runs "
+                    "everything on this machine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, fn: Callable, help_: str, recipe: bool = True, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, **kw)
+        p.set_defaults(fn=fn)
+        if recipe:
+            _with_recipe(p)
+        return p
+
+    p = add("run", cmd_run, "the whole study end to end: data pipeline, pretraining of every "
+            "family, specialization sweep, report")
+    p.add_argument("--force", action="store_true", help="rebuild stages that are already done")
+
+    data = sub.add_parser("data", help="the data pipeline (corpus → tokenizer → windows → "
+                          "embeddings → k-means → histograms → shards)")
+    dsub = data.add_subparsers(dest="data_command", metavar="STEP")
+    p = dsub.add_parser("demo", help="build the offline demo corpus from Debian packages")
+    p.set_defaults(fn=cmd_data_demo)
+    p.add_argument("--out", default="", help="where to write it (default: ~/.cache/slm/demo-corpus)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p = dsub.add_parser("run", help="run every data stage of a recipe (skips completed stages)")
+    p.set_defaults(fn=cmd_data_run)
+    _with_recipe(p)
+    p.add_argument("--force", action="store_true", help="rebuild stages that are already done")
+
+    p = add("pretrain", cmd_pretrain, "pretrain model families with Ray Train + DeepSpeed")
+    p.add_argument("--family", action="append", choices=["slm", "llm", "is", "mix", "pn"],
+                   help="family to pretrain (repeatable; default: the recipe's families)")
+
+    p = add("specialize", cmd_specialize, "add a new domain to an existing run: embed, "
+            "histogram and specialize it without pretraining again", recipe=False)
+    p.add_argument("--run", required=True, help="run directory of a finished pretraining run")
+    p.add_argument("--domain", required=True, help="domain data: a directory or file of text/jsonl/parquet")
+    p.add_argument("--name", default="", help="domain name (default: the directory name)")
+    p.add_argument("--method", action="append", help="methods (default: the run's sweep methods)")
+    p.add_argument("--text-column", default="", help="text column of parquet/jsonl files")
+
+    add("sweep", cmd_sweep, "Ray Tune sweep of specialization: domains × methods × budgets × sizes × seeds")
+    p = add("report", cmd_report, "write the HTML report (tables and figures) of a run")
+    p.add_argument("--results", action="append", default=[], help="extra results.parquet to include")
+
+    p = add("plan", cmd_plan, "recommend a method for given budgets (from measured results, or "
+            "the paper's findings when there are none)", recipe=False)
+    p.add_argument("--pretrain-budget", type=float, required=True, help="pretraining budget in FLOPs")
+    p.add_argument("--specialize-budget", type=float, required=True, help="per-domain specialization budget in FLOPs")
+    p.add_argument("--inference-budget", type=float, required=True, help="max parameters of the served model")
+    p.add_argument("--domains", type=int, default=1, help="number of domains N")
+    p.add_argument("--domain-tokens", type=float, default=1e6, help="in-domain training tokens")
+    p.add_argument("--results", default="", help="a sweep's results.parquet")
+    p.add_argument("--run", default="", help="a run directory (uses its sweep results)")
+
+    p = add("export", cmd_export, "export a specialized model as a Hugging Face directory", recipe=False)
+    p.add_argument("--run", required=True)
+    p.add_argument("--domain", required=True)
+    p.add_argument("--method", default="", help="method (default: the best measured for the domain)")
+    p.add_argument("--out", default="", help="output directory (default: RUN/models/<domain>/<method>)")
+
+    p = add("serve", cmd_serve, "serve specialists with Ray Serve (one deployment per domain + router)",
+            recipe=False)
+    p.add_argument("--run", required=True)
+    p.add_argument("--domain", action="append", help="domains to serve (default: all exported)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+    p = add("submit", cmd_submit, "submit an slm command to a Ray cluster as a job "
+            "(e.g. slm submit --address http://HEAD:8265 -- slm run)", recipe=False)
+    p.add_argument("--address", default="", help="Ray dashboard address (default: RAY_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0)
+    p.add_argument("--entrypoint-num-gpus", type=float, default=0)
+    p.add_argument("--working-dir", default="", help="project directory to ship (default: this checkout)")
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.fn(args) or 0)
+    except SlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

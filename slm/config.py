@@ -1,0 +1,86 @@
+"""The recipe: one typed config for a whole study, composed of sections that each sub-package
+owns (pipeline/config.py, models/config.py, tune/config.py, cluster/config.py).
+
+Dataclasses ↔ YAML recipes ↔ ``--section.field`` CLI flags; the machinery is in
+``slm.configkit``. Built-in recipes live in ``recipes/`` (installed as ``slm.recipes``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slm.cluster.config import ClusterConfig
+from slm.configkit import (ConfigError, add_flags, apply_overrides, from_dict, overrides_from_args,  # noqa: F401
+                           to_dict, validate)
+from slm.models.config import PretrainConfig
+from slm.pipeline.config import CorpusConfig, DataConfig, EmbedConfig, KMeansConfig, TokenizerConfig
+from slm.tune.config import SpecializeConfig, SweepConfig
+
+@dataclass
+class Recipe:
+    """A whole study: data, pretraining, specialization, sweeps, and where it runs."""
+
+    name: str = field(default="demo", metadata={"help": "recipe name; results of different recipes never mix"})
+    run_dir: str = field(default="runs/demo", metadata={"help": "run directory: a local path or s3:// / gs:// URI"})
+    seed: int = field(default=0, metadata={"help": "global seed"})
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    specialize: SpecializeConfig = field(default_factory=SpecializeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("field 'name' is empty; give the recipe a name")
+        if not self.run_dir:
+            raise ConfigError("field 'run_dir' is empty; give a directory or URI for the run")
+
+
+BUILTIN_RECIPES = ("demo", "paper", "study")
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A built-in recipe name (demo, paper, study) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"recipe file '{p}' does not exist; pass a built-in recipe "
+                              f"({', '.join(BUILTIN_RECIPES)}) or a path to a YAML file")
+        return p
+    res = importlib.resources.files("slm.recipes") / f"{name_or_path}.yaml"
+    if not res.is_file():
+        raise ConfigError(f"unknown recipe '{name_or_path}'; built-in recipes are "
+                          f"{', '.join(BUILTIN_RECIPES)}, or pass a path to a YAML file")
+    return Path(str(res))
+
+
+def load_recipe(name_or_path: str = "demo", overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe (built-in name or YAML path), apply dotted overrides, validate it."""
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{path}' must be a YAML mapping of sections")
+    try:
+        recipe = from_dict(Recipe, data)
+        if overrides:
+            recipe = apply_overrides(recipe, overrides)
+        validate(recipe)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

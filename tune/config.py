@@ -1,0 +1,63 @@
+"""Recipe sections owned by specialization and sweeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slm.configkit import ConfigError, positive
+
+METHODS = ("slm", "llm", "is", "mix", "pn", "d", "nopt")
+SELECTIONS = ("top_cluster", "lowest_loss", "all")
+
+
+@dataclass
+class SpecializeConfig:
+    """Fine-tuning a pretrained model on a domain (early stopping on the valid split)."""
+
+    max_steps: int = field(default=2000, metadata={"help": "specialization budget in steps (upper bound; early stopping may end sooner)"})
+    lr: float = field(default=1e-4, metadata={"help": "fine-tuning LR"})
+    small_data_tokens: int = field(default=1_000_000, metadata={"help": "at or below this many domain tokens the LR is divided by small_data_lr_div (paper: 1M -> LR/3)"})
+    small_data_lr_div: float = field(default=3.0, metadata={"help": "LR divisor for small domains"})
+    micro_batch: int = field(default=8, metadata={"help": "windows per step"})
+    warmup: int = field(default=0, metadata={"help": "warm-up steps"})
+    eval_every: int = field(default=50, metadata={"help": "steps between valid evaluations"})
+    patience: int = field(default=3, metadata={"help": "evaluations without improvement before stopping"})
+    expert_selection: str = field(default="top_cluster", metadata={"help": "mix/pn expert: top_cluster | lowest_loss | all"})
+    kd_weight: float = field(default=0.5, metadata={"help": "SLM-d: weight of the teacher (KD) loss; 0 = domain loss only"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "SLM-d: softmax temperature"})
+    inference_budget: int = field(default=0, metadata={"help": "max parameters of a served model (0 = the small model's size)"})
+
+    def validate(self) -> None:
+        positive(self, "max_steps", "lr", "micro_batch", "eval_every", "patience", "small_data_lr_div", "kd_temperature")
+        positive(self, "warmup", "small_data_tokens", "inference_budget", allow_zero=True)
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ConfigError(f"field 'kd_weight' is {self.kd_weight}; use a weight in [0, 1]")
+        if self.expert_selection not in SELECTIONS:
+            raise ConfigError(f"field 'expert_selection' is '{self.expert_selection}'; use {', '.join(SELECTIONS)}")
+
+
+@dataclass
+class SweepConfig:
+    """Ray Tune grid over domains x methods x budgets x domain sizes x seeds (x LRs)."""
+
+    name: str = field(default="main", metadata={"help": "sweep name (deterministic: re-running resumes it)"})
+    domains: list[str] = field(default_factory=list, metadata={"help": "domains to specialize ([] = all)"})
+    methods: list[str] = field(default_factory=lambda: ["slm", "llm", "is", "mix", "pn", "d"], metadata={"help": f"methods: {', '.join(METHODS)}"})
+    budgets: list[int] = field(default_factory=lambda: [2000], metadata={"help": "specialization budgets in steps"})
+    domain_tokens: list[int] = field(default_factory=list, metadata={"help": "domain train sizes ([] = all of data.domain_train_tokens)"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds"})
+    lrs: list[float] = field(default_factory=list, metadata={"help": "LRs to search ([] = specialize.lr)"})
+    asha: bool = field(default=False, metadata={"help": "ASHA early termination on valid loss"})
+    max_concurrent: int = field(default=0, metadata={"help": "trials at once (0 = as resources allow)"})
+    cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs per trial"})
+    gpus_per_trial: float = field(default=0.0, metadata={"help": "GPUs per trial"})
+
+    def validate(self) -> None:
+        for m in self.methods:
+            if m not in METHODS:
+                raise ConfigError(f"field 'methods' has unknown method '{m}'; known: {', '.join(METHODS)}")
+        positive(self, "budgets", "domain_tokens", "cpus_per_trial")
+        positive(self, "lrs")
+        positive(self, "max_concurrent", "gpus_per_trial", allow_zero=True)
+        if not self.methods or not self.budgets or not self.seeds:
+            raise ConfigError("fields 'methods', 'budgets' and 'seeds' must each list at least one value")
