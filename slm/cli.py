@@ -40,17 +40,17 @@ def cmd_data_demo(args) -> int:
 
 
 def cmd_data_run(args) -> int:
+    recipe = _recipe(args)
     from slm.pipeline.run import run_pipeline
 
-    recipe = _recipe(args)
     run_pipeline(recipe, force=args.force)
     return 0
 
 
 def cmd_pretrain(args) -> int:
+    recipe = _recipe(args)
     from slm.models.pretrain import pretrain
 
-    recipe = _recipe(args)
     families = args.family or recipe.pretrain.families
     for fam in families:
         pretrain(recipe, fam)
@@ -66,16 +66,18 @@ def cmd_specialize(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    recipe = _recipe(args)
     from slm.tune.sweep import run_sweep
 
-    run_sweep(_recipe(args))
+    run_sweep(recipe)
     return 0
 
 
 def cmd_report(args) -> int:
+    recipe = _recipe(args)
     from slm.tune.report import write_report
 
-    path = write_report(_recipe(args), extra_results=args.results)
+    path = write_report(recipe, extra_results=args.results)
     print(f"report: {path}")
     return 0
 
@@ -91,9 +93,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    recipe = _recipe(args)
     from slm.tune.study import run_study
 
-    run_study(_recipe(args), force=args.force)
+    run_study(recipe, force=args.force)
     return 0
 
 
