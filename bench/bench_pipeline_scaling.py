@@ -1,0 +1,188 @@
+"""Benchmark: the whole data pipeline at 1x and 10x generic-corpus size.
+
+Targets (issue 3): cost per document flat within ±10 % from 1x to 10x, and peak driver memory
+that does not grow with corpus size. Each size runs in a fresh subprocess (its own embedded Ray,
+its own peak RSS). Cost = the sum of the stages' seconds (Ray start-up excluded) per generic
+document; the same run also reports the fixed-overhead-free marginal cost (10x - 1x) per
+added document.
+
+    python bench/bench_pipeline_scaling.py [--docs 300] [--factor 10]
+    python bench/bench_pipeline_scaling.py --compare-formats   # parquet vs JSON lines reads
+    python bench/bench_pipeline_scaling.py --compare-compute   # tokenize: task vs actor pool
+
+Text: paragraphs of the licences in /usr/share/common-licenses (real English), cycled with a
+numbered suffix when more documents are needed. Not a test: takes minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+
+def _write_inputs(root: str, docs: int) -> dict:
+    from corpus_files import paragraphs, write_domain, write_parquet
+
+    texts = paragraphs(docs)
+    per_file = 2000
+    for i in range(0, docs, per_file):
+        write_parquet(os.path.join(root, "generic", f"part-{i // per_file:05d}.parquet"),
+                      texts[i:i + per_file])
+    write_domain(os.path.join(root, "domains"), "alpha", n_train=40, n_valid=8, n_test=8, offset=5)
+    write_domain(os.path.join(root, "domains"), "beta", n_train=40, n_valid=8, n_test=8, offset=77)
+    return {"generic": os.path.join(root, "generic"),
+            "domains": {d: os.path.join(root, "domains", d) for d in ("alpha", "beta")}}
+
+
+def run_one(docs: int) -> dict:
+    """One pipeline run (in this process) on ``docs`` generic documents."""
+    from slm.config import Recipe, from_dict, validate
+    from slm.pipeline.run import run_pipeline
+
+    root = tempfile.mkdtemp(prefix=f"slm-bench-{docs}-")
+    corpus = _write_inputs(root, docs)
+    recipe = from_dict(Recipe, {
+        "name": "bench", "run_dir": os.path.join(root, "run"),
+        "corpus": corpus, "tokenizer": {"vocab_size": 400},
+        "data": {"seq_len": 64, "domain_train_tokens": [256, 512], "is_tokens": 2048},
+        "embed": {"batch_size": 64, "pool_size": 1},
+        "kmeans": {"k_is": 8, "k_mix": 2, "k_pn": 4, "fit_sample": 5000, "max_iter": 20},
+        "cluster": {"num_cpus": 2},
+    })
+    validate(recipe)
+    t0 = time.time()
+    result = run_pipeline(recipe)
+    wall = time.time() - t0
+    stage_seconds = sum(s["seconds"] for s in result["stages"])
+    return {"docs": docs, "stage_seconds": stage_seconds, "wall_seconds": wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "per_stage": {s["stage"]: s["seconds"] for s in result["stages"]}}
+
+
+def scaling(docs: int, factor: int) -> None:
+    runs = []
+    for n in (docs, docs * factor):
+        proc = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True,
+                              text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"pipeline run on {n} docs failed (exit {proc.returncode})")
+        runs.append(json.loads(lines[-1][7:]))
+    small, big = runs
+    for r in runs:
+        r["s_per_doc"] = r["stage_seconds"] / r["docs"]
+        print(f"docs={r['docs']:>7}  stages={r['stage_seconds']:8.1f}s  "
+              f"cost/doc={1000 * r['s_per_doc']:8.2f} ms  peak driver RSS={r['peak_rss_mb']:7.0f} MB")
+    ratio = big["s_per_doc"] / small["s_per_doc"]
+    marginal = (big["stage_seconds"] - small["stage_seconds"]) / (big["docs"] - small["docs"])
+    rss_ratio = big["peak_rss_mb"] / small["peak_rss_mb"]
+    slowest = sorted(big["per_stage"].items(), key=lambda kv: -kv[1])[:5]
+    print("slowest stages at 10x:", ", ".join(f"{k} {v:.1f}s" for k, v in slowest))
+    print(f"SUMMARY cost/doc ratio {factor}x/1x = {ratio:.2f} (target 0.90-1.10: "
+          f"{'PASS' if 0.9 <= ratio <= 1.1 else 'FAIL'}); marginal cost/doc = "
+          f"{1000 * marginal:.2f} ms vs {1000 * small['s_per_doc']:.2f} ms at 1x; "
+          f"peak driver RSS ratio = {rss_ratio:.2f} (target <= 1.10: "
+          f"{'PASS' if rss_ratio <= 1.1 else 'FAIL'})")
+
+
+def compare_formats(windows: int = 100_000, seq_len: int = 128) -> None:
+    """Read the same token shards through Ray Data as parquet and as JSON lines."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 32000, size=(windows, seq_len), dtype=np.int32)
+    table = pa.table({"window_id": np.arange(windows, dtype=np.int64),
+                      "input_ids": pa.array(list(ids), type=pa.list_(pa.int32())),
+                      "cluster_k16": rng.integers(0, 16, windows).astype(np.int32)})
+    root = tempfile.mkdtemp(prefix="slm-formats-")
+    os.makedirs(f"{root}/pq")
+    os.makedirs(f"{root}/jl")
+    per = 4096
+    for i in range(0, windows, per):
+        part = table.slice(i, per)
+        pq.write_table(part, f"{root}/pq/part-{i:07d}.parquet")
+        with open(f"{root}/jl/part-{i:07d}.jsonl", "w") as f:
+            for row in part.to_pylist():
+                f.write(json.dumps(row) + "\n")
+    size = {k: sum(os.path.getsize(os.path.join(root, k, f)) for f in os.listdir(f"{root}/{k}"))
+            for k in ("pq", "jl")}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        out = {}
+        for name, make in (("parquet", lambda: ray.data.read_parquet(f"{root}/pq")),
+                           ("jsonl", lambda: ray.data.read_json(f"{root}/jl", lines=True))):
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.time()
+                n = sum(len(b["window_id"]) for b in make().iter_batches(batch_size=256,
+                                                                          batch_format="numpy"))
+                best = min(best, time.time() - t0)
+            assert n == windows
+            out[name] = best
+            print(f"{name:8s} {windows / best:10.0f} windows/s  ({best:.2f}s, "
+                  f"{size['pq' if name == 'parquet' else 'jl'] / 1e6:.1f} MB on disk)")
+        print(f"SUMMARY parquet reads {out['jsonl'] / out['parquet']:.1f}x faster than JSON lines, "
+              f"{size['jl'] / size['pq']:.1f}x smaller")
+    finally:
+        ray.shutdown()
+
+
+def compare_compute(docs: int = 4000) -> None:
+    """Tokenization into windows: Ray Data task pool vs actor pool, same corpus."""
+    from slm.cluster.config import ClusterConfig
+    from slm.cluster.ray_env import ray_session
+    from slm.layout import RunLayout
+    from slm.pipeline.config import CorpusConfig, TokenizerConfig
+    from slm.pipeline.ingest import ingest_generic
+    from slm.pipeline.tokenizer import build_tokenizer
+    from slm.pipeline.windows import build_windows
+
+    root = tempfile.mkdtemp(prefix="slm-compute-")
+    corpus = _write_inputs(root, docs)
+    layout = RunLayout(os.path.join(root, "run"))
+    with ray_session(ClusterConfig(num_cpus=2)):
+        ingest_generic(layout, CorpusConfig(), corpus["generic"])
+        build_tokenizer(layout, TokenizerConfig(vocab_size=400))
+        times: dict[str, float] = {}
+        for compute in ("tasks", "actors", "tasks", "actors"):
+            t0 = time.time()
+            build_windows(layout, "generic", layout.corpus_generic(), 64, compute=compute, force=True)
+            times[compute] = min(times.get(compute, float("inf")), time.time() - t0)
+        print(f"SUMMARY windows over {docs} docs: task pool {times['tasks']:.2f}s, actor pool "
+              f"{times['actors']:.2f}s (best of 2)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--docs", type=int, default=300, help="generic documents at 1x")
+    p.add_argument("--factor", type=int, default=10)
+    p.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--compare-formats", action="store_true")
+    p.add_argument("--compare-compute", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one)), flush=True)
+    elif args.compare_formats:
+        compare_formats()
+    elif args.compare_compute:
+        compare_compute()
+    else:
+        scaling(args.docs, args.factor)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Ingest any corpus into the run directory: ``data/corpus/generic`` and
+``data/corpus/domains/<d>/<split>`` as parquet ``(doc_id, text)``.
+
+Sources (``corpus.generic`` and each ``corpus.domains`` directory):
+* a file, a directory (searched recursively) or a glob, on local disk or object storage
+  (s3://, gs://): every path goes through a pyarrow filesystem (``slm.stage.filesystem``), so
+  local and remote share one code path;
+* formats by extension (or ``corpus.format``): ``.parquet``; ``.jsonl``/``.json`` (JSON lines);
+  ``.txt``/``.text``/``.md`` plain text, **one document per file**, except that a form feed
+  (``\\f``) separates documents inside a file (the classic page/document break; blank lines are
+  paragraph breaks, not document breaks, so they never split);
+* ``hf://DATASET[:SPLIT]`` through the ``datasets`` library (needs a reachable hub).
+
+A domain directory holds ``train``/``valid``/``test`` either as files (``train.parquet``,
+``train.jsonl``, ``train.txt``, ``train-00001.parquet`` ...) or as sub-directories.
+
+Everything streams through Ray Data (read → normalise → ``write_parquet``); nothing is
+collected on the driver. Only parquet *footers* are read on the driver, to name a corrupt file
+or a missing text column before any work starts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from slm.errors import InputError
+from slm.layout import SPLITS, RunLayout
+from slm.pipeline.artifacts import count_rows, write_dataset
+from slm.pipeline.config import CorpusConfig
+from slm.pipeline.counters import fail, new_counter, report
+from slm.stage import filesystem, fingerprint, is_done, manifest, publish
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "text",
+           ".text": "text", ".md": "text"}
+DOC_SEPARATOR = "\f"
+# Documents per corpus file: bounds the memory of one tokenization task (windows.py tokenizes
+# a corpus file per task) and keeps per-file tails small relative to a file.
+MIN_DOCS_PER_FILE = 2_000
+MAX_DOCS_PER_FILE = 20_000
+
+
+def doc_id(text: str) -> str:
+    """sha256 of the text, 16 hex characters (the artifact's ``doc_id``)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the files of a source
+# --------------------------------------------------------------------------------------------
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _format_of(path: str, forced: str) -> str | None:
+    if forced != "auto":
+        return forced
+    name = path.lower()
+    for ext, fmt in FORMATS.items():
+        if name.endswith(ext):
+            return fmt
+    return None
+
+
+def _visible(path: str) -> bool:
+    base = os.path.basename(path)
+    return not (base.startswith((".", "_")) or base == "manifest.json")
+
+
+def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
+    """(filesystem, [(path, format)]) of a file, directory or glob; InputError when empty."""
+    fs, path = filesystem(source)
+    if _has_glob(path):
+        parts = path.split("/")
+        first = next(i for i, p in enumerate(parts) if _has_glob(p))
+        base = "/".join(parts[:first]) or "/"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"corpus path '{source}' does not exist; give a file, a directory, a "
+                             "glob, an s3:// / gs:// URI or hf://DATASET[:SPLIT]")
+        if info.type == pafs.FileType.File:
+            files = [path]
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = [i.path for i in infos if i.type == pafs.FileType.File]
+    out = []
+    for f in sorted(files):
+        if not _visible(f):
+            continue
+        ff = _format_of(f, fmt)
+        if ff is None and len(files) == 1:
+            ff = "text"  # a single file named explicitly: read it as text
+        if ff is not None:
+            out.append((f, ff))
+    if not out:
+        raise InputError(f"corpus '{source}' holds no .parquet, .jsonl/.json or .txt files; put "
+                         "documents there, or set corpus.format for files without an extension")
+    return fs, out
+
+
+def source_fingerprint(source: str, fmt: str = "auto") -> str:
+    """Identity of a source's contents (file names and sizes), to notice a changed corpus."""
+    if source.startswith("hf://"):
+        return fingerprint(source)
+    fs, files = list_source(source, fmt)
+    sizes = fs.get_file_info([p for p, _ in files])
+    return fingerprint([(i.path, i.size) for i in sizes])
+
+
+def domain_split_source(domain: str, domain_dir: str, split: str) -> str:
+    """The file, glob or directory holding one split of a domain directory."""
+    fs, path = filesystem(domain_dir)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        raise InputError(f"domain '{domain}': '{domain_dir}' is not a directory; give a directory "
+                         "holding train/valid/test files (train.parquet, train.jsonl, train.txt) "
+                         "or sub-directories")
+    entries = fs.get_file_info(pafs.FileSelector(path))
+    for e in entries:
+        if e.base_name == split and e.type == pafs.FileType.Directory:
+            return _uri_like(domain_dir, e.path)
+    matches = [e.path for e in entries if e.type == pafs.FileType.File and
+               (e.base_name.split(".")[0] == split or e.base_name.startswith((split + "-", split + "_")))
+               and _format_of(e.path, "auto")]
+    if not matches:
+        raise InputError(f"domain '{domain}': no '{split}' split in '{domain_dir}'; add "
+                         f"{split}.parquet, {split}.jsonl, {split}.txt or a '{split}/' directory")
+    if len(matches) == 1:
+        return _uri_like(domain_dir, matches[0])
+    return _uri_like(domain_dir, os.path.join(path, f"{split}[-_.]*"))
+
+
+def _uri_like(original: str, path: str) -> str:
+    """A path found inside ``original``'s filesystem, spelled like ``original`` (keeps s3://)."""
+    if "://" in original and not original.startswith("file://"):
+        scheme = original.split("://", 1)[0]
+        return f"{scheme}://{path.lstrip('/')}"
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: one Ray Dataset of (doc_id, text) for a source
+# --------------------------------------------------------------------------------------------
+
+def _check_parquet(fs: pafs.FileSystem, path: str, text_column: str) -> None:
+    """Footer check on the driver: a corrupt file or a missing column named before work starts."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(fs.open_input_file(path))
+    except Exception as e:  # ArrowInvalid, OSError: not a parquet file
+        raise InputError(f"'{path}' is not a readable parquet file ({e}); re-export it or remove "
+                         "it from the corpus") from None
+    if text_column not in schema.names:
+        raise InputError(f"'{path}' has no text column '{text_column}' (columns: "
+                         f"{', '.join(schema.names)}); set corpus.text_column "
+                         f"(--corpus.text_column NAME) to the column holding the text")
+
+
+class _Normalise:
+    """Batch → (doc_id, text): decode text files, split on form feeds, drop empty documents.
+    A plain function object (task pool): it holds only small settings."""
+
+    def __init__(self, text_column: str, on_bad_utf8: str, counter: Any, source: str) -> None:
+        self.text_column = text_column
+        self.on_bad_utf8 = on_bad_utf8
+        self.counter = counter
+        self.source = source
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        texts: list[str] = []
+        if "bytes" in batch:  # plain-text files: one document per file (form feeds split)
+            for raw, path in zip(batch["bytes"], batch["path"]):
+                try:
+                    content = bytes(raw).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    if self.on_bad_utf8 == "fail":
+                        fail(self.counter, path, InputError(
+                            f"'{path}' is not UTF-8 text (bad byte at offset {e.start}); convert "
+                            "it to UTF-8, or set corpus.on_bad_utf8: skip to skip such files"))
+                    report(self.counter, path, skipped_files=1)
+                    continue
+                texts.extend(content.split(DOC_SEPARATOR))
+        else:
+            if self.text_column not in batch:
+                where = batch.get("path", [self.source])
+                where = where[0] if len(where) else self.source
+                fail(self.counter, where, InputError(
+                    f"'{where}' has no text field '{self.text_column}' (fields: "
+                    f"{', '.join(k for k in batch if k != 'path')}); set corpus.text_column "
+                    "(--corpus.text_column NAME)"))
+            texts = [t for t in batch[self.text_column] if isinstance(t, str)]
+        docs = [t.strip() for t in texts]
+        docs = [t for t in docs if t]
+        return {"doc_id": [doc_id(t) for t in docs], "text": docs}
+
+
+def read_documents(source: str, cfg: CorpusConfig, counter: Any = None):
+    """A Ray Dataset of ``(doc_id, text)`` for a source (see module doc); streamed."""
+    import ray.data
+
+    if source.startswith("hf://"):
+        ds = _read_hf(source, cfg)
+        paths: list[tuple[str, str]] = []
+    else:
+        fs, paths = list_source(source, cfg.format)
+    fn = _Normalise(cfg.text_column, cfg.on_bad_utf8, counter, source)
+    raw = []  # one raw dataset per format: each is normalised on its own, then unioned
+    by_format: dict[str, list[str]] = {}
+    for p, f in paths:
+        by_format.setdefault(f, []).append(p)
+    for f, files in by_format.items():
+        if f == "parquet":
+            for p in files:
+                _check_parquet(fs, p, cfg.text_column)
+            raw.append(ray.data.read_parquet(files, filesystem=fs, file_extensions=None)
+                       .select_columns([cfg.text_column]))
+        elif f == "jsonl":
+            # lines=False is pyarrow's reader, which *is* a JSON-lines reader and, unlike
+            # Ray's pandas path (lines=True), accepts a filesystem (needed for s3:// / gs://).
+            raw.append(ray.data.read_json(files, filesystem=fs, include_paths=True,
+                                          file_extensions=None))
+        else:
+            raw.append(ray.data.read_binary_files(files, filesystem=fs, include_paths=True))
+    if source.startswith("hf://"):
+        raw.append(ds)
+    parts = [r.map_batches(fn, batch_format="default", batch_size=256,
+                           compute=ray.data.TaskPoolStrategy()) for r in raw]
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def _read_hf(source: str, cfg: CorpusConfig):
+    """hf://DATASET[:SPLIT] through the `datasets` library (hub access needed)."""
+    import ray.data
+
+    name, _, split = source.removeprefix("hf://").partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"corpus '{source}' needs the 'datasets' package: pip install "
+                         "'slm[datasets]', or download the dataset and give a local path") from None
+    try:
+        hf = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:
+        raise InputError(f"cannot load Hugging Face dataset '{name}' (split '{split or 'train'}'): "
+                         f"{e}. Check the name and that the hub is reachable, or export it to "
+                         "parquet/jsonl and give the path") from None
+    if cfg.text_column not in hf.column_names:
+        raise InputError(f"Hugging Face dataset '{name}' has no column '{cfg.text_column}' "
+                         f"(columns: {', '.join(hf.column_names)}); set corpus.text_column")
+    return ray.data.from_huggingface(hf.select_columns([cfg.text_column]))
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+def _corpus_config(cfg: CorpusConfig) -> dict[str, Any]:
+    return {"text_column": cfg.text_column, "format": cfg.format, "on_bad_utf8": cfg.on_bad_utf8}
+
+
+def ingest_source(uri: str, source: str, cfg: CorpusConfig, *, what: str, limit: int = 0,
+                  force: bool = False) -> str:
+    """Ingest one source into the artifact ``uri`` (skipped when done). ``what`` names the
+    corpus in error messages (e.g. "generic corpus", "domain 'law' train split")."""
+    import ray
+
+    config = {**_corpus_config(cfg), "source": source, "limit": limit,
+              "source_fingerprint": source_fingerprint(source, cfg.format)}
+    if not force and is_done(uri, fingerprint({"config": config, "inputs": {}})):
+        return uri
+    counter = new_counter()
+    with publish(uri, stage="corpus", config=config, force=force) as out:
+        ds = read_documents(source, cfg, counter)
+        if limit:
+            ds = ds.limit(limit)
+        write_dataset(ds, out, counter, min_rows_per_file=MIN_DOCS_PER_FILE,
+                      max_rows_per_file=MAX_DOCS_PER_FILE)
+        rows = count_rows(out.uri)
+        totals = ray.get(counter.totals.remote())
+        skipped = ray.get(counter.keys_with.remote("skipped_files"))
+        if rows == 0:
+            raise InputError(f"the {what} '{source}' has no documents (every file is empty"
+                             f"{' or was skipped as non-UTF-8' if skipped else ''}); give a corpus "
+                             "with text")
+        out.manifest.update({"rows": rows, "documents": rows,
+                             "skipped_documents": int(totals.get("skipped_files", 0)),
+                             "skipped_files": skipped})
+    if skipped:
+        log.warning("%s: skipped %d non-UTF-8 file(s), e.g. %s", what, len(skipped), skipped[0])
+    return uri
+
+
+def ingest_generic(layout: RunLayout, cfg: CorpusConfig, source: str | None = None,
+                   force: bool = False) -> str:
+    """``data/corpus/generic`` from ``source`` (default ``cfg.generic``)."""
+    source = source or cfg.generic
+    return ingest_source(layout.corpus_generic(), source, cfg, what="generic corpus",
+                         limit=cfg.max_generic_docs, force=force)
+
+
+def ingest_domain_split(layout: RunLayout, cfg: CorpusConfig, domain: str, domain_dir: str,
+                        split: str, force: bool = False) -> str:
+    """``data/corpus/domains/<domain>/<split>`` from the split's files in ``domain_dir``."""
+    src = domain_split_source(domain, domain_dir, split)
+    return ingest_source(layout.corpus_domain(domain, split), src, cfg,
+                         what=f"domain '{domain}' {split} split", force=force)
+
+
+def ingest_domain(layout: RunLayout, cfg: CorpusConfig, domain: str, domain_dir: str,
+                  force: bool = False) -> dict[str, str]:
+    """``data/corpus/domains/<domain>/<split>`` for train, valid and test."""
+    return {split: ingest_domain_split(layout, cfg, domain, domain_dir, split, force=force)
+            for split in SPLITS}
+
+
+def corpus_documents(uri: str) -> int:
+    """Documents in a published corpus artifact (from its manifest)."""
+    m = manifest(uri)
+    return int(m["rows"]) if m else 0

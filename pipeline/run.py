@@ -1,0 +1,162 @@
+"""The data pipeline end to end: every data stage of a recipe, in order, inside one Ray session.
+
+    corpus → tokenizer → windows → embeddings → k-means (per K) → assignments → histograms
+           → shards (generic, domain splits, nested train subsets) → SLM-is shards
+
+Each stage function checks its own artifact (``slm.stage.is_done`` with a fingerprint of its
+config and inputs) and publishes atomically (``slm.stage.publish``), so re-running skips what is
+done and resumes after a crash; ``force`` rebuilds every stage. One log line per stage says
+done/skipped, rows and seconds; Ray Data shows per-operator progress bars inside a stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Callable
+
+from slm.configkit import ConfigError
+from slm.layout import SPLITS, RunLayout, domain_set, is_set, train_subset
+from slm.stage import filesystem, manifest
+
+log = logging.getLogger(__name__)
+
+_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def corpus_sources(recipe) -> tuple[str, dict[str, str]]:
+    """(generic source, {domain: directory}) of a recipe; builds the demo corpus when
+    ``corpus.generic == "demo"`` (its domains are used when ``corpus.domains`` is empty)."""
+    cfg = recipe.corpus
+    generic, domains = cfg.generic, dict(cfg.domains)
+    if generic == "demo":
+        from slm.pipeline.demo_corpus import build_demo_corpus, demo_corpus_sources
+
+        generic, demo_domains = demo_corpus_sources(build_demo_corpus())
+        if not domains:
+            unknown = [d for d in cfg.demo_domains if d not in demo_domains]
+            if unknown:
+                raise ConfigError(f"field 'corpus.demo_domains' names unknown demo domain(s) "
+                                  f"{', '.join(unknown)}; available: {', '.join(sorted(demo_domains))}")
+            domains = {d: demo_domains[d] for d in cfg.demo_domains}
+    for d in domains:
+        if not _DOMAIN_NAME.match(d):
+            raise ConfigError(f"field 'corpus.domains' has domain name '{d}'; use letters, digits, "
+                              "'-', '_' or '.' (it becomes part of file names)")
+    return generic, domains
+
+
+def save_recipe(recipe, layout: RunLayout) -> None:
+    """RUN/recipe.yaml: the recipe the run was (last) started with."""
+    from slm.config import dump_recipe
+
+    fs, path = filesystem(layout.recipe)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(dump_recipe(recipe).encode("utf-8"))
+
+
+class _Stages:
+    """Runs stage calls and logs one line each: done/skipped, rows, seconds."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, name: str, uri: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        before = manifest(uri)
+        t0 = time.time()
+        result = fn(*args, **kw)
+        seconds = time.time() - t0
+        after = manifest(uri) or {}
+        skipped = before is not None and before.get("started") == after.get("started")
+        rows = after.get("rows")
+        status = "skipped" if skipped else "done"
+        log.info("stage %-44s %-7s rows=%-9s %6.1fs", name, status, rows if rows is not None else "-",
+                 seconds)
+        self.records.append({"stage": name, "uri": uri, "status": status, "rows": rows,
+                             "seconds": round(seconds, 3)})
+        return result
+
+
+def run_pipeline(recipe, force: bool = False) -> dict[str, Any]:
+    """Run every data stage of ``recipe`` (skipping completed ones unless ``force``).
+    Returns ``{"run_dir", "stages": [{stage, uri, status, rows, seconds}], "sets": {...}}``."""
+    from slm.cluster.ray_env import ray_session
+    from slm.pipeline import embed, importance, kmeans
+    from slm.pipeline.ingest import ingest_domain_split, ingest_generic
+    from slm.pipeline.shards import build_shards, build_train_subset
+    from slm.pipeline.tokenizer import build_tokenizer
+    from slm.pipeline.windows import build_windows
+
+    layout = RunLayout(recipe.run_dir)
+    data = recipe.data
+    ks = recipe.kmeans.ks()
+    stage = _Stages()
+    t0 = time.time()
+    with ray_session(recipe.cluster):
+        save_recipe(recipe, layout)
+        generic_src, domain_dirs = corpus_sources(recipe)
+        domains = sorted(domain_dirs)
+
+        # corpus
+        stage("corpus generic", layout.corpus_generic(), ingest_generic, layout, recipe.corpus,
+              generic_src, force=force)
+        for d in domains:
+            for split in SPLITS:
+                stage(f"corpus {d} {split}", layout.corpus_domain(d, split), ingest_domain_split,
+                      layout, recipe.corpus, d, domain_dirs[d], split, force=force)
+
+        # tokenizer
+        stage("tokenizer", layout.tokenizer, build_tokenizer, layout, recipe.tokenizer, force=force)
+
+        # windows: generic + every domain split
+        corpora = {"generic": (layout.corpus_generic(), "generic corpus")}
+        for d in domains:
+            for split in SPLITS:
+                corpora[domain_set(d, split)] = (layout.corpus_domain(d, split),
+                                                 f"domain '{d}' {split} split")
+        for name, (corpus_uri, what) in corpora.items():
+            stage(f"windows {name}", layout.windows(name), build_windows, layout, name, corpus_uri,
+                  data.seq_len, what=what, rows_per_file=data.rows_per_file, force=force)
+
+        # embeddings, k-means, assignments
+        for name in corpora:
+            stage(f"embeddings {name}", layout.embeddings(name), embed.embed_windows, layout, name,
+                  recipe.embed, force=force)
+        for k in ks:
+            stage(f"kmeans k={k}", layout.kmeans(k), kmeans.fit_kmeans, layout, k, recipe.kmeans,
+                  recipe.seed, force=force)
+            for name in corpora:
+                stage(f"assign k={k} {name}", layout.assignments(k, name), kmeans.assign, layout,
+                      k, name, force=force)
+
+        # histograms: generic + domain train sets
+        hist_sets = ["generic"] + [domain_set(d, "train") for d in domains]
+        for k in ks:
+            stage(f"histograms k={k}", layout.histograms(k), kmeans.histograms, layout, k,
+                  hist_sets, force=force)
+
+        # shards: every windows set, then the nested train subsets
+        for name in corpora:
+            stage(f"shards {name}", layout.shards(name), build_shards, layout, name, ks,
+                  rows_per_file=data.rows_per_file, force=force)
+        for d in domains:
+            for tokens in sorted(data.domain_train_tokens):
+                name = train_subset(d, tokens)
+                stage(f"shards {name}", layout.shards(name), build_train_subset, layout, d, tokens,
+                      recipe.seed, rows_per_file=data.rows_per_file, force=force)
+
+        # SLM-is resampled shards, one per domain
+        k_is = recipe.kmeans.k_is
+        for d in domains:
+            stage(f"shards {is_set(d, k_is)}", layout.shards(is_set(d, k_is)),
+                  importance.write_is_shard, layout, k_is, d, data.is_tokens, data.seq_len,
+                  recipe.seed, force=force)
+
+    total = time.time() - t0
+    done = sum(r["status"] == "done" for r in stage.records)
+    log.info("data pipeline: %d stages (%d run, %d skipped) in %.1fs; run dir %s",
+             len(stage.records), done, len(stage.records) - done, total, layout.root)
+    return {"run_dir": layout.root, "stages": stage.records, "seconds": round(total, 3),
+            "sets": {"windows": list(corpora), "domains": domains, "ks": ks}}

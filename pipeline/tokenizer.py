@@ -1,0 +1,146 @@
+"""The run's tokenizer, ``data/tokenizer``: a byte-level BPE trained on the generic corpus, or any
+Hugging Face tokenizer by name/path, saved as a ``transformers`` fast tokenizer (EOS
+``<|endoftext|>`` for a trained BPE; a named tokenizer keeps its own EOS).
+
+Training streams the corpus artifact batch by batch into ``tokenizers``' trainer
+(``train_from_iterator``): the trainer keeps word counts, never the corpus.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+from slm.errors import InputError
+from slm.layout import RunLayout
+from slm.pipeline.artifacts import read_artifact
+from slm.pipeline.config import TokenizerConfig
+from slm.stage import filesystem, fingerprint, input_fingerprints, is_done, is_remote, manifest, publish
+
+EOS = "<|endoftext|>"
+TRAIN_BATCH = 1_000  # documents per batch handed to the BPE trainer
+
+
+def _corpus_texts(corpus_uri: str, limit: int) -> Iterator[list[str]]:
+    """Batches of generic documents, streamed from the corpus artifact (Ray Data)."""
+    ds = read_artifact(corpus_uri, columns=["text"])
+    if limit:
+        ds = ds.limit(limit)
+    for batch in ds.iter_batches(batch_size=TRAIN_BATCH, batch_format="pyarrow"):
+        yield batch.column("text").to_pylist()
+
+
+def train_bpe(texts: Iterator[list[str]], vocab_size: int):
+    """A byte-level BPE (GPT-2 style) trained from batches of texts; returns a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=True)
+    tok.train_from_iterator(texts, trainer=trainer)
+    # GPT-2 convention: one special token is BOS, EOS, UNK and padding.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+                                   unk_token=EOS, pad_token=EOS)
+
+
+def pretrained(name: str):
+    """Any Hugging Face tokenizer by name or local path (fast only); InputError if unknown."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # OSError / ValueError / hub errors: unknown or unreachable
+        raise InputError(f"tokenizer.name '{name}' is not a local tokenizer directory nor a "
+                         f"reachable Hugging Face tokenizer ({type(e).__name__}); give a path to "
+                         "a saved tokenizer, a hub name where the hub is reachable, or leave "
+                         "tokenizer.name empty to train a BPE") from None
+    if not tok.is_fast:
+        raise InputError(f"tokenizer '{name}' has no fast (Rust) version; give a tokenizer with "
+                         "a tokenizer.json")
+    if tok.eos_token is None:  # windows need a document separator
+        tok.add_special_tokens({"eos_token": EOS})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_tokenizer(layout: RunLayout, cfg: TokenizerConfig, force: bool = False) -> str:
+    """``data/tokenizer``: train a BPE on the generic corpus or save the named tokenizer."""
+    if cfg.name:
+        config: dict[str, Any] = {"name": cfg.name}
+        inputs: dict[str, str] = {}
+    else:
+        config = {"vocab_size": cfg.vocab_size, "train_docs": cfg.train_docs}
+        inputs = input_fingerprints(layout.corpus_generic())
+    uri = layout.tokenizer
+    if not force and is_done(uri, fingerprint({"config": config, "inputs": inputs})):
+        return uri
+    tok = pretrained(cfg.name) if cfg.name else \
+        train_bpe(_corpus_texts(layout.corpus_generic(), cfg.train_docs), cfg.vocab_size)
+    with publish(uri, stage="tokenizer", config=config, inputs=inputs, force=force) as out:
+        _save(tok, out)
+        out.manifest.update({"vocab_size": len(tok), "eos_token": tok.eos_token,
+                             "eos_token_id": tok.eos_token_id, "rows": len(tok)})
+    return uri
+
+
+def _save(tok, out) -> None:
+    """save_pretrained into the staging dir (through a local temp dir for object storage)."""
+    if not is_remote(out.uri):
+        tok.save_pretrained(out.local_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as src, out.fs.open_output_stream(
+                    f"{out.path}/{name}") as dst:
+                dst.write(src.read())
+
+
+def local_copy(uri: str) -> str:
+    """A local directory holding the artifact's files (itself when local; else a cached copy)."""
+    if not is_remote(uri):
+        return uri
+    fs, path = filesystem(uri)
+    fp = (manifest(uri) or {}).get("fingerprint", "x")
+    dest = os.path.join(tempfile.gettempdir(), f"slm-tokenizer-{fp}")
+    if not os.path.exists(os.path.join(dest, "tokenizer.json")):
+        tmp = dest + f".part-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        from pyarrow.fs import FileSelector
+        for info in fs.get_file_info(FileSelector(path)):
+            with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, info.base_name), "wb") as dst:
+                dst.write(src.read())
+        shutil.rmtree(dest, ignore_errors=True)
+        os.rename(tmp, dest)
+    return dest
+
+
+def load_tokenizer(layout_or_uri: RunLayout | str):
+    """The run's tokenizer as a ``transformers`` fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    uri = layout_or_uri.tokenizer if isinstance(layout_or_uri, RunLayout) else layout_or_uri
+    if manifest(uri) is None:
+        raise InputError(f"no tokenizer at '{uri}'; run the data pipeline (slm data run) first")
+    return PreTrainedTokenizerFast.from_pretrained(local_copy(uri))
+
+
+def load_fast_core(uri: str):
+    """The bare ``tokenizers.Tokenizer`` (Rust) and the EOS id: what a tokenization worker
+    needs, without importing transformers in every Ray worker."""
+    from tokenizers import Tokenizer
+
+    m = manifest(uri)
+    if m is None:
+        raise InputError(f"no tokenizer at '{uri}'; run the tokenizer stage first")
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(f"{path}/tokenizer.json") as f:
+        tok = Tokenizer.from_str(f.read().decode("utf-8"))
+    return tok, int(m["eos_token_id"])

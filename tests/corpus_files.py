@@ -1,0 +1,75 @@
+"""Small real corpora for the data-pipeline tests: paragraphs of the licence texts every Debian
+system ships (/usr/share/common-licenses), written as parquet, JSON lines and text files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+LICENSES = "/usr/share/common-licenses"
+
+
+def paragraphs(n: int, min_chars: int = 200, offset: int = 0) -> list[str]:
+    """``n`` distinct real English paragraphs (cycling over the licences with a suffix if needed)."""
+    paras: list[str] = []
+    for name in sorted(os.listdir(LICENSES)):
+        path = os.path.join(LICENSES, name)
+        if os.path.isfile(path):
+            text = open(path, encoding="utf-8", errors="ignore").read()
+            for p in re.split(r"\n\s*\n", text):
+                p = " ".join(p.split())
+                if len(p) >= min_chars:
+                    paras.append(p)
+    paras = list(dict.fromkeys(paras))
+    out = []
+    i = offset
+    while len(out) < n:
+        p = paras[i % len(paras)]
+        out.append(p if i < len(paras) else f"{p} (copy {i // len(paras)})")
+        i += 1
+    return out
+
+
+def write_parquet(path: str, texts: list[str], column: str = "text") -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    pq.write_table(pa.table({column: texts, "source": ["test"] * len(texts)}), path)
+    return path
+
+
+def write_jsonl(path: str, texts: list[str], column: str = "text") -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({column: t, "meta": 1}) + "\n")
+    return path
+
+
+def write_text(path: str, texts: list[str]) -> str:
+    """One file; several texts are separated by form feeds (the ingest's document separator)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n\f\n".join(texts))
+    return path
+
+
+def write_domain(root: str, name: str, n_train: int, n_valid: int, n_test: int,
+                 offset: int = 0) -> str:
+    """A domain directory with train.parquet, valid.jsonl and test/ (text files)."""
+    d = os.path.join(root, name)
+    texts = paragraphs(n_train + n_valid + n_test, offset=offset)
+    write_parquet(os.path.join(d, "train.parquet"), texts[:n_train])
+    write_jsonl(os.path.join(d, "valid.jsonl"), texts[n_train:n_train + n_valid])
+    for i, t in enumerate(texts[n_train + n_valid:]):
+        write_text(os.path.join(d, "test", f"doc{i:03d}.txt"), [t])
+    return d
+
+
+def read_rows(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows of a (small, test) artifact, in file order."""
+    from slm.pipeline.artifacts import parquet_files
+
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in parquet_files(uri)])
