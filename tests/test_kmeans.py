@@ -1,0 +1,142 @@
+"""k-means fit, distributed assignment and histograms on real parquet and a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.cluster import KMeans
+
+from slm import stage
+from slm.errors import InputError, SlmError
+from slm.layout import RunLayout
+from slm.pipeline.config import KMeansConfig
+from slm.pipeline.artifacts import parquet_files
+from slm.pipeline.embed import vectors_to_arrow
+from slm.pipeline.kmeans import assign, fit_kmeans, histograms, load_centroids, read_histogram
+
+DIM = 32
+
+
+def blobs(sizes: list[int], seed: int) -> np.ndarray:
+    """Unit vectors around len(sizes) well-separated centres, in cluster order."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), DIM)) * 3
+    x = np.concatenate([centres[i] + rng.normal(size=(s, DIM)) for i, s in enumerate(sizes)])
+    x = x[rng.permutation(len(x))]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_embeddings(layout: RunLayout, set_name: str, x: np.ndarray, id_base: int = 0,
+                     files: int = 3) -> None:
+    """An embeddings artifact as design.md describes it, split over several parquet files."""
+    with stage.publish(layout.embeddings(set_name), stage="embed", config={"set": set_name}) as out:
+        for i, part in enumerate(np.array_split(np.arange(len(x)), files)):
+            table = pa.table({"window_id": pa.array(part + id_base, pa.int64()),
+                              "embedding": vectors_to_arrow(x[part])})
+            pq.write_table(table, os.path.join(out.local_dir, f"part-{i}.parquet"))
+
+
+def read_assign(layout: RunLayout, k: int, set_name: str) -> pa.Table:
+    files = parquet_files(layout.assignments(k, set_name))
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("window_id")
+
+
+FIT = KMeansConfig(k_is=4, k_mix=2, k_pn=2, fit_sample=10_000, max_iter=50)
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, tmp_path_factory) -> tuple[RunLayout, np.ndarray, np.ndarray]:
+    """One run directory for the module (each Ray Data pass costs seconds): embeddings of a
+    generic and a domain set, k-means at k=4, both sets assigned."""
+    layout = RunLayout(str(tmp_path_factory.mktemp("kmeans") / "run"))
+    generic = blobs([100, 100, 100, 100], seed=0)
+    domain = blobs([60, 30, 10, 0], seed=0)[:100]
+    write_embeddings(layout, "generic", generic)
+    write_embeddings(layout, "domain-x-train", domain, id_base=10_000, files=1)
+    fit_kmeans(layout, 4, FIT, seed=0)
+    for s in ("generic", "domain-x-train"):
+        assign(layout, 4, s)
+    return layout, generic, domain
+
+
+def test_fit_and_assign_agree_with_sklearn(run):
+    layout, generic, _ = run
+    uri = layout.kmeans(4)
+    centroids, offsets = load_centroids(layout, 4)
+    ref = KMeans(n_clusters=4, init="k-means++", n_init=1, max_iter=50, random_state=0,
+                 algorithm="lloyd").fit(generic)
+    np.testing.assert_allclose(centroids, ref.cluster_centers_, atol=1e-5)
+    assert not offsets.any()
+    m = stage.manifest(uri)
+    assert m["sample_rows"] == 400 and sum(m["sizes"]) == 400 and m["balanced"] is False
+    assert m["inertia"] == pytest.approx(ref.inertia_, rel=1e-4)
+
+    got = read_assign(layout, 4, "generic")
+    assert got.schema.field("cluster").type == pa.int32()
+    assert got.schema.field("distance").type == pa.float32()
+    assert got.column("window_id").to_pylist() == list(range(400))
+    np.testing.assert_array_equal(got.column("cluster").to_numpy(), ref.predict(generic))
+    want_d = np.linalg.norm(generic - ref.cluster_centers_[ref.predict(generic)], axis=1)
+    np.testing.assert_allclose(got.column("distance").to_numpy(), want_d, atol=1e-4)
+    # done artifacts are reused, not rebuilt
+    assert fit_kmeans(layout, 4, FIT, seed=0) == uri
+    assert stage.manifest(uri)["started"] == m["started"]
+
+
+def test_fit_uses_a_bounded_seeded_sample(run):
+    layout, _, _ = run
+    cfg = KMeansConfig(k_is=3, k_mix=2, k_pn=2, fit_sample=150)
+    m = stage.manifest(fit_kmeans(layout, 3, cfg, seed=3))
+    assert 100 <= m["sample_rows"] <= 150
+    first = load_centroids(layout, 3)[0]
+    fit_kmeans(layout, 3, cfg, seed=3, force=True)
+    np.testing.assert_array_equal(load_centroids(layout, 3)[0], first)
+
+
+def test_balanced_assignment_gives_equal_sizes(ray_local, tmp_path):
+    layout = RunLayout(str(tmp_path / "run"))
+    x = blobs([240, 80, 40, 40], seed=1)
+    write_embeddings(layout, "generic", x)
+    plain = KMeans(n_clusters=4, n_init=1, random_state=0).fit(x)
+    assert np.bincount(plain.labels_).max() >= 200  # the data really is unbalanced
+    cfg = KMeansConfig(k_is=8, k_mix=4, k_pn=8, balanced_mix=True, fit_sample=10_000)
+    m = stage.manifest(fit_kmeans(layout, 4, cfg, seed=0))
+    assert m["balanced"] is True
+    assign(layout, 4, "generic")
+    sizes = np.bincount(read_assign(layout, 4, "generic").column("cluster").to_numpy(), minlength=4)
+    assert sizes.sum() == 400
+    assert np.abs(sizes - 100).max() <= 5, sizes
+    assert load_centroids(layout, 4)[1].any()
+
+
+def test_histograms_count_assignments(run):
+    layout, _, domain = run
+    uri = histograms(layout, 4, ["generic"])
+    for s in ("generic", "domain-x-train"):  # a set added later joins the same artifact
+        uri = histograms(layout, 4, [s])
+        h = read_histogram(layout, 4, s)
+        direct = np.bincount(read_assign(layout, 4, s).column("cluster").to_numpy(), minlength=4)
+        assert h["k"] == 4 and h["counts"] == direct.tolist() and h["n"] == sum(h["counts"])
+    assert read_histogram(layout, 4, "generic")["n"] == 400
+    assert read_histogram(layout, 4, "domain-x-train")["n"] == len(domain) == 100
+    assert sorted(stage.manifest(uri)["sets"]) == ["domain-x-train", "generic"]
+    with open(os.path.join(uri, "generic.json")) as f:
+        assert set(json.load(f)) == {"k", "counts", "n"}
+
+
+def test_k_larger_than_windows_is_an_input_error(run):
+    layout, _, _ = run
+    with pytest.raises(InputError, match=r"k=500 .* only 400 windows"):
+        fit_kmeans(layout, 500, KMeansConfig(), seed=0)
+    assert stage.manifest(layout.kmeans(500)) is None
+
+
+def test_assign_needs_fitted_centroids(run):
+    layout, _, _ = run
+    with pytest.raises(SlmError, match="kmeans-k7"):
+        assign(layout, 7, "generic")
