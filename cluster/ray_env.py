@@ -29,6 +29,14 @@ _PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "SLM_CACHE
 def worker_env() -> dict[str, str]:
     env = dict(WORKER_ENV)
     env.update({k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
+    # Inside a Ray job (`slm submit`) ray.init refuses env vars the job's runtime env already
+    # sets; the job's values win there.
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        import json
+
+        job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
     return env
 
 
