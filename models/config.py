@@ -32,11 +32,15 @@ class TrainConfig:
     eval_every: int = field(default=200, metadata={"help": "steps between evaluations on held-out windows"})
     eval_batches: int = field(default=8, metadata={"help": "micro-batches per evaluation"})
     ckpt_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept per run (CheckpointConfig.num_to_keep)"})
+    log_every: int = field(default=10, metadata={"help": "steps between console progress lines"})
+    shuffle_window: int = field(default=16384, metadata={"help": "rows permuted together per epoch (seeded by seed and epoch; rounded down to a multiple of the global batch)"})
     zero_stage: int = field(default=1, metadata={"help": "DeepSpeed ZeRO stage (0-3)"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
 
     def validate(self) -> None:
-        positive(self, "micro_batch", "grad_accum", "lr", "eval_every", "eval_batches", "ckpt_every", "clip")
+        positive(self, "micro_batch", "grad_accum", "lr", "eval_every", "eval_batches", "ckpt_every", "clip",
+                 "keep_checkpoints", "log_every", "shuffle_window")
         positive(self, "warmup", "weight_decay", allow_zero=True)
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"field 'zero_stage' is {self.zero_stage}; use 0, 1, 2 or 3")
@@ -72,6 +76,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     logger: str = field(default="tensorboard", metadata={"help": "tensorboard | mlflow | wandb | none"})
+    valid_fraction: float = field(default=0.01, metadata={"help": "fraction of generic windows held out for evaluation (by a hash of window_id; never trained on)"})
 
     def validate(self) -> None:
         for f in self.families:
@@ -86,5 +91,7 @@ class PretrainConfig:
             if s <= 0:
                 raise ConfigError(f"field 'steps.{fam}' is {s}; a pretraining budget must be > 0 steps")
         positive(self, "pn_h", "pn_m")
+        if not 0.0 < self.valid_fraction < 0.5:
+            raise ConfigError(f"field 'valid_fraction' is {self.valid_fraction}; use a fraction in (0, 0.5), e.g. 0.01")
         if self.logger not in ("tensorboard", "mlflow", "wandb", "none"):
             raise ConfigError(f"field 'logger' is '{self.logger}'; use tensorboard, mlflow, wandb or none")
