@@ -53,7 +53,7 @@ def cmd_pretrain(args) -> int:
 
     families = args.family or recipe.pretrain.families
     for fam in families:
-        pretrain(recipe, fam)
+        pretrain(recipe, fam, recipe_path=args.recipe)
     return 0
 
 
@@ -89,7 +89,7 @@ def cmd_plan(args) -> int:
                   inference_budget=args.inference_budget, domains=args.domains,
                   domain_tokens=args.domain_tokens, results=args.results, run=args.run)
     print(format_plan(result))
-    return 0
+    return 0 if result.method else 1  # nothing fits the budgets: say so in the exit status
 
 
 def cmd_run(args) -> int:
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--domain", required=True)
     p.add_argument("--method", default="", help="method (default: the best measured for the domain)")
-    p.add_argument("--out", default="", help="output directory (default: RUN/models/<domain>/<method>)")
+    p.add_argument("--out", default="", help="output directory (default: RUN/export/<domain>)")
 
     p = add("serve", cmd_serve, "serve specialists with Ray Serve (one deployment per domain + router)",
             recipe=False)

@@ -26,10 +26,13 @@ class SpecializeConfig:
     kd_weight: float = field(default=0.5, metadata={"help": "SLM-d: weight of the teacher (KD) loss; 0 = domain loss only"})
     kd_temperature: float = field(default=1.0, metadata={"help": "SLM-d: softmax temperature"})
     inference_budget: int = field(default=0, metadata={"help": "max parameters of a served model (0 = the small model's size)"})
+    eval_batches: int = field(default=0, metadata={"help": "micro-batches of the valid split per evaluation (0 = the whole split)"})
+    clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping while fine-tuning"})
 
     def validate(self) -> None:
         positive(self, "max_steps", "lr", "micro_batch", "eval_every", "patience", "small_data_lr_div", "kd_temperature")
-        positive(self, "warmup", "small_data_tokens", "inference_budget", allow_zero=True)
+        positive(self, "clip")
+        positive(self, "warmup", "small_data_tokens", "inference_budget", "eval_batches", allow_zero=True)
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ConfigError(f"field 'kd_weight' is {self.kd_weight}; use a weight in [0, 1]")
         if self.expert_selection not in SELECTIONS:
@@ -51,6 +54,8 @@ class SweepConfig:
     max_concurrent: int = field(default=0, metadata={"help": "trials at once (0 = as resources allow)"})
     cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs per trial"})
     gpus_per_trial: float = field(default=0.0, metadata={"help": "GPUs per trial"})
+    asha_grace: int = field(default=2, metadata={"help": "ASHA: valid evaluations a trial gets before it may be stopped"})
+    max_failures: int = field(default=1, metadata={"help": "retries of a failed trial"})
 
     def validate(self) -> None:
         for m in self.methods:
@@ -58,6 +63,9 @@ class SweepConfig:
                 raise ConfigError(f"field 'methods' has unknown method '{m}'; known: {', '.join(METHODS)}")
         positive(self, "budgets", "domain_tokens", "cpus_per_trial")
         positive(self, "lrs")
-        positive(self, "max_concurrent", "gpus_per_trial", allow_zero=True)
+        positive(self, "max_concurrent", "gpus_per_trial", "max_failures", allow_zero=True)
+        positive(self, "asha_grace")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"field 'name' is '{self.name}'; give the sweep a plain name (no '/')")
         if not self.methods or not self.budgets or not self.seeds:
             raise ConfigError("fields 'methods', 'budgets' and 'seeds' must each list at least one value")

@@ -1,0 +1,117 @@
+"""`slm report` (tune/report.py) on a real tiny run: files, numbers, recipe mixing."""
+
+from __future__ import annotations
+
+import math
+import os
+from html.parser import HTMLParser
+
+import pandas as pd
+import pytest
+from slm.tune.costs import read_results
+from slm.tune.report import FIGURES, write_report
+from tiny_results import RECIPE, build_run
+
+from slm.config import Recipe
+from slm.errors import InputError
+from slm.stage import manifest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tiny-run"))
+    path = build_run(root)
+    return root, path
+
+
+class _Cells(HTMLParser):
+    """The perplexity cells (td elements with data-mean) of the report."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "td" and "data-mean" in a:
+            self.cells.append(a)
+
+
+def test_report_writes_page_figures_and_exact_table(run):
+    root, path = run
+    index = write_report(Recipe(name=RECIPE, run_dir=root))
+    report = os.path.join(root, "report")
+    assert index == os.path.join(report, "index.html")
+    assert manifest(report)["stage"] == "report"  # published: manifest written last
+    for name in FIGURES:
+        with open(os.path.join(report, name), "rb") as f:
+            data = f.read()
+        assert data[:8] == PNG_MAGIC
+        import matplotlib.image
+        img = matplotlib.image.imread(os.path.join(report, name))
+        assert img.shape[0] > 100 and img.shape[1] > 100
+    with open(index, encoding="utf-8") as f:
+        page = f.read()
+    for name in FIGURES + ("results.parquet", "results.csv"):
+        assert f"'{name}'" in page
+    raw = pd.read_parquet(path)
+    copied = pd.read_parquet(os.path.join(report, "results.parquet"))
+    assert len(copied) == len(raw) == len(pd.read_csv(os.path.join(report, "results.csv")))
+    assert "C_total(N) = C_pretrain + N · C_specialize" in page and "name: tiny-test" in page
+
+    parser = _Cells()
+    parser.feed(page)
+    cells = {(c["data-domain"], c["data-method"], int(c["data-tokens"]), int(c["data-budget"])): c
+             for c in parser.cells}
+    keys = ["method", "domain_tokens", "budget_steps"]
+    # every (domain, method, size, budget) cell + one macro row per (method, size, budget)
+    n_points = raw.groupby(keys).ngroups
+    assert len(cells) == raw.groupby(["domain"] + keys).ngroups + n_points
+    for (dom, m, t, b), g in raw.groupby(["domain"] + keys):
+        c = cells[(dom, m, t, b)]
+        assert float(c["data-mean"]) == pytest.approx(g.test_ppl.mean(), rel=1e-12)
+        assert float(c["data-std"]) == pytest.approx(g.test_ppl.std(ddof=1), rel=1e-9)
+        assert int(c["data-seeds"]) == 2
+    for (m, t, b), g in raw.groupby(keys):
+        macro = math.exp(g.groupby("domain").test_loss.mean().mean())
+        assert float(cells[("(macro)", m, t, b)]["data-mean"]) == pytest.approx(macro, rel=1e-12)
+        per_seed = [math.exp(s.groupby("domain").test_loss.mean().mean()) for _, s in g.groupby("seed")]
+        assert float(cells[("(macro)", m, t, b)]["data-std"]) == pytest.approx(pd.Series(per_seed).std(), rel=1e-9)
+
+    # re-running replaces the report (still published, same table)
+    write_report(Recipe(name=RECIPE, run_dir=root))
+    assert manifest(report)["rows"] == len(raw)
+
+
+def test_mixed_recipes_are_refused_naming_files(run, tmp_path):
+    root, path = run
+    raw = read_results(path)
+    other = tmp_path / "other" / "results.parquet"
+    other.parent.mkdir()
+    raw.assign(recipe="paper").to_parquet(other)  # the same rows, labelled as another recipe
+    with pytest.raises(InputError, match=r"recipe 'paper' in .*other.*recipe 'tiny-test' in .*tiny"):
+        write_report(Recipe(name=RECIPE, run_dir=root), extra_results=[str(other)])
+    two = tmp_path / "two.parquet"
+    pd.concat([raw, raw.assign(recipe="demo")]).to_parquet(two)
+    with pytest.raises(InputError, match="two.parquet"):
+        write_report(Recipe(name=RECIPE, run_dir=root), extra_results=[str(two)])
+    with pytest.raises(InputError, match="recipe 'tiny-test' but the report is for recipe 'demo'"):
+        write_report(Recipe(name="demo", run_dir=root))
+    with pytest.raises(InputError, match="run `slm sweep` first"):
+        write_report(Recipe(name=RECIPE, run_dir=str(tmp_path / "empty-run")))
+
+
+def test_cli_report_exit_status(run, tmp_path, capsys):
+    from slm.cli import main
+
+    root, _ = run
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"name: {RECIPE}\nrun_dir: {root}\n")
+    assert main(["report", "--recipe", str(recipe)]) == 0
+    assert "report: " in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: other\nrun_dir: {root}\n")
+    assert main(["report", "--recipe", str(bad)]) == 2
+    assert "error: " in capsys.readouterr().err

@@ -1,0 +1,179 @@
+"""Specialization of every method on a tiny real run: loadable HF models, early stopping that
+keeps the best valid checkpoint, KD at weight 0 = plain fine-tuning, and the config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+
+from spec_run import build_tiny_run, tiny_recipe
+
+from slm.configkit import ConfigError
+from slm.layout import RunLayout, domain_set, train_subset
+
+
+@pytest.fixture(scope="module")
+def recipe(ray_local, tmp_path_factory):
+    return build_tiny_run(tmp_path_factory.getbasetemp() / "spec-run")
+
+
+def _with(recipe, **spec):
+    return dataclasses.replace(recipe, specialize=dataclasses.replace(recipe.specialize, **spec))
+
+
+@pytest.fixture(scope="module")
+def trials(recipe):
+    """Every method specialized once (llm before d, so SLM-d reuses the llm trial as teacher)."""
+    from slm.tune.specialize import Trial, specialize_trial, trial_uri
+
+    r = dataclasses.replace(recipe, sweep=dataclasses.replace(recipe.sweep, name="unit"))
+    out = {}
+    for m in ["slm", "llm", "d", "is", "mix", "pn", "nopt"]:
+        t = Trial("numeric", m, 10, 1024, 0, 0.002)
+        row = specialize_trial(r, t, trial_uri(r, t))
+        out[m] = (t, row)
+    return out
+
+
+@pytest.mark.parametrize("method", ["slm", "llm", "d", "is", "mix", "pn", "nopt"])
+def test_every_method_gives_a_loadable_hf_model(recipe, trials, method):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slm.tune.specialize import RESULT_COLUMNS, evaluate, size_params
+
+    t, row = trials[method]
+    path = row["model_path"]
+    assert os.path.isfile(os.path.join(path, "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.vocab_size > 0
+    size = recipe.pretrain.llm_size if method == "llm" else recipe.pretrain.slm_size
+    n = sum(p.numel() for p in model.parameters())
+    assert n == row["inference_params"] == size_params(recipe, size)
+    # the published model's test loss is the one in the row (measured on the test shard)
+    test = RunLayout(recipe.run_dir).shards(domain_set("numeric", "test"))
+    assert evaluate(model, test) == pytest.approx(row["test_loss"], rel=1e-5)
+    assert row["test_ppl"] == pytest.approx(math.exp(row["test_loss"]))
+    assert set(RESULT_COLUMNS) <= set(row)
+    info = json.loads(open(os.path.join(path, "training.json")).read())
+    for key in ("domain", "method", "budget_steps", "domain_tokens", "seed", "lr", "expert",
+                "valid_loss", "test_loss", "test_ppl", "best_step", "steps_run", "spec_flops",
+                "spec_device_seconds", "pretrain_flops", "pretrain_device_seconds",
+                "inference_params", "inference_flops_per_token", "data"):
+        assert key in info, key
+    assert info["data"]["train"].endswith(train_subset("numeric", 1024))
+    assert 1 <= row["steps_run"] <= 10 and 0 <= row["best_step"] <= row["steps_run"]
+    assert row["spec_flops"] > 0 and row["spec_device_seconds"] > 0
+    # small-data LR: 1024 tokens <= small_data_tokens -> LR / small_data_lr_div
+    assert row["lr"] == pytest.approx(0.002 / recipe.specialize.small_data_lr_div)
+    if method == "nopt":
+        assert row["pretrain_flops"] == 0
+    else:
+        assert row["pretrain_flops"] > 0
+
+
+def test_method_specifics(recipe, trials):
+    from slm.tune.specialize import top_cluster
+
+    layout = RunLayout(recipe.run_dir)
+    subset = train_subset("numeric", 1024)
+    assert trials["pn"][1]["expert"] == top_cluster(layout, recipe.kmeans.k_pn, subset)
+    assert trials["mix"][1]["expert"] == top_cluster(layout, recipe.kmeans.k_mix, subset)
+    # SLM-d counts its teacher's fine-tuning and both pretrainings
+    d, llm, slm = trials["d"][1], trials["llm"][1], trials["slm"][1]
+    assert d["spec_flops"] > llm["spec_flops"]
+    assert d["pretrain_flops"] == pytest.approx(llm["pretrain_flops"] + slm["pretrain_flops"])
+    info = json.loads(open(os.path.join(d["model_path"], "training.json")).read())
+    assert info["teacher"] == llm["model_path"]
+    assert llm["inference_params"] > slm["inference_params"] == d["inference_params"]
+
+
+def test_early_stopping_keeps_the_best_valid_checkpoint(recipe, tmp_path):
+    """A far too high LR: valid loss rises after the first evaluations; the saved model is the
+    best one, not the last."""
+    from slm.tune.specialize import Trial, evaluate, load_lm, specialize_trial, trial_uri
+
+    r = _with(recipe, eval_every=2, patience=2)
+    t = Trial("numeric", "slm", 30, 2048, 0, 0.5)
+    row = specialize_trial(r, t, trial_uri(r, t, sweep="early"))
+    info = json.loads(open(os.path.join(row["model_path"], "training.json")).read())
+    losses = [v for _, v in info["history"]]
+    assert row["valid_loss"] == pytest.approx(min(losses))
+    assert losses[-1] > min(losses)                       # the last evaluation was worse
+    assert row["steps_run"] < 30                          # patience ran out before the budget
+    assert row["best_step"] < row["steps_run"]
+    valid = RunLayout(r.run_dir).shards(domain_set("numeric", "valid"))
+    assert evaluate(load_lm(row["model_path"]), valid) == pytest.approx(row["valid_loss"], rel=1e-4)
+
+
+def test_kd_at_weight_zero_equals_plain_fine_tuning(recipe, trials, tmp_path):
+    from slm.tune.finetune import fine_tune
+    from slm.tune.specialize import pretrain_final
+
+    layout = RunLayout(recipe.run_dir)
+    shards = {"train": train_subset("numeric", 1024), "valid": domain_set("numeric", "valid")}
+    init = pretrain_final(layout, "slm")
+    teacher = trials["llm"][1]["model_path"]
+    kw = dict(steps=8, lr=1e-3, seed=0)
+    plain = fine_tune(recipe, init, shards, teacher="", workdir=str(tmp_path / "a"), name="plain", **kw)
+    kd0 = fine_tune(_with(recipe, kd_weight=0.0), init, shards, teacher=teacher,
+                    workdir=str(tmp_path / "b"), name="kd0", **kw)
+    kd5 = fine_tune(_with(recipe, kd_weight=0.5), init, shards, teacher=teacher,
+                    workdir=str(tmp_path / "c"), name="kd5", **kw)
+    assert [s for s, _ in kd0["history"]] == [s for s, _ in plain["history"]]
+    assert [v for _, v in kd0["history"]] == pytest.approx([v for _, v in plain["history"]], rel=1e-6)
+    assert kd0["valid_loss"] == pytest.approx(plain["valid_loss"], rel=1e-6)
+    assert kd5["history"][-1][1] != pytest.approx(plain["history"][-1][1], rel=1e-6)
+    assert kd0["flops"] > plain["flops"]                  # the teacher's forwards are counted
+
+
+def test_mix_expert_selection_lowest_loss_and_all(recipe):
+    from slm.tune.specialize import Trial, evaluate, load_lm, pretrain_final, specialize_trial, trial_uri
+
+    layout = RunLayout(recipe.run_dir)
+    valid = layout.shards(domain_set("numeric", "valid"))
+    before = [evaluate(load_lm(pretrain_final(layout, "mix", expert=i)), valid)
+              for i in range(recipe.kmeans.k_mix)]
+    t = Trial("numeric", "mix", 4, 1024, 0, 0.002)
+    low = specialize_trial(_with(recipe, expert_selection="lowest_loss"), t,
+                           trial_uri(recipe, t, sweep="mix-low"))
+    assert low["expert"] == min(range(len(before)), key=before.__getitem__)
+    every = specialize_trial(_with(recipe, expert_selection="all"), t, trial_uri(recipe, t, sweep="mix-all"))
+    assert every["expert"] in range(recipe.kmeans.k_mix)
+    assert every["spec_flops"] > low["spec_flops"] * 1.5   # every expert was fine-tuned
+
+
+def test_inference_budget_errors_and_llm_exclusion(recipe, caplog):
+    from slm.tune.specialize import check_methods, size_params
+
+    slm_p = size_params(recipe, recipe.pretrain.slm_size)
+    with pytest.raises(ConfigError, match="inference_budget"):
+        check_methods(_with(recipe, inference_budget=slm_p - 1), ["slm", "llm"])
+    with caplog.at_level("WARNING"):
+        kept = check_methods(_with(recipe, inference_budget=slm_p), ["slm", "llm", "d"])
+    assert kept == ["slm", "d"] and "method 'llm' excluded" in caplog.text
+    with pytest.raises(ConfigError, match="unknown method 'big'"):
+        check_methods(recipe, ["slm", "big"])
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"sweep.budgets": "[0]"}, "budgets"),
+    ({"sweep.budgets": "[-5]"}, "budgets"),
+    ({"sweep.methods": "[slm, nosuch]"}, "methods"),
+    ({"specialize.patience": "0"}, "patience"),
+    ({"specialize.expert_selection": "random"}, "expert_selection"),
+])
+def test_bad_sweep_config_names_the_field(tmp_path, override, field):
+    import yaml
+
+    from slm.config import load_recipe
+    from slm.configkit import to_dict
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(to_dict(tiny_recipe(tmp_path))))
+    with pytest.raises(ConfigError, match=field):
+        load_recipe(str(path), override)

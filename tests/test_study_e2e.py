@@ -1,0 +1,49 @@
+"""`slm run` end to end on the tiny run: data → pretraining of every family → sweep → report.
+(The data and pretraining stages are shared with the other specialization tests and skip when
+done; the sweep and the report are this test's own.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from spec_run import build_tiny_run
+
+
+@pytest.fixture(scope="module")
+def recipe(ray_local, tmp_path_factory):
+    return build_tiny_run(tmp_path_factory.getbasetemp() / "spec-run")
+
+
+def test_run_study_end_to_end(recipe):
+    import pyarrow.parquet as pq
+
+    from slm.layout import RunLayout
+    from slm.stage import join
+    from slm.tune.study import run_study
+
+    r = dataclasses.replace(recipe, sweep=dataclasses.replace(
+        recipe.sweep, name="study", methods=["slm", "mix", "pn"], budgets=[4],
+        domain_tokens=[1024], domains=["numeric"]))
+    report = run_study(r)
+    layout = RunLayout(r.run_dir)
+    assert os.path.exists(report)
+    rows = pq.read_table(join(layout.sweep("study"), "results.parquet")).to_pylist()
+    assert sorted(row["method"] for row in rows) == ["mix", "pn", "slm"]
+    assert all(row["recipe"] == "tiny" and row["test_ppl"] > 1 for row in rows)
+    for m in ("slm", "mix", "pn"):
+        assert os.path.isfile(os.path.join(layout.model("numeric", m), "model.safetensors"))
+
+    # The planner, given this real sweep's results and budgets every method fits, recommends
+    # the method with the lowest measured (macro test) perplexity, and says it measured it.
+    from slm.tune.planner import plan
+
+    best = min(rows, key=lambda row: row["test_ppl"])["method"]  # one domain, one seed
+    result = plan(pretrain_budget=1e30, specialize_budget=1e30, inference_budget=1e12,
+                  domains=1, domain_tokens=1024,
+                  results=join(layout.sweep("study"), "results.parquet"))
+    assert result.source == "measured"
+    assert result.method == best
+    assert abs(result.predicted_ppl - min(row["test_ppl"] for row in rows)) < 1e-6 * result.predicted_ppl

@@ -1,0 +1,359 @@
+"""`slm report`: a static HTML page (``RUN/report/index.html`` + PNG figures) of a run's sweeps.
+
+Contents: the perplexity table (test split, mean ± std over seeds, per domain × method × budget ×
+domain size, plus the macro-average row of paper Table 4), perplexity against pretraining and
+against specialization cost, the amortization plot over N = 1, 7, 50 domains (paper Fig. 6), the
+decision chart (paper Fig. 1, from our measurements), the cost tables, the raw results (parquet +
+csv next to the page), the recipe and the cost assumptions. Published atomically
+(``slm.stage.publish``): a reader never sees half a report.
+
+Results of several recipes are never mixed (InputError naming the files and recipes).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from slm.errors import InputError
+from slm.layout import RunLayout
+from slm.stage import join, publish
+
+from .costs import (
+    aggregate_points,
+    amortization_table,
+    check_one_recipe,
+    load_pretrain_costs,
+    macro_ppl_by_seed,
+    read_results,
+    trial_costs,
+)
+from .planner import find_results, measured_levels, rank_levels
+
+AMORTIZATION_NS = (1, 7, 50)
+FIGURES = ("ppl_vs_pretrain.png", "ppl_vs_specialize.png", "amortization.png", "decision.png")
+METHOD_COLORS = {"slm": "#1f77b4", "llm": "#d62728", "is": "#2ca02c", "mix": "#ff7f0e",
+                 "pn": "#9467bd", "d": "#8c564b", "nopt": "#7f7f7f"}
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+def perplexity_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Long table of the report's perplexity cells: one row per (domain, method, domain_tokens,
+    budget_steps) with mean/std of test perplexity over seeds; domain '(macro)' rows hold the
+    macro average (exp of the mean over domains of the mean test NLL over seeds) and the std
+    over seeds of the per-seed macro perplexity."""
+    keys = ["method", "domain_tokens", "budget_steps"]
+    rows = []
+    for (dom, *k), g in trials.groupby(["domain"] + keys, sort=True):
+        ppl = g["test_ppl"].astype(float)
+        rows.append({"domain": dom, **dict(zip(keys, k)), "mean": float(ppl.mean()),
+                     "std": float(ppl.std(ddof=1)) if len(ppl) > 1 else 0.0, "n_seeds": len(ppl)})
+    for k, g in trials.groupby(keys, sort=True):
+        nll = g.groupby("domain")["test_loss"].mean().mean()
+        by_seed = macro_ppl_by_seed(g)
+        rows.append({"domain": "(macro)", **dict(zip(keys, k)), "mean": float(math.exp(nll)),
+                     "std": float(np.std(by_seed, ddof=1)) if len(by_seed) > 1 else 0.0,
+                     "n_seeds": int(g["seed"].nunique())})
+    return pd.DataFrame(rows)
+
+
+def _ppl_table_html(pt: pd.DataFrame) -> str:
+    cols = sorted({(int(t), int(b)) for t, b in zip(pt["domain_tokens"], pt["budget_steps"])})
+    domains = sorted(d for d in set(pt["domain"]) if d != "(macro)") + ["(macro)"]
+    head = "".join(f"<th>{t:,} tokens<br>{b:,} steps</th>" for t, b in cols)
+    out = [f"<table class='ppl'><tr><th>domain</th><th>method</th>{head}</tr>"]
+    idx = {(r.domain, r.method, int(r.domain_tokens), int(r.budget_steps)): r
+           for r in pt.itertuples(index=False)}
+    for dom in domains:
+        sub = pt[pt["domain"] == dom]
+        best = {c: sub[(sub["domain_tokens"] == c[0]) & (sub["budget_steps"] == c[1])]["mean"].min()
+                for c in cols}
+        for m in sorted(set(sub["method"])):
+            cells = []
+            for c in cols:
+                r = idx.get((dom, m, c[0], c[1]))
+                if r is None:
+                    cells.append("<td>–</td>")
+                    continue
+                txt = f"{r.mean:.2f}" + (f" ± {r.std:.2f}" if r.n_seeds > 1 else "")
+                cls = " class='best'" if r.mean == best[c] else ""
+                cells.append(f"<td{cls} data-domain='{html.escape(dom)}' data-method='{m}' "
+                             f"data-tokens='{c[0]}' data-budget='{c[1]}' data-mean='{r.mean!r}' "
+                             f"data-std='{r.std!r}' data-seeds='{r.n_seeds}'>{txt}</td>")
+            rowcls = " class='macro'" if dom == "(macro)" else ""
+            out.append(f"<tr{rowcls}><td>{html.escape(dom)}</td><td>{m}</td>{''.join(cells)}</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _df_html(df: pd.DataFrame, formats: dict[str, str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+    body = []
+    for r in df.itertuples(index=False):
+        cells = []
+        for c, v in zip(df.columns, r):
+            f = formats.get(c)
+            cells.append(f"<td>{html.escape(format(v, f) if f else str(v))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _sizes(points: pd.DataFrame) -> list[int]:
+    return sorted(int(t) for t in set(points["domain_tokens"]))
+
+
+def fig_ppl_vs_cost(points: pd.DataFrame, cost: str, xlabel: str) -> bytes:
+    """Macro perplexity against a cost column, one panel per domain size, one line per method
+    (pretraining: best budget at each pretraining level; specialization: over budgets)."""
+    plt = _plt()
+    sizes = _sizes(points)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    fig.subplots_adjust(wspace=0.3)
+    for ax, t in zip(axes[0], sizes):
+        at = points[points["domain_tokens"] == t]
+        for m, g in at.groupby("method"):
+            if cost == "c_pretrain_flops":
+                g = g.loc[g.groupby("c_pretrain_flops")["macro_nll"].idxmin()]
+            g = g.sort_values(cost)
+            ax.plot(g[cost], g["macro_ppl"], marker="o", color=METHOD_COLORS.get(m), label=m)
+        positive = at[cost][at[cost] > 0]
+        ax.set_xscale("symlog", linthresh=float(positive.min()) / 10 if len(positive) else 1.0)
+        ax.set_yscale("log")
+        ax.set_title(f"{t:,} domain tokens")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("macro test perplexity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def fig_amortization(amort: pd.DataFrame) -> bytes:
+    """C_total(N) vs macro perplexity for each N (paper Fig. 6); marker = domain size."""
+    plt = _plt()
+    ns = sorted(set(amort["n"]))
+    markers = "osD^v<>"
+    sizes = _sizes(amort)
+    fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], ns):
+        at = amort[amort["n"] == n]
+        for (m, t), g in at.groupby(["method", "domain_tokens"]):
+            g = g.sort_values("c_total_flops")
+            ax.plot(g["c_total_flops"], g["macro_ppl"], marker=markers[sizes.index(int(t)) % len(markers)],
+                    color=METHOD_COLORS.get(m), label=f"{m} ({int(t):,} tok)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"N = {n} domains")
+        ax.set_xlabel("C_total(N) = C_pretrain + N·C_specialize [FLOPs]")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("macro test perplexity")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def decision_grid(points: pd.DataFrame, inference_budget: float, domain_tokens: int,
+                  n_domains: int = 1, resolution: int = 24) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+    """(pretrain budgets, specialization budgets, best method per cell or '') over a log grid
+    spanning the measured costs; the choice is the planner's (rank_measured) at each cell."""
+    pre = points["c_pretrain_flops"] / n_domains
+    pos = pre[pre > 0]
+    lo_p = float(pos.min()) / 10 if len(pos) else 1.0
+    hi_p = float(pre.max()) * 3 if pre.max() > 0 else 10.0
+    spec = points["c_spec_flops"]
+    xs = np.geomspace(lo_p, hi_p, resolution)
+    ys = np.geomspace(float(spec.min()) / 3, float(spec.max()) * 3, resolution)
+    levels = measured_levels(points, domain_tokens)
+    grid = []
+    for y in ys:
+        row = []
+        for x in xs:
+            cands = rank_levels(levels, x, y, inference_budget, n_domains)
+            row.append(cands[0].method if cands and cands[0].fits else "")
+        grid.append(row)
+    return xs, ys, grid
+
+
+def fig_decision(points: pd.DataFrame, small_params: float, n_domains: int = 1) -> bytes:
+    """Paper Fig. 1 from measurements: best measured method over pretraining × specialization
+    budgets, one row per inference budget (the small served model; any model), one column per
+    domain size."""
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    methods = sorted(set(points["method"]))
+    cmap = ListedColormap(["#ffffff"] + [METHOD_COLORS.get(m, "#000000") for m in methods])
+    sizes = _sizes(points)
+    budgets = [("inference ≤ small model", small_params),
+               ("inference unconstrained", float(points["inference_params"].max()))]
+    fig, axes = plt.subplots(len(budgets), len(sizes), figsize=(5 * len(sizes), 4 * len(budgets)),
+                             squeeze=False)
+    for i, (label, inf) in enumerate(budgets):
+        for j, t in enumerate(sizes):
+            ax = axes[i][j]
+            xs, ys, grid = decision_grid(points, inf, t, n_domains)
+            z = np.array([[0 if m == "" else methods.index(m) + 1 for m in row] for row in grid])
+            ax.pcolormesh(xs, ys, z, cmap=cmap, vmin=0, vmax=len(methods), shading="nearest")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{label} ({inf:,.0f} params), {t:,} tokens", fontsize=9)
+            ax.set_xlabel(f"pretraining budget per domain [FLOPs] (N = {n_domains})")
+            ax.set_ylabel("specialization budget per domain [FLOPs]")
+    fig.subplots_adjust(hspace=0.4)
+    fig.legend(handles=[Patch(color=METHOD_COLORS.get(m, "#000000"), label=m) for m in methods]
+               + [Patch(facecolor="#ffffff", edgecolor="#999999", label="nothing fits")],
+               loc="upper center", ncol=len(methods) + 1, bbox_to_anchor=(0.5, 1.02))
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------
+
+def load_report_inputs(recipe, extra_results: Iterable[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(raw results of every source, costed selected trials, source paths). The run's own
+    sweeps are costed with its pretrain/**/costs.json; extra files with their own columns."""
+    own = find_results(recipe.run_dir)
+    extra = [p for p in extra_results if p and p not in own]
+    paths = own + extra
+    if not paths:
+        raise InputError(f"no results to report: nothing under "
+                         f"{RunLayout(recipe.run_dir).path('specialize')}/*/results.parquet and no "
+                         "--results given; run `slm sweep` first")
+    tables = {p: read_results(p) for p in paths}
+    found = check_one_recipe(tables)
+    if found != recipe.name:
+        raise InputError(f"the results ({', '.join(paths)}) are of recipe '{found}' but the report "
+                         f"is for recipe '{recipe.name}'; pass --recipe {found} (or that recipe's "
+                         f"YAML) or results of recipe '{recipe.name}'")
+    pc = load_pretrain_costs(recipe.run_dir)
+    trials = pd.concat([trial_costs(tables[p], pc if p in own else None) for p in paths],
+                       ignore_index=True)
+    raw = pd.concat([t.assign(source=p) for p, t in tables.items()], ignore_index=True)
+    return raw, trials, paths
+
+
+def write_report(recipe, extra_results: Iterable[str] = ()) -> str:
+    """Write ``RUN/report/`` (index.html, figures, raw results) for ``recipe``; returns the
+    index.html URI."""
+    from slm.config import dump_recipe
+
+    raw, trials, paths = load_report_inputs(recipe, extra_results)
+    points = aggregate_points(trials)
+    amort = amortization_table(points, AMORTIZATION_NS)
+    pt = perplexity_table(trials.sort_values("valid_loss", kind="stable")
+                          .drop_duplicates(["recipe", "domain", "method", "budget_steps",
+                                            "domain_tokens", "seed"]))
+    non_llm = points[points["method"] != "llm"]
+    small = float(recipe.specialize.inference_budget
+                  or (non_llm["inference_params"].max() if len(non_llm) else points["inference_params"].min()))
+    figures = {
+        "ppl_vs_pretrain.png": fig_ppl_vs_cost(points, "c_pretrain_flops", "C_pretrain [FLOPs] (0 = none shared)"),
+        "ppl_vs_specialize.png": fig_ppl_vs_cost(points, "c_spec_flops", "C_specialize per domain [FLOPs]"),
+        "amortization.png": fig_amortization(amort),
+        "decision.png": fig_decision(points, small),
+    }
+    page = _page(recipe, paths, pt, points, amort, small, dump_recipe(recipe), trials)
+    csv = raw.to_csv(index=False).encode("utf-8")
+    pq_buf = io.BytesIO()
+    raw.to_parquet(pq_buf, index=False)
+    uri = RunLayout(recipe.run_dir).report
+    with publish(uri, stage="report", config={"recipe": recipe.name, "sources": paths},
+                 force=True) as out:
+        files = {**figures, "index.html": page.encode("utf-8"), "results.csv": csv,
+                 "results.parquet": pq_buf.getvalue(),
+                 "method_costs.csv": points.to_csv(index=False).encode("utf-8"),
+                 "perplexity_table.csv": pt.to_csv(index=False).encode("utf-8")}
+        for name, data in files.items():
+            with out.fs.open_output_stream(f"{out.path}/{name}") as f:
+                f.write(data)
+        out.manifest.update({"files": sorted(files), "sources": paths, "rows": len(raw)})
+    return join(uri, "index.html")
+
+
+_CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;
+margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+td:first-child,td:nth-child(2){text-align:left}.best{font-weight:bold;background:#e8f5e9}
+.macro td{border-top:2px solid #333;background:#f5f5f5}img{max-width:100%;border:1px solid #eee}
+pre{background:#f7f7f7;padding:1em;overflow:auto}"""
+
+
+def _page(recipe, paths: list[str], pt: pd.DataFrame, points: pd.DataFrame, amort: pd.DataFrame,
+          small: float, recipe_yaml: str, trials: pd.DataFrame) -> str:
+    cost_cols = ["method", "budget_steps", "domain_tokens", "c_pretrain_flops", "c_pretrain_hours",
+                 "c_spec_flops", "c_spec_hours", "inference_params", "inference_flops_per_token",
+                 "macro_ppl", "macro_ppl_std", "n_domains", "n_seeds", "cost_basis"]
+    fmt = {c: ".4g" for c in cost_cols if c.startswith(("c_", "inference_f"))}
+    fmt.update({"macro_ppl": ".2f", "macro_ppl_std": ".2f", "inference_params": ","})
+    am = amort[["n", "method", "budget_steps", "domain_tokens", "c_total_flops", "c_total_hours",
+                "macro_ppl"]].sort_values(["n", "domain_tokens", "c_total_flops"])
+    e = html.escape
+    sources = "".join(f"<li><code>{e(p)}</code></li>" for p in paths)
+    n_lrs = int(trials["n_lrs"].max()) if "n_lrs" in trials else 1
+    assumptions = [
+        ("C_total(N) = C_pretrain + N · C_specialize (paper Eq. 1), in measured FLOPs and device-hours "
+        "(device-seconds / 3600 as recorded by the runs: GPU-seconds on GPUs, worker-seconds on CPU)."),
+        ("C_pretrain (shared): slm, llm, pn: their pretraining; mix: all experts; d: teacher llm + "
+        "student slm; is and nopt: 0."),
+        ("C_specialize (per domain, averaged over domains and seeds): fine-tuning FLOPs actually "
+        "spent (steps run, not only to the best step); mix with expert_selection=all: every "
+        "expert tried; d: + the teacher's fine-tuning; is: + the domain's own pretraining."),
+        (f"Costs of pretraining come from {e(join(recipe.run_dir, 'pretrain'))}/**/costs.json where "
+        "present, else from the results rows (column cost_basis says which)."),
+        (f"Learning rate: the LR with the lowest valid loss per trial key is kept (up to {n_lrs} LR(s) "
+        "per key); only the kept trial's cost is charged (paper §3.7 convention)."),
+        ("Perplexity: test split; cells are mean ± std over seeds; the macro row is exp of the mean "
+        "over domains of the mean test NLL over seeds (paper §3.1), its ± the std over seeds of the "
+        "per-seed macro perplexity."),
+        (f"Decision chart: best method by the planner's interpolation of measured points (log-cost, "
+         f"non-increasing envelope), N = 1; top row: inference budget = {small:,.0f} params "
+         "(the small served model), bottom row: any measured model."),
+    ]
+    figs = "".join(f"<h3>{e(n)}</h3><img src='{n}' alt='{e(n)}'>" for n in FIGURES)
+    return f"""<!doctype html><html><head><meta charset='utf-8'><title>slm report: {e(recipe.name)}</title>
+<style>{_CSS}</style></head><body>
+<h1>slm report: recipe <code>{e(recipe.name)}</code></h1>
+<p>Run directory <code>{e(recipe.run_dir)}</code>; generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')};
+{len(trials)} trials from:</p><ul>{sources}</ul>
+<p>Raw results: <a href='results.parquet'>results.parquet</a>, <a href='results.csv'>results.csv</a>;
+cost model: <a href='method_costs.csv'>method_costs.csv</a>;
+table: <a href='perplexity_table.csv'>perplexity_table.csv</a>.</p>
+<h2>Test perplexity (domain × method × domain size × budget)</h2>
+{_ppl_table_html(pt)}
+<h2>Figures</h2>{figs}
+<h2>Costs per measured point</h2>
+{_df_html(points[cost_cols], fmt)}
+<h2>Amortization over N domains</h2>
+{_df_html(am, {"c_total_flops": ".4g", "c_total_hours": ".4g", "macro_ppl": ".2f"})}
+<h2>Cost assumptions</h2><ul>{''.join(f'<li>{a}</li>' for a in assumptions)}</ul>
+<h2>Recipe</h2><pre>{e(recipe_yaml)}</pre>
+</body></html>
+"""
