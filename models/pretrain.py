@@ -441,7 +441,9 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
     ``{"family", "runs": {name: final_uri}, "costs": {...}}``. Finished runs are not retrained;
     unfinished ones resume from their latest checkpoint."""
     from slm.cluster.ray_env import ray_session
+    from slm.config import resolve_paths
 
+    recipe = resolve_paths(recipe)  # mix experts run as Tune trials, in their own directories
     if family not in FAMILIES:
         raise ConfigError(f"unknown family '{family}'; known: {', '.join(FAMILIES)}")
     validate(recipe)

@@ -71,10 +71,11 @@ class EmbedConfig:
     num_gpus: float = field(default=-1.0, metadata={"help": "GPUs per actor (-1 = 1 if the cluster has GPUs, else 0)"})
     num_cpus: float = field(default=1.0, metadata={"help": "CPUs per actor"})
     torch_threads: int = field(default=0, metadata={"help": "torch threads per CPU actor (0 = the CPUs it may use)"})
+    max_seq_length: int = field(default=0, metadata={"help": "model tokens embedded per text; longer texts are truncated (0 = the model's own limit, 256 for all-MiniLM-L6-v2)"})
 
     def validate(self) -> None:
         positive(self, "batch_size", "pool_size", "num_cpus")
-        positive(self, "torch_threads", allow_zero=True)
+        positive(self, "torch_threads", "max_seq_length", allow_zero=True)
         if not self.model:
             raise ConfigError("field 'model' is empty; name a sentence-transformers model")
 

@@ -160,8 +160,10 @@ class Embedder:
 
     def __init__(self, model: str, batch_size: int = 64, device: str | None = None,
                  torch_threads: int = 0, text_column: str = "text",
-                 output_column: str = "embedding") -> None:
+                 output_column: str = "embedding", max_seq_length: int = 0) -> None:
         self.model = load_model(model, device=device, torch_threads=torch_threads)
+        if max_seq_length:  # attention cost grows with length: a cap is the cheapest speed-up
+            self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.text_column = text_column
         self.output_column = output_column
@@ -273,7 +275,8 @@ def embed_texts(ds, cfg: EmbedConfig, text_column: str = "text",
     check_model(cfg.model)  # fail here, not inside an actor
     cpus, gpus, device, threads = actor_resources(cfg)
     kw: dict[str, Any] = dict(batch_size=cfg.batch_size, device=device, torch_threads=threads,
-                              text_column=text_column, output_column=output_column)
+                              text_column=text_column, output_column=output_column,
+                              max_seq_length=cfg.max_seq_length)
     cls: type[Embedder] = Embedder
     if tokenizer is not None:
         cls, kw["tokenizer"] = WindowEmbedder, tokenizer

@@ -284,7 +284,10 @@ def ingest_source(uri: str, source: str, cfg: CorpusConfig, *, what: str, limit:
     with publish(uri, stage="corpus", config=config, force=force) as out:
         ds = read_documents(source, cfg, counter)
         if limit:
-            ds = ds.limit(limit)
+            # a uniform, deterministic sample: the `limit` smallest content hashes (doc_id), not
+            # the first documents in read order (files are often grouped by source: a prefix
+            # would be one genre); Ray Data's sort is distributed
+            ds = ds.sort("doc_id").limit(limit)
         write_dataset(ds, out, counter, min_rows_per_file=MIN_DOCS_PER_FILE,
                       max_rows_per_file=MAX_DOCS_PER_FILE)
         rows = count_rows(out.uri)

@@ -79,7 +79,26 @@ def load_recipe(name_or_path: str = "demo", overrides: dict[str, Any] | None = N
         validate(recipe)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return recipe
+    return resolve_paths(recipe)
+
+
+def _absolute(path: str) -> str:
+    """A local relative path made absolute; URIs (s3://, gs://, hf://), 'demo' and '' as they are."""
+    if not path or path == "demo" or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(recipe: Recipe) -> Recipe:
+    """The recipe with its local paths absolute, resolved against the caller's working
+    directory. Ray Tune runs trials in their own directories, so a relative ``run_dir`` read
+    inside a trial would point elsewhere; idempotent."""
+    from dataclasses import replace
+
+    corpus = replace(recipe.corpus, generic=_absolute(recipe.corpus.generic),
+                     domains={d: _absolute(p) for d, p in recipe.corpus.domains.items()})
+    cluster = replace(recipe.cluster, storage=_absolute(recipe.cluster.storage))
+    return replace(recipe, run_dir=_absolute(recipe.run_dir), corpus=corpus, cluster=cluster)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -112,6 +112,18 @@ def test_embedder_on_any_text_dataset_keeps_other_columns(ray_local, bare_model)
     want = bare_model.encode(texts, normalize_embeddings=True)
     assert (got * want).sum(axis=1).min() > 0.999
 
+    # embed.max_seq_length truncates: equal to the bare model truncated the same way, and not
+    # to the untruncated embeddings of these long documents
+    short = embed_texts(ds, EmbedConfig(batch_size=8, max_seq_length=16)).to_pandas()
+    got16 = np.stack(short["embedding"].to_list())
+    bare_model.max_seq_length, full = 16, bare_model.max_seq_length
+    try:
+        want16 = bare_model.encode(texts, normalize_embeddings=True)
+    finally:
+        bare_model.max_seq_length = full
+    assert (got16 * want16).sum(axis=1).min() > 0.999
+    assert (got16 * want).sum(axis=1).min() < 0.99
+
 
 def test_unknown_model_fails_on_the_driver_before_any_work(ray_local, tmp_path):
     layout, _, _ = build_run(str(tmp_path / "run"))

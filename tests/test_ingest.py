@@ -55,6 +55,9 @@ def test_glob_limit_and_resume(tmp_path, ray_local):
     limited = str(tmp_path / "limited")
     ingest_source(limited, str(tmp_path / "src"), cfg, what="generic corpus", limit=7)
     assert manifest(limited)["rows"] == 7 == read_rows(limited).num_rows
+    # the sample is the 7 smallest content hashes of the whole source, not a prefix of a file
+    want = sorted(hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts)[:7]
+    assert sorted(read_rows(limited).column("doc_id").to_pylist()) == want
 
 
 def test_half_written_artifact_is_not_done(tmp_path, ray_local):

@@ -275,7 +275,9 @@ def run_sweep(recipe) -> str:
     unfinished (a re-run retries them); the table and products cover the finished ones.
     """
     from slm.cluster.ray_env import ray_session
+    from slm.config import resolve_paths
 
+    recipe = resolve_paths(recipe)  # trials run in their own working directories
     trials = sweep_trials(recipe)
     pending = [t for t in trials if not trial_done(recipe, t, trial_uri(recipe, t))]
     log.info("sweep '%s': %d trials, %d already finished", recipe.sweep.name, len(trials),
