@@ -142,16 +142,23 @@ def _tuner(recipe, trials: list[Trial]):
 
 
 def _concurrency(recipe) -> int:
-    """sweep.max_concurrent, or as many trials as the cluster has CPUs/GPUs for their workers."""
+    """As many trials as the cluster has room for (their Train workers' CPUs/GPUs; on CPUs one
+    CPU stays free for the Ray Data tasks that feed the workers and for each trial's driver),
+    capped by sweep.max_concurrent. More would leave a trial's worker group waiting for
+    resources until Ray Train's start-up timeout fails it."""
     import ray
 
     sw = recipe.sweep
-    if sw.max_concurrent:
-        return sw.max_concurrent
     res = ray.cluster_resources()
     if sw.gpus_per_trial > 0:
-        return max(1, int(res.get("GPU", 0) // sw.gpus_per_trial))
-    return max(1, int(res.get("CPU", 1) // sw.cpus_per_trial))
+        fits = int(res.get("GPU", 0) // sw.gpus_per_trial)
+    else:
+        fits = int((res.get("CPU", 1) - 1) // sw.cpus_per_trial)
+    fits = max(1, fits)
+    if sw.max_concurrent and sw.max_concurrent > fits:
+        log.warning("sweep.max_concurrent = %d but the cluster fits %d trial(s) at once; "
+                    "running %d", sw.max_concurrent, fits, fits)
+    return min(sw.max_concurrent, fits) if sw.max_concurrent else fits
 
 
 def _abs(uri: str) -> str:
