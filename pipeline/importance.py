@@ -221,13 +221,18 @@ def write_is_shard(layout, k: int, domain: str, n_tokens: int, seq_len: int, see
     if n_tokens < 0 or seq_len <= 0:
         raise InputError(f"n_tokens={n_tokens}, seq_len={seq_len}: use n_tokens >= 0 "
                          "(data.is_tokens) and seq_len > 0 (data.seq_len)")
-    inputs = stage.input_fingerprints(src, layout.histograms(k))
+    hist_name = domain_set(domain, "train")
+    if stage.manifest(layout.histograms(k)) is None:
+        raise StageError(f"input artifact '{layout.histograms(k)}' is not done; run its stage first")
+    domain_hist = read_histogram(layout, k, hist_name)
+    # Inputs: the generic shards and this domain's own histogram, not the whole histograms
+    # artifact, which changes whenever a domain is added later (`slm specialize`).
+    inputs = {**stage.input_fingerprints(src),
+              f"{layout.histograms(k)}/{hist_name}.json": stage.fingerprint(domain_hist)}
     config = {"k": k, "domain": domain, "n_tokens": n_tokens, "seq_len": seq_len, "seed": seed}
     fp = stage.fingerprint({"config": config, "inputs": inputs})
     if not force and stage.is_done(out_uri, fp):
         return out_uri
-    hist_name = domain_set(domain, "train")
-    domain_hist = read_histogram(layout, k, hist_name)
     if int(domain_hist.get("n", 0)) == 0 or sum(domain_hist.get("counts", [])) == 0:
         raise InputError(f"histogram '{hist_name}.json' (k={k}) is empty: domain '{domain}' has "
                          "no train windows. Give the domain more text or lower data.seq_len")

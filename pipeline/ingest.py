@@ -78,6 +78,7 @@ def _visible(path: str) -> bool:
 def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
     """(filesystem, [(path, format)]) of a file, directory or glob; InputError when empty."""
     fs, path = filesystem(source)
+    explicit = False  # the source is one file, named explicitly
     if _has_glob(path):
         parts = path.split("/")
         first = next(i for i, p in enumerate(parts) if _has_glob(p))
@@ -90,7 +91,7 @@ def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[t
             raise InputError(f"corpus path '{source}' does not exist; give a file, a directory, a "
                              "glob, an s3:// / gs:// URI or hf://DATASET[:SPLIT]")
         if info.type == pafs.FileType.File:
-            files = [path]
+            files, explicit = [path], True
         else:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             files = [i.path for i in infos if i.type == pafs.FileType.File]
@@ -99,7 +100,7 @@ def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[t
         if not _visible(f):
             continue
         ff = _format_of(f, fmt)
-        if ff is None and len(files) == 1:
+        if ff is None and explicit:
             ff = "text"  # a single file named explicitly: read it as text
         if ff is not None:
             out.append((f, ff))
