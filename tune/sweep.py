@@ -103,12 +103,13 @@ def _tuner(recipe, trials: list[Trial]):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES
+
     sw = recipe.sweep
     # The trial only drives: its Train worker holds the trial's CPUs/GPU, so concurrency is
-    # bounded by max_concurrent_trials, not by the driver's resources. (A bundle of 0 CPU is
-    # refused by Tune: "empty head and zero worker bundles", hence a token fraction.)
+    # bounded by max_concurrent_trials, not by the driver's resources.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_fn, recipe=recipe),
-                                        {"CPU": 0.01})
+                                        TRIAL_DRIVER_RESOURCES)
     storage = sweep_dir(recipe)
     exp = _abs(join(storage, "tune"))
     grid_fp = fingerprint([t.key() for t in trials])
