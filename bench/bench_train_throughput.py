@@ -57,7 +57,7 @@ def ray_loop(root: str, spec, recipe, steps: int, warmup: int, cpus: int) -> flo
     shards = pt.open_shards(layout, "generic", "bench", [], spec.seq_len)
     train = pt.shard_dataset(shards, seed=0, split="train", fraction=0.02)
     gb = recipe.pretrain.train.micro_batch
-    valid = pt.valid_dataset(pt.shard_dataset(shards, seed=0, split="valid", fraction=0.02), gb, gb, "v")
+    valid = pt.valid_dataset(pt.shard_dataset(shards, seed=0, split="valid", fraction=0.02), gb, "v")
     t = dataclasses.asdict(recipe.pretrain.train) | {"eval_every": steps, "ckpt_every": steps,
                                                       "eval_batches": 1, "log_every": 10}
     s = dataclasses.asdict(recipe.pretrain.scaling) | {"cpus_per_worker": float(cpus)}

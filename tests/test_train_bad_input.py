@@ -75,7 +75,7 @@ def finished_run(ray_local, tmp_path_factory):
     r = tiny_recipe(root)
     shards = pt.open_shards(layout, "generic", "tiny", [], SEQ)
     train = pt.shard_dataset(shards, seed=0, split="train", fraction=0.1)
-    valid = pt.valid_dataset(pt.shard_dataset(shards, seed=0, split="valid", fraction=0.1), 8, 4, "g")
+    valid = pt.valid_dataset(pt.shard_dataset(shards, seed=0, split="valid", fraction=0.1), 8, "g")
     spec = pt.RunSpec(name="r", storage=os.path.join(root, "runs"),
                       family=FamilySpec("slm", "tiny", 128, SEQ).to_dict(),
                       train=dataclasses.asdict(r.pretrain.train) | {"ckpt_every": 2, "eval_every": 2},

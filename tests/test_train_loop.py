@@ -36,7 +36,7 @@ def env(ray_local, tmp_path_factory):
     shards = pt.open_shards(layout, "generic", "tiny", [], recipe.data.seq_len)
     kw = dict(seed=0, fraction=recipe.pretrain.valid_fraction)
     train = pt.shard_dataset(shards, split="train", **kw)
-    valid = pt.valid_dataset(pt.shard_dataset(shards, split="valid", **kw), 16, 8, "generic")
+    valid = pt.valid_dataset(pt.shard_dataset(shards, split="valid", **kw), 16, "generic")
     return {"root": root, "recipe": recipe, "train": train, "valid": valid}
 
 

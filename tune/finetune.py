@@ -88,7 +88,7 @@ def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: fl
     kw = dict(seed=int(seed), split="all", fraction=recipe.pretrain.valid_fraction)
     gb = spec.global_batch()
     rows = recipe.specialize.eval_batches * gb or count_rows(valid_sh.uri)
-    valid = valid_dataset(shard_dataset(valid_sh, **kw), rows, gb, f"'{valid_sh.uri}'")
+    valid = valid_dataset(shard_dataset(valid_sh, **kw), rows, f"'{valid_sh.uri}'")
     callbacks = []
     if in_tune:  # forward every evaluation to the Tune trial (progress, ASHA)
         from ray.tune.integration.ray_train import TuneReportCallback
