@@ -93,6 +93,7 @@ def check_model(name: str) -> str:
             if name in OFFLINE_DEFAULT_NAMES else "")
     try:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
         for marker in ("modules.json", "config.json"):
             try:
@@ -100,6 +101,11 @@ def check_model(name: str) -> str:
                 return resolved
             except Exception as e:  # noqa: BLE001 - any miss is the same user-facing error
                 last = e
+                # Only "the repo exists without this file" is worth trying the next file for; a
+                # missing repo, or no reachable hub and no cache (after ~23 s of the hub's own
+                # retries), fails the same way for every file.
+                if not isinstance(e, EntryNotFoundError) or isinstance(e, LocalEntryNotFoundError):
+                    break
         raise last
     except Exception as e:  # noqa: BLE001
         raise InputError(
