@@ -90,13 +90,16 @@ def tiny_recipe(base: Path, **sweep):
         "kmeans": {"k_is": 4, "k_mix": 2, "k_pn": 2, "fit_sample": 4000, "max_iter": 20},
         "pretrain": {"slm_size": "tiny", "llm_size": "demo-slm",
                      "steps": {"slm": 30, "llm": 30, "is": 20, "mix": 20, "pn": 30},
-                     "pn_h": 2, "pn_m": 2, "logger": "none", "valid_fraction": 0.05,
+                     "pn_h": 2, "pn_m": 2, "logger": "tensorboard", "valid_fraction": 0.05,
                      "train": {"micro_batch": 8, "lr": 0.003, "warmup": 5, "eval_every": 10,
                                "eval_batches": 2, "ckpt_every": 30, "zero_stage": 1},
-                     "scaling": {"num_workers": 1, "cpus_per_worker": 1}},
+                     # 0.5 CPU a run: the two SLM-mix experts train at once on 2 CPUs
+                     "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}},
         "specialize": {"max_steps": 30, "lr": 0.001, "small_data_tokens": 1024, "micro_batch": 8,
                        "eval_every": 5, "patience": 2},
+        # one domain size by default (each trial is a Ray Train run); tests ask for more
         "sweep": {"name": "main", "methods": ["slm"], "budgets": [20], "seeds": [0],
+                  "domain_tokens": [1024],
                   "cpus_per_trial": 1, **sweep},
         "cluster": {"num_cpus": 2},
     }

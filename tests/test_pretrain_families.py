@@ -1,10 +1,11 @@
-"""Every family pretrains end to end through ``pretrain()`` on tiny shards (real Ray Train +
-DeepSpeed on CPU, Ray Tune for the SLM-mix experts), publishes its served model(s) and a
-measured costs.json, and is not retrained when asked again. One run directory for the module."""
+"""Every family pretrains end to end through ``pretrain()`` on the shared tiny run (real BPE,
+MiniLM embeddings and k-means from the data pipeline; real Ray Train + DeepSpeed on CPU, Ray
+Tune for the SLM-mix experts, two at once), publishes its served model(s) and a measured
+costs.json, and is not retrained when asked again. (The run is built once per test session by
+spec_run.build_tiny_run, which pretrains every family; the specialization tests start from it.)"""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -12,20 +13,24 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from train_shards import make_run, tiny_recipe  # noqa: E402
+from spec_run import build_tiny_run
 
-from slm.config import dump_recipe  # noqa: E402
-from slm.models.pretrain import pretrain  # noqa: E402
+from slm.config import dump_recipe
+from slm.models.pretrain import pretrain
 
 COST_KEYS = {"flops", "device_seconds", "tokens", "steps", "params"}
 
 
 @pytest.fixture(scope="module")
 def run(ray_local, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("fam"))
-    make_run(root)
-    return root, tiny_recipe(root, slm=6, llm=4, **{"is": 4}, mix=4, pn=6)
+    recipe = build_tiny_run(tmp_path_factory.getbasetemp() / "spec-run")
+    return os.path.abspath(recipe.run_dir), recipe
+
+
+def _vocab(root: str) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(os.path.join(root, "data", "tokenizer")))
 
 
 def _costs(path: str) -> dict:
@@ -39,18 +44,19 @@ def test_slm_and_llm_publish_hf_models_and_are_not_retrained(run):
     from transformers import AutoModelForCausalLM
 
     root, recipe = run
-    for fam, steps in (("slm", 6), ("llm", 4)):
+    p, seq = recipe.pretrain, recipe.data.seq_len
+    for fam, width in (("slm", 32), ("llm", 128)):   # the recipe's sizes: tiny, demo-slm
         out = pretrain(recipe, fam)
         final = os.path.join(root, "pretrain", fam, "final")
         assert out["runs"] == {fam: final}
         model = AutoModelForCausalLM.from_pretrained(final)
-        assert model.config.n_embd == 32 and model.config.vocab_size == 128
+        assert model.config.n_embd == width and model.config.vocab_size == _vocab(root)
         c = _costs(os.path.join(root, "pretrain", fam, "costs.json"))
-        assert c["steps"] == steps and c["tokens"] == steps * 4 * 16
+        assert c["steps"] == p.steps[fam] and c["tokens"] == p.steps[fam] * p.train.micro_batch * seq
     assert os.listdir(os.path.join(root, "pretrain", "slm", "tensorboard"))
     before = os.stat(os.path.join(root, "pretrain", "slm", "final", "manifest.json")).st_mtime_ns
     again = pretrain(recipe, "slm")  # finished: returns the published result, trains nothing
-    assert again["costs"]["steps"] == 6
+    assert again["costs"]["steps"] == p.steps["slm"]
     assert os.stat(os.path.join(root, "pretrain", "slm", "final", "manifest.json")).st_mtime_ns == before
 
 
@@ -71,11 +77,13 @@ def test_is_trains_one_model_per_domain(run):
 
     root, recipe = run
     out = pretrain(recipe, "is")
-    final = os.path.join(root, "pretrain", "is", "alpha", "final")
-    assert out["runs"] == {"alpha": final}
+    final = os.path.join(root, "pretrain", "is", "numeric", "final")
+    assert out["runs"] == {"numeric": final}
     AutoModelForCausalLM.from_pretrained(final)
-    c = _costs(os.path.join(root, "pretrain", "is", "alpha", "costs.json"))
-    assert c["steps"] == 4
+    c = _costs(os.path.join(root, "pretrain", "is", "numeric", "costs.json"))
+    assert c["steps"] == recipe.pretrain.steps["is"]
+    rec = json.load(open(os.path.join(final, "manifest.json")))
+    assert rec["config"]["data"] == f"is-k{recipe.kmeans.k_is}-numeric"   # the resampled set
     total = _costs(os.path.join(root, "pretrain", "is", "costs.json"))
     assert total["flops"] == c["flops"]
 
@@ -83,9 +91,10 @@ def test_is_trains_one_model_per_domain(run):
 def test_mix_trains_k_experts_in_parallel_on_their_clusters(run):
     from transformers import AutoModelForCausalLM
 
+    from slm.models.pretrain import _parallel_experts
+
     root, recipe = run
-    recipe = copy.deepcopy(recipe)
-    recipe.pretrain.scaling.cpus_per_worker = 0.5  # 2 runs at once on 2 CPUs, 1 left for data
+    assert _parallel_experts(recipe, [0, 1]) == 2   # 0.5 CPU each on 2 CPUs, 1 left for data
     out = pretrain(recipe, "mix")
     assert sorted(out["runs"]) == ["expert-0", "expert-1"]
     parts = []
@@ -98,6 +107,7 @@ def test_mix_trains_k_experts_in_parallel_on_their_clusters(run):
     total = _costs(os.path.join(root, "pretrain", "mix", "costs.json"))
     assert total["flops"] == pytest.approx(sum(p["flops"] for p in parts))
     assert total["params"] == sum(p["params"] for p in parts)
+    assert all(p["steps"] == recipe.pretrain.steps["mix"] for p in parts)
 
 
 def test_pn_trains_a_projected_model_routed_by_cluster(run):
@@ -113,6 +123,7 @@ def test_pn_trains_a_projected_model_routed_by_cluster(run):
     expert = pn.materialize(1)
     assert expert.config.n_embd == 32
     c = _costs(os.path.join(root, "pretrain", "pn", "costs.json"))
-    dense = train_flops_per_token(lm_config("tiny", 128, 16), 16) * c["tokens"]
+    seq = recipe.data.seq_len
+    dense = train_flops_per_token(lm_config("tiny", _vocab(root), seq), seq) * c["tokens"]
     assert c["flops"] > dense  # + materialising the experts present in each micro-batch
     assert c["params"] == pn.param_counts()["total"]

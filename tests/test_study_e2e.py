@@ -25,15 +25,15 @@ def test_run_study_end_to_end(recipe):
     from slm.tune.study import run_study
 
     r = dataclasses.replace(recipe, sweep=dataclasses.replace(
-        recipe.sweep, name="study", methods=["slm", "mix", "pn"], budgets=[4],
+        recipe.sweep, name="study", methods=["slm", "pn"], budgets=[4],
         domain_tokens=[1024], domains=["numeric"]))
     report = run_study(r)
     layout = RunLayout(r.run_dir)
     assert os.path.exists(report)
     rows = pq.read_table(join(layout.sweep("study"), "results.parquet")).to_pylist()
-    assert sorted(row["method"] for row in rows) == ["mix", "pn", "slm"]
+    assert sorted(row["method"] for row in rows) == ["pn", "slm"]
     assert all(row["recipe"] == "tiny" and row["test_ppl"] > 1 for row in rows)
-    for m in ("slm", "mix", "pn"):
+    for m in ("slm", "pn"):
         assert os.path.isfile(os.path.join(layout.model("numeric", m), "model.safetensors"))
 
     # The planner, given this real sweep's results and budgets every method fits, recommends
