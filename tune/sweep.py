@@ -180,6 +180,20 @@ def collect_rows(recipe, trials: list[Trial]) -> list[dict[str, Any]]:
     return rows
 
 
+def teacher_trials(trials: list[Trial]) -> list[Trial]:
+    """The llm trials SLM-d trials use as teachers that are not in ``trials`` themselves."""
+    import dataclasses
+
+    have = {t.key() for t in trials}
+    out = []
+    for t in trials:
+        ref = dataclasses.replace(t, method="llm")
+        if t.method == "d" and ref.key() not in have:
+            have.add(ref.key())
+            out.append(ref)
+    return out
+
+
 def write_results(recipe, rows: list[dict[str, Any]]) -> str:
     """``results.parquet`` + ``results.csv`` of the sweep, each replaced atomically."""
     import pyarrow as pa
@@ -300,13 +314,16 @@ def run_sweep(recipe) -> str:
                  time.time() - t0, len(errors))
         for e in errors:
             log.warning("trial failed: %s", e)
-    rows = collect_rows(recipe, trials)
-    if not rows:
+    grid_rows = collect_rows(recipe, trials)
+    # SLM-d's teachers are llm trials; where the grid leaves llm out (over the inference budget)
+    # they ran anyway, and their rows are the large-model reference the report compares with.
+    rows = grid_rows + collect_rows(recipe, teacher_trials(trials))
+    if not grid_rows:
         raise StageError(f"sweep '{recipe.sweep.name}' finished no trial; see the errors above "
                          f"and the Tune logs under {join(sweep_dir(recipe), 'tune')}")
     out = write_results(recipe, rows)
     publish_products(recipe, rows)
-    missing = len(trials) - len(rows)
+    missing = len(trials) - len(grid_rows)
     if missing:
         log.warning("sweep '%s': %d of %d trials did not finish; re-run `slm sweep` to retry them",
                     recipe.sweep.name, missing, len(trials))
