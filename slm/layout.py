@@ -11,10 +11,23 @@
       data/assign-k<K>/<name>/             window_id, cluster, distance
       data/histograms-k<K>/                one histogram per domain + generic (json)
       data/shards/<name>/                  training shards: input_ids + cluster_k<K> columns
-      pretrain/<family>/                   Ray Train storage: checkpoints, metrics, costs
-      specialize/<sweep>/                  Ray Tune experiment, results.parquet
+      data/sources/<domain>/<split>/       a flat document set split by ``slm add-domain``
+      pretrain/<family>[/<sub>]/           one training run: Ray Train storage (step=* checkpoints)
+        final/                             its published model (HF directory)
+        costs.json                         its measured costs (mix, is: also summed one level up)
+      specialize/<sweep>/                  one sweep:
+        tune/                              the Ray Tune experiment
+        grid.json                          the grid it was started with
+        trials/<key>/                      one finished trial: HF model, training.json, row.json
+        results.parquet, results.csv       every finished trial's row
       models/<domain>/<method>/            Hugging Face directories (the products)
+      export/<domain>/                     `slm export`'s default output
       report/                              index.html + PNG figures
+
+``<sub>`` is ``expert-<i>`` for SLM-mix's experts and the domain for SLM-is. Every path written
+into a manifest, results table, report or model card is stored *relative to the run*
+(``RunLayout.relative``) and resolved on reading (``RunLayout.resolve``), so a run directory can
+be moved, copied to object storage, or opened through another path.
 
 Window/shard set names: ``generic``, ``domain-<d>-<split>`` (split: train, valid, test),
 ``domain-<d>-train-<tokens>`` (nested train subsets), ``is-k<K>-<d>`` (SLM-is resampled).
@@ -22,11 +35,22 @@ Window/shard set names: ``generic``, ``domain-<d>-<split>`` (split: train, valid
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from slm.stage import join
+from slm.stage import is_remote, join
 
 SPLITS = ("train", "valid", "test")
+
+FINAL = "final"                 # a training run's published model
+COSTS = "costs.json"            # a training run's (or family's) measured costs
+TRIAL_ROW = "row.json"          # a trial's row of the results table
+TRIAL_TRAINING = "training.json"  # a trial's training record (row + data, teacher, history)
+
+
+def expert_name(i: int) -> str:
+    """The sub-run name of SLM-mix expert ``i``."""
+    return f"expert-{i}"
 
 
 def domain_set(domain: str, split: str) -> str:
@@ -80,15 +104,70 @@ class RunLayout:
     def shards(self, name: str) -> str:
         return self.path("data/shards", name)
 
-    def pretrain(self, family: str) -> str:
-        return self.path("pretrain", family)
+    def sources(self, domain: str, split: str = "") -> str:
+        return self.path("data/sources", domain, split) if split else self.path("data/sources", domain)
+
+    def pretrain(self, family: str, sub: str = "") -> str:
+        """A training run's directory (``sub``: a mix expert or an is domain)."""
+        return self.path("pretrain", family, sub) if sub else self.path("pretrain", family)
+
+    def pretrain_final(self, family: str, sub: str = "") -> str:
+        return join(self.pretrain(family, sub), FINAL)
+
+    def pretrain_costs(self, family: str, sub: str = "") -> str:
+        return join(self.pretrain(family, sub), COSTS)
 
     def sweep(self, name: str) -> str:
         return self.path("specialize", name)
 
+    def sweep_tune(self, name: str) -> str:
+        return join(self.sweep(name), "tune")
+
+    def sweep_grid(self, name: str) -> str:
+        return join(self.sweep(name), "grid.json")
+
+    def trial(self, sweep: str, key: str) -> str:
+        return join(self.sweep(sweep), "trials", key)
+
+    def results(self, sweep: str, fmt: str = "parquet") -> str:
+        return join(self.sweep(sweep), f"results.{fmt}")
+
     def model(self, domain: str, method: str) -> str:
         return self.path("models", domain, method)
+
+    def models(self, domain: str = "") -> str:
+        return self.path("models", domain) if domain else self.path("models")
+
+    def export(self, domain: str) -> str:
+        return self.path("export", domain)
 
     @property
     def report(self) -> str:
         return self.path("report")
+
+    # ---- run-relative paths ------------------------------------------------------------------
+
+    def relative(self, uri: str) -> str:
+        """``uri`` relative to the run root (what manifests and tables store). A path outside
+        the run is returned unchanged."""
+        root = self.root.rstrip("/")
+        if not is_remote(root) and not is_remote(uri):
+            root_abs, uri_abs = os.path.abspath(root), os.path.abspath(uri)
+            if uri_abs == root_abs:
+                return "."
+            if uri_abs.startswith(root_abs + os.sep):
+                return os.path.relpath(uri_abs, root_abs)
+            return uri
+        if uri.rstrip("/") == root:
+            return "."
+        if uri.startswith(root + "/"):
+            return uri[len(root) + 1:]
+        return uri
+
+    def resolve(self, rel: str) -> str:
+        """A stored run-relative path as a URI of this run (absolute paths/URIs unchanged)."""
+        if not rel or rel == ".":
+            return self.root
+        if is_remote(rel) or os.path.isabs(rel):
+            return rel
+        return self.path(rel)
