@@ -6,7 +6,29 @@ from dataclasses import dataclass, field
 
 from slm.configkit import ConfigError, positive
 
-FAMILIES = ("slm", "llm", "is", "mix", "pn")
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """How a pretraining family is laid out and trained (data only; the behaviour inside the
+    training loop is models/families.py). Code asks these fields, never the family's name."""
+
+    name: str
+    size: str          # "slm" | "llm": the preset it trains (pretrain.slm_size / llm_size)
+    runs: str          # "one" (pretrain/<f>) | "per_expert" (pretrain/<f>/expert-<i>, k_mix) |
+                       # "per_domain" (pretrain/<f>/<domain>, on the domain's resampled set)
+    routed: bool = False  # rows routed by their cluster_k<k_pn> column (a projected network)
+    help: str = ""
+
+
+FAMILY_INFO: dict[str, FamilyInfo] = {f.name: f for f in (
+    FamilyInfo("slm", "slm", "one", help="small LM on the generic corpus"),
+    FamilyInfo("llm", "llm", "one", help="large LM on the generic corpus (reference, teacher)"),
+    FamilyInfo("is", "slm", "per_domain", help="small LM on the generic corpus importance-resampled to a domain"),
+    FamilyInfo("mix", "slm", "per_expert", help="one small LM per generic cluster (k_mix experts)"),
+    FamilyInfo("pn", "slm", "one", routed=True, help="projected network over k_pn clusters"),
+)}
+FAMILIES = tuple(FAMILY_INFO)
 
 # Transformer presets: (layers, d_model, heads, d_ff). paper-* follow paper.md §6 (Table 6).
 SIZES: dict[str, tuple[int, int, int, int]] = {
