@@ -1,7 +1,7 @@
 """Ray Train + DeepSpeed step throughput vs a bare PyTorch loop: same model, data, cores.
 
 Both train the same GPT-2 preset on the same parquet token shards with AdamW and clipping, one
-worker with ``--cpus`` torch threads. The Ray side is the real thing (``models/pretrain.py``
+worker with ``--cpus`` torch threads. The Ray side is the real thing (``models/launch.py``
 ``run_training``: TorchTrainer, DeepSpeed ZeRO-1, Ray Data ingest); its per-step tokens/s come
 from the loop's own TensorBoard log. Steady state: steps after ``--warmup`` only, evaluation and
 checkpoints (once, at the end) excluded on both sides. Target: ratio >= 0.97.
@@ -12,21 +12,28 @@ checkpoints (once, at the end) excluded on both sides. Target: ratio >= 0.97.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from slm.cluster.config import ClusterConfig
+from slm.cluster.ray_env import ray_session
+from slm.layout import RunLayout
+from slm.models.config import ScalingConfig, TrainConfig
+from slm.models.data import open_shards, shard_dataset, valid_dataset
+from slm.models.families import FamilySpec, build_family
+from slm.models.launch import RunSpec, run_training
+from slm.models.loop_config import pretraining_config
+from slm.models.synthetic import windows, write_shards, write_tokenizer
+from slm.models.train import lr_factor
 
 
 def bare_loop(spec, rows: np.ndarray, batch: int, steps: int, warmup: int, threads: int) -> float:
     """Steady-state tokens/s of a plain PyTorch loop on the same family and rows."""
-    from slm.models.families import build_family
-    from slm.models.train import lr_factor
-
     torch.set_num_threads(threads)
     fam = build_family(spec)
     model = fam.build(0)
@@ -48,22 +55,18 @@ def bare_loop(spec, rows: np.ndarray, batch: int, steps: int, warmup: int, threa
     return toks / secs
 
 
-def ray_loop(root: str, spec, recipe, steps: int, warmup: int, cpus: int) -> float:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from slm.models import pretrain as pt
-
-    layout = pt.RunLayout(root)
-    shards = pt.open_shards(layout, "generic", "bench", [], spec.seq_len)
-    train = pt.shard_dataset(shards, seed=0, split="train", fraction=0.02)
-    gb = recipe.pretrain.train.micro_batch
-    valid = pt.valid_dataset(pt.shard_dataset(shards, seed=0, split="valid", fraction=0.02), gb, "v")
-    t = dataclasses.asdict(recipe.pretrain.train) | {"eval_every": steps, "ckpt_every": steps,
-                                                      "eval_batches": 1, "log_every": 10}
-    s = dataclasses.asdict(recipe.pretrain.scaling) | {"cpus_per_worker": float(cpus)}
-    run = pt.RunSpec(name="bench", storage=os.path.join(root, "runs"), family=spec.to_dict(), train=t,
-                     scaling=s, steps=steps, seed=0, data="generic", logger="tensorboard")
-    pt.run_training(run, train, valid)
+def ray_loop(root: str, spec, batch: int, steps: int, warmup: int, cpus: int) -> float:
+    """Steady-state tokens/s of the one training loop (rank 0's TensorBoard log)."""
+    shards = open_shards(RunLayout(root), "generic", "bench", [], spec.seq_len)
+    train = shard_dataset(shards, seed=0, split="train", fraction=0.02)
+    valid = valid_dataset(shard_dataset(shards, seed=0, split="valid", fraction=0.02), batch, "v")
+    # evaluation and the checkpoint once, at the end (excluded from the steady state)
+    t = TrainConfig(micro_batch=batch, lr=3e-3, warmup=2, eval_every=steps, ckpt_every=steps,
+                    eval_batches=1, log_every=10, shuffle_window=1024)
+    loop = pretraining_config(t, spec, steps=steps, seed=0, data="generic", run_name="bench",
+                              storage=os.path.join(root, "runs"), logger="tensorboard")
+    run = RunSpec(loop, ScalingConfig(num_workers=1, cpus_per_worker=float(cpus), max_failures=1))
+    run_training(run, train, valid)
     d = os.path.join(run.run_uri, "tensorboard")
     acc = EventAccumulator(os.path.join(d, os.listdir(d)[0]))
     acc.Reload()
@@ -86,14 +89,6 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096)
     a = ap.parse_args()
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from train_shards import tiny_recipe, windows, write_shards, write_tokenizer
-
-    from slm.cluster.config import ClusterConfig
-    from slm.cluster.ray_env import ray_session
-    from slm.layout import RunLayout
-    from slm.models.families import FamilySpec
-
     root = tempfile.mkdtemp(prefix="slm-bench-train-")
     layout = RunLayout(root)
     write_tokenizer(layout, a.vocab)
@@ -101,13 +96,10 @@ def main() -> None:
     write_shards(layout, "generic", table, rows_per_file=1024)
     rows = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False))
     spec = FamilySpec("slm", a.size, a.vocab, a.seq_len)
-    recipe = tiny_recipe(root)
-    recipe.pretrain.train.micro_batch = a.batch
-    recipe.pretrain.train.shuffle_window = 1024
 
     bare = bare_loop(spec, rows, a.batch, a.steps, a.warmup, a.cpus)
     with ray_session(ClusterConfig(num_cpus=max(2, a.cpus + 1))):
-        ray = ray_loop(root, spec, recipe, a.steps, a.warmup, a.cpus)
+        ray = ray_loop(root, spec, a.batch, a.steps, a.warmup, a.cpus)
     print(f"bare PyTorch      : {bare:10.0f} tokens/s")
     print(f"Ray Train+DeepSpeed: {ray:10.0f} tokens/s")
     print(f"ratio ray/bare     : {ray / bare:.3f} (target >= 0.97)")

@@ -8,7 +8,9 @@ A checkpoint directory (``<storage>/<run>/step=00001200/``) holds what every ran
   marker: a rank that died mid-upload leaves no marker, ray#41700);
 * ``slm_checkpoint.json`` (rank 0): the run's *signature* (model shape, optimisation and data
   settings that must match to resume), the loop state (step, data position, RNG seeds, costs)
-  as plain JSON, and the world size.
+  as plain JSON, and the world size;
+* the final checkpoint only (rank 0): ``export/``, the served model (an HF directory; for a
+  routed family the whole ProjectedLM), and ``costs.json``, the run's measured costs.
 
 Resuming from a checkpoint of another model/config, or a corrupted one, raises a clear
 ``StageError`` before DeepSpeed sees it, instead of a shape mismatch deep in ``load_state_dict``.
@@ -25,10 +27,13 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from slm.errors import StageError
+from slm.layout import COSTS
 from slm.stage import filesystem, join
 
 TAG = "ds"
 RECORD = "slm_checkpoint.json"
+EXPORT_DIR = "export"   # final checkpoint: the served model
+COSTS_FILE = COSTS      # final checkpoint: the run's costs (the same file the run publishes)
 STEP_DIR = re.compile(r"^step=(\d{8})$")
 
 

@@ -8,7 +8,7 @@ A ``FamilySpec`` is plain data (it travels to every Ray Train worker inside the 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,66 +17,59 @@ from torch import nn
 
 from slm.configkit import ConfigError
 
-from .config import FAMILIES
+from .config import FAMILIES, FAMILY_INFO
+from .flops import train_flops, train_flops_per_token
+from .lm import count_params, lm_config, make_lm
+from .losses import lm_loss
+from .projected import ProjectedLM
 
 
 @dataclass(frozen=True)
 class FamilySpec:
     """The data that defines a family's model (JSON-able)."""
 
-    family: str                 # slm | llm | is | mix | pn
-    size: str                   # preset in models.config.SIZES
-    vocab_size: int
-    seq_len: int
-    n_experts: int = 0          # pn: k_pn (rows routed by cluster_k<k>)
-    pn_h: int = 0
-    pn_m: int = 0
+    family: str = field(metadata={"help": "pretraining family (models.config.FAMILY_INFO)"})
+    size: str | tuple[int, int, int, int] = field(metadata={"help": "preset in models.config.SIZES, or (layers, d_model, heads, d_ff)"})
+    vocab_size: int = field(metadata={"help": "tokenizer vocabulary size"})
+    seq_len: int = field(metadata={"help": "tokens per training window"})
+    n_experts: int = field(default=0, metadata={"help": "routed families: clusters the rows are routed by (k_pn; column cluster_k<k>)"})
+    pn_h: int = field(default=0, metadata={"help": "SLM-pn capacity multiplier h"})
+    pn_m: int = field(default=0, metadata={"help": "SLM-pn expert-embedding size m"})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def route_column(self) -> str | None:
-        """Shard column that routes each row (pn only: every row goes to its cluster's expert)."""
-        return f"cluster_k{self.n_experts}" if self.family == "pn" else None
+        """Shard column that routes each row (routed families: every row goes to its cluster's expert)."""
+        info = FAMILY_INFO.get(self.family)
+        return f"cluster_k{self.n_experts}" if info is not None and info.routed else None
 
 
 class LMFamily:
-    """slm, llm, is, mix: a plain GPT-2 LM trained on next-token loss."""
+    """Every family that is not routed (slm, llm, is, mix): a plain GPT-2 LM on next-token loss."""
 
     def __init__(self, spec: FamilySpec):
-        from .lm import lm_config
-
         self.spec = spec
         self.config = lm_config(spec.size, spec.vocab_size, spec.seq_len)
 
     route_column: str | None = None
 
     def build(self, seed: int) -> nn.Module:
-        from .lm import make_lm
-
         return make_lm(self.config, seed=seed)
 
     def loss(self, model: nn.Module, input_ids: torch.Tensor,
              cluster: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        from .losses import lm_loss
-
         return lm_loss(model(input_ids=input_ids).logits, input_ids)
 
     def micro_flops(self, input_ids: torch.Tensor, cluster: torch.Tensor | None) -> float:
         """Model FLOPs of one forward+backward on this micro-batch (flops.py formula)."""
-        from .flops import train_flops
-
         return train_flops("lm", self.config, int(input_ids.numel()), seq_len=self.spec.seq_len)
 
     def flops_per_token(self) -> float:
-        from .flops import train_flops_per_token
-
         return train_flops_per_token(self.config, self.spec.seq_len)
 
     def params(self, model: nn.Module) -> int:
-        from .lm import count_params
-
         return count_params(model)
 
     def export(self, model: nn.Module, out_dir: str) -> None:
@@ -92,8 +85,9 @@ class LMFamily:
 
 
 class PNFamily(LMFamily):
-    """SLM-pn: a ProjectedLM over ``n_experts`` clusters; each row routed by its cluster id.
-    Exported whole (``ProjectedLM.save_pretrained``); ``materialize(i)`` gives expert i."""
+    """A routed family (SLM-pn): a ProjectedLM over ``n_experts`` clusters, each row routed by
+    its cluster id. Exported whole (``ProjectedLM.save_pretrained``); ``materialize(i)`` gives
+    expert i."""
 
     def __init__(self, spec: FamilySpec):
         super().__init__(spec)
@@ -103,22 +97,16 @@ class PNFamily(LMFamily):
         self.route_column = spec.route_column
 
     def build(self, seed: int) -> nn.Module:
-        from .projected import ProjectedLM
-
         return ProjectedLM(self.config, self.spec.n_experts, self.spec.pn_h, self.spec.pn_m, seed=seed)
 
     def loss(self, model: nn.Module, input_ids: torch.Tensor,
              cluster: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        from .losses import lm_loss
-
         if cluster is None:
             raise ConfigError("family pn needs a cluster column in the batch")
         return lm_loss(model(input_ids=input_ids, cluster=cluster).logits, input_ids)
 
     def micro_flops(self, input_ids: torch.Tensor, cluster: torch.Tensor | None) -> float:
         """Dense FLOPs + materialising the experts present in this micro-batch (measured)."""
-        from .flops import train_flops
-
         present = int(torch.unique(cluster).numel()) if cluster is not None else 1
         return train_flops("pn", self.config, int(input_ids.numel()), seq_len=self.spec.seq_len,
                            pn_h=self.spec.pn_h, pn_m=self.spec.pn_m, steps=1,
@@ -130,8 +118,6 @@ class PNFamily(LMFamily):
     def export(self, model: nn.Module, out_dir: str) -> None:
         """Saved from a fresh copy: DeepSpeed's ZeRO keeps parameters as views of one flat
         buffer, which safetensors refuses to save as separate tensors."""
-        from .projected import ProjectedLM
-
         copy = ProjectedLM(model.config, model.n_experts, model.h, model.m)
         copy.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
         copy.save_pretrained(Path(out_dir))
@@ -142,9 +128,10 @@ class PNFamily(LMFamily):
 
 
 def build_family(spec: FamilySpec | dict[str, Any]) -> LMFamily:
-    """The behaviour object for a family spec (on the worker)."""
+    """The behaviour object for a family spec (on the worker): a routed family trains a
+    projected network, every other one a plain LM."""
     if isinstance(spec, dict):
         spec = FamilySpec(**spec)
     if spec.family not in FAMILIES:
         raise ConfigError(f"unknown family '{spec.family}'; known: {', '.join(FAMILIES)}")
-    return PNFamily(spec) if spec.family == "pn" else LMFamily(spec)
+    return PNFamily(spec) if FAMILY_INFO[spec.family].routed else LMFamily(spec)

@@ -36,8 +36,11 @@ import time
 import torch
 from transformers import GPT2Config
 
-LM_KINDS = ("lm", "slm", "llm", "is", "mix")  # plain GPT-2 training (any family but pn)
-PN_KINDS = ("pn",)
+from .config import FAMILY_INFO
+
+# Model kinds: "lm" or a family name; a routed family trains a projected network ("pn")
+LM_KINDS = ("lm",) + tuple(f for f, info in FAMILY_INFO.items() if not info.routed)
+PN_KINDS = tuple(f for f, info in FAMILY_INFO.items() if info.routed)
 
 # Dense peak FLOP/s per device, from vendor datasheets (no sparsity). Keys: device family, then
 # precision. H200 has the H100 SXM compute die (more/faster memory only).

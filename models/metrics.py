@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from slm.errors import SlmError
 from slm.stage import filesystem, is_remote, join
 
@@ -89,6 +91,8 @@ class MetricLogger:
         self._local_tb = None
         self._mlflow = None
         self._wandb = None
+        # The sinks' packages are imported only when chosen: tensorboard, mlflow and wandb are
+        # optional extras (pyproject's `logging`), not dependencies.
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -132,8 +136,6 @@ class MetricLogger:
             return
         self._tb.flush()
         if self._local_tb:
-            import pyarrow.fs as pafs
-
             fs, path = filesystem(join(self.run_dir, "tensorboard"))
             fs.create_dir(path, recursive=True)
             pafs.copy_files(self._local_tb, path, destination_filesystem=fs)
@@ -184,14 +186,3 @@ class Progress:
         parts.append(f"MFU {100 * metrics['perf/mfu']:.2f}%")
         parts.append(f"ETA {_fmt_eta(eta)}")
         print(" | ".join(parts), flush=True)
-
-
-def env_logger_ok(kind: str) -> bool:
-    """Whether the chosen logger can run here (used by pretrain() to fail before training)."""
-    if kind in ("none", "tensorboard"):
-        return True
-    import importlib.util
-
-    return importlib.util.find_spec(kind) is not None
-
-

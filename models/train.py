@@ -1,9 +1,13 @@
-"""The one training loop, run by Ray Train's ``TorchTrainer`` on every worker, for every family.
+"""The one training loop, run by Ray Train's ``TorchTrainer`` on every worker, for every family
+and for specialization: a ``Trainer`` built from a ``TrainLoopConfig`` (models/loop_config.py).
 
-A family differs only by its ``FamilySpec`` (models/families.py). The loop drives DeepSpeed
-directly (``deepspeed.initialize``; Ray has set up the process group: gloo on CPU, NCCL on GPU):
-AdamW, linear warm-up + cosine decay, gradient clipping and accumulation (DeepSpeed's), periodic
-evaluation on held-out windows, checkpoints through ``ray.train.report`` and exact resume.
+The loop reads: restore → steps → hooks. ``Trainer.fit`` restores the engine and loop state
+from the latest checkpoint, then runs optimizer steps; after each step its hooks
+(models/hooks.py) meter costs, evaluate, stop early, log and checkpoint, and its loss hook is
+the family's loss or SLM-d's distillation. A family differs only by its ``FamilySpec``
+(models/families.py). DeepSpeed is driven directly (``deepspeed.initialize``; Ray has set up the
+process group: gloo on CPU, NCCL on GPU): AdamW, linear warm-up + cosine decay, gradient clipping
+and accumulation (DeepSpeed's), checkpoints through ``ray.train.report`` and exact resume.
 
 Data order (why a resumed run sees the same batches): every worker iterates the *whole*
 ``train`` dataset (it is not split; the driver fixes its row order: files in an order seeded by
@@ -15,44 +19,29 @@ function of (seed, epoch) only, so the data position is two integers (epoch, glo
 done in it) and the same rows make a step whatever the world size: 2 workers × accumulation 1
 see exactly what 1 worker × accumulation 2 sees. Reading the whole stream on every worker costs
 I/O of tokens (cheap next to the model's FLOPs) and buys that determinism.
-
-Config keys (a dict, built by models/pretrain.py ``loop_config``): ``family`` (FamilySpec
-dict), ``train`` (TrainConfig dict), ``steps``, ``seed``, ``data`` (a name recorded in the
-checkpoint signature), ``run_name``, ``run_uri`` (the run's storage directory, for TensorBoard),
-``logger``, and optional ``stop_at`` (end this attempt at that step after a checkpoint; the run
-continues when re-submitted) and ``pid_dir`` (each worker writes ``rank<r>.pid`` there: lets
-operators, and the fault-tolerance test, find the worker processes).
-
-Specialization (tune/finetune.py) sets optional keys; absent, pretraining is unchanged:
-``init_from`` (a local HF directory whose weights replace the fresh initialisation; same
-shape), ``patience`` (> 0: evaluate before the first step and every ``eval_every`` steps; stop
-after ``patience`` evaluations without a better valid loss; the final checkpoint and export hold
-the best-valid weights, reported as ``valid/best_loss`` / ``valid/best_step``; every evaluation
-is also reported without a checkpoint, so a Tune scheduler sees it), ``kd_teacher`` (a local HF
-directory) with ``kd_weight`` / ``kd_temperature`` (SLM-d: ``losses.kd_loss`` against the
-teacher's next-token distributions; the teacher's forward FLOPs are counted).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Iterator
 
+import deepspeed
 import numpy as np
+import ray.train
 import torch
+from transformers import AutoModelForCausalLM
 
 from slm.errors import InputError
 
 from . import checkpoint as ckpt
-from .families import build_family
-from .metrics import Costs, MetricLogger, Progress
-
-EXPORT_DIR = "export"        # inside the final checkpoint: the HF directory of the served model
-COSTS_FILE = "costs.json"
+from .families import LMFamily, build_family
+from .flops import device_peak_flops, mfu
+from .hooks import hooks_for, loss_hook
+from .loop_config import TrainLoopConfig
+from .metrics import Costs
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,36 +86,35 @@ def global_batches(shard, *, seed: int, epoch: int, global_rows: int, window_row
             index += 1
 
 
-def deepspeed_config(train: dict[str, Any], world_size: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainLoopConfig, world_size: int, bf16: bool) -> dict[str, Any]:
+    d = cfg.data
     return {
-        "train_micro_batch_size_per_gpu": train["micro_batch"],
-        "gradient_accumulation_steps": train["grad_accum"],
-        "train_batch_size": train["micro_batch"] * train["grad_accum"] * world_size,
-        "gradient_clipping": train["clip"],
-        "zero_optimization": {"stage": train["zero_stage"]},
+        "train_micro_batch_size_per_gpu": d.micro_batch,
+        "gradient_accumulation_steps": d.grad_accum,
+        "train_batch_size": d.micro_batch * d.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**12,  # our own progress lines instead
         "wall_clock_breakdown": False,
     }
 
 
-def signature(config: dict[str, Any], family, world_size: int, precision: str) -> dict[str, Any]:
+def signature(cfg: TrainLoopConfig, family: LMFamily, world_size: int, precision: str) -> dict[str, Any]:
     """What a checkpoint must share with this run to be resumed (see checkpoint.py)."""
-    t = config["train"]
-    return {**family.shape(), "seq_len": family.spec.seq_len, "seed": config["seed"],
-            "steps": config["steps"], "data": config.get("data", ""), "lr": t["lr"],
-            "warmup": t["warmup"], "min_lr_ratio": t["min_lr_ratio"],
-            "weight_decay": t["weight_decay"], "clip": t["clip"],
-            "global_batch": t["micro_batch"] * t["grad_accum"] * world_size,
-            "micro_batch": t["micro_batch"], "zero_stage": t["zero_stage"],
+    d, o = cfg.data, cfg.optim
+    return {**family.shape(), "seq_len": family.spec.seq_len, "seed": cfg.seed,
+            "steps": cfg.schedule.steps, "data": d.name, "lr": o.lr,
+            "warmup": o.warmup, "min_lr_ratio": o.min_lr_ratio,
+            "weight_decay": o.weight_decay, "clip": o.clip,
+            "global_batch": d.micro_batch * d.grad_accum * world_size,
+            "micro_batch": d.micro_batch, "zero_stage": cfg.engine.zero_stage,
             "world_size": world_size, "precision": precision,
-            "shuffle_window": t["shuffle_window"]}
+            "shuffle_window": d.shuffle_window}
 
 
 def load_init(model: torch.nn.Module, directory: str) -> torch.nn.Module:
     """Load a saved HF model's weights into the freshly built ``model`` (strict: same shape)."""
-    from transformers import AutoModelForCausalLM
-
     init = AutoModelForCausalLM.from_pretrained(directory)
     try:
         model.load_state_dict(init.state_dict(), strict=True)
@@ -136,261 +124,187 @@ def load_init(model: torch.nn.Module, directory: str) -> torch.nn.Module:
     return model
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
+def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return t.tolist()
 
 
-# --------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------
+class RankData:
+    """This rank's view of the run's datasets: the (seed, epoch) order of global batches, its
+    micro-batch slices of each, and the held-out batches."""
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function (see the module docstring for the config keys)."""
-    import deepspeed
-    import ray.train
+    def __init__(self, cfg: TrainLoopConfig, rank: int, world: int, routed: bool, device: torch.device):
+        d = cfg.data
+        self.seed, self.rank, self.routed, self.device = cfg.seed, rank, routed, device
+        self.micro, self.accum = d.micro_batch, d.grad_accum
+        self.global_rows = d.micro_batch * d.grad_accum * world
+        self.window_rows = max(d.shuffle_window // self.global_rows, 1) * self.global_rows
+        self.train = ray.train.get_dataset_shard("train")
+        self.valid = ray.train.get_dataset_shard("valid")
 
-    from .flops import device_peak_flops
+    def epoch(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        return global_batches(self.train, seed=self.seed, epoch=epoch, global_rows=self.global_rows,
+                              window_rows=self.window_rows, skip=skip, route_column=self.routed)
 
-    # ---- Context: rank, device, precision ----------------------------------------------------
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    t = config["train"]
-    seed, total = int(config["seed"]), int(config["steps"])
-    stop_at = min(int(config.get("stop_at") or total), total)
-    use_gpu = torch.cuda.is_available()
-    precision = t["precision"] if t["precision"] != "auto" else ("bf16" if use_gpu else "fp32")
-    if config.get("pid_dir"):
-        os.makedirs(config["pid_dir"], exist_ok=True)
-        with open(os.path.join(config["pid_dir"], f"rank{rank}.pid"), "w") as f:
-            f.write(str(os.getpid()))
+    def valid_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        # every held-out window counts (small domain valid splits): the last, partial global
+        # batch leaves some ranks' micro-batches short or empty
+        return self.valid.iter_torch_batches(batch_size=self.global_rows, dtypes=torch.long,
+                                             drop_last=False)
 
-    # ---- Model, optimizer, schedule: DeepSpeed engine ----------------------------------------
-    family = build_family(config["family"])
-    model = family.build(seed)          # same seed on every rank: identical initial weights
-    if config.get("init_from"):         # specialization: start from a pretrained model
-        model = load_init(model, config["init_from"])
-    params = family.params(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t["warmup"], total, t["min_lr_ratio"]))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(t, world, precision == "bf16"), dist_init_required=False)
-    device = engine.device
-    sig = signature(config, family, world, precision)
+    def rows(self, batch: dict[str, torch.Tensor], lo: int, hi: int):
+        ids = batch["input_ids"][lo:hi].to(self.device)
+        return ids, (batch["cluster"][lo:hi].to(self.device) if self.routed else None)
 
-    # ---- Resume: engine state + loop state from the latest reported checkpoint ---------------
-    step, epoch, batch_in_epoch = 0, 0, 0
-    costs = Costs(params=params, flops_per_token=family.flops_per_token(), world_size=world,
-                  device=str(device.type))
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state = ckpt.load(engine, d, sig)
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        costs = Costs.from_json(state["costs"])
-    costs.attempts += 1
-    start_step = step
-
-    # ---- Logging (rank 0) ---------------------------------------------------------------------
-    logger = MetricLogger(config.get("logger", "none"), config["run_uri"], config["run_name"],
-                          {"family": config["family"], **t, "steps": total, "seed": seed}) \
-        if rank == 0 else None
-    progress = Progress(config["run_name"], total, start_step, t["log_every"])
-    peak = device_peak_flops(device, "bf16" if precision == "bf16" else "fp32")
-
-    # ---- Data ---------------------------------------------------------------------------------
-    mb, accum = t["micro_batch"], t["grad_accum"]
-    global_rows = mb * accum * world
-    window_rows = max(t["shuffle_window"] // global_rows, 1) * global_rows
-    routed = family.route_column is not None
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
-
-    def epoch_batches(e: int, skip: int):
-        return global_batches(train_shard, seed=seed, epoch=e, global_rows=global_rows,
-                              window_rows=window_rows, skip=skip, route_column=routed)
-
-    def my_micro_batches(batch: dict[str, torch.Tensor]):
+    def micro_batches(self, batch: dict[str, torch.Tensor]):
         """(global micro index, input_ids, cluster) of this rank's slice of a global batch."""
-        for m in range(accum):
-            lo = (rank * accum + m) * mb
-            ids = batch["input_ids"][lo:lo + mb].to(device)
-            cl = batch["cluster"][lo:lo + mb].to(device) if routed else None
-            yield rank * accum + m, ids, cl
+        for m in range(self.accum):
+            lo = (self.rank * self.accum + m) * self.micro
+            yield (self.rank * self.accum + m, *self.rows(batch, lo, lo + self.micro))
 
-    # ---- Evaluation on the held-out windows -----------------------------------------------------
-    def evaluate() -> float:
-        engine.eval()
+
+# --------------------------------------------------------------------------------------------
+# The Trainer
+# --------------------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run on one Ray Train worker: the DeepSpeed engine, this rank's data, the
+    loop state (step, data position, costs) and the hooks."""
+
+    def __init__(self, cfg: TrainLoopConfig):
+        ctx = ray.train.get_context()
+        self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
+        self.total = cfg.schedule.steps
+        self.stop_at = min(cfg.schedule.stop_at or self.total, self.total)
+        self.precision = cfg.engine.resolved_precision(torch.cuda.is_available())
+        if cfg.pid_dir:
+            os.makedirs(cfg.pid_dir, exist_ok=True)
+            with open(os.path.join(cfg.pid_dir, f"rank{self.rank}.pid"), "w") as f:
+                f.write(str(os.getpid()))
+        self.family = build_family(cfg.model)
+        model = self.family.build(cfg.seed)  # same seed on every rank: identical initial weights
+        if cfg.init_from:                     # specialization: start from a pretrained model
+            model = load_init(model, cfg.init_from)
+        params = self.family.params(model)   # before ZeRO partitions the parameters
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, o.warmup, self.total, o.min_lr_ratio))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
+            config=deepspeed_config(cfg, self.world, self.precision == "bf16"), dist_init_required=False)
+        self.signature = signature(cfg, self.family, self.world, self.precision)
+        self.peak = device_peak_flops(self.engine.device, "bf16" if self.precision == "bf16" else "fp32")
+        self.data = RankData(cfg, self.rank, self.world, self.family.route_column is not None,
+                             self.engine.device)
+        self.loss = loss_hook(cfg, self.family, self.engine.device)
+        self.hooks = hooks_for(cfg, self.rank)
+        self.step = self.epoch = self.batch_in_epoch = self.start_step = 0
+        self.costs = Costs(params=params, flops_per_token=self.family.flops_per_token(),
+                           world_size=self.world, device=str(self.engine.device.type))
+        self.stopping = False
+        self.step_cost = (0, 0.0, 0.0)  # the last step's (tokens, seconds, FLOPs of all workers)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """restore → steps → hooks."""
+        self.restore()
+        if self.step >= self.total:  # a re-submitted run whose driver died before publishing
+            ray.train.report({"step": self.step, "finished": 1.0})
+        else:
+            self.engine.train()
+            self.call("on_start")
+            while self.step < self.stop_at and not self.stopping:
+                metrics = self.train_step()
+                self.call("on_step", metrics)
+        self.call("on_end")
+
+    def restore(self) -> None:
+        """Engine and loop state from the latest reported checkpoint, if any."""
+        resumed = ray.train.get_checkpoint()
+        if resumed is not None:
+            with resumed.as_directory() as d:
+                state = ckpt.load(self.engine, d, self.signature)
+            self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            self.costs = Costs.from_json(state["costs"])
+        self.start_step = self.step
+        self._batches = self.data.epoch(self.epoch, self.batch_in_epoch)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on this rank's micro-batches of the next global batch."""
+        t0, batch = self.next_batch()
+        self.step += 1
+        loss_sum, flops = 0.0, 0.0
+        for gm, ids, cl in self.data.micro_batches(batch):
+            torch.manual_seed(micro_seed(self.cfg.seed, self.step, gm))
+            loss = self.loss(self.engine, ids, cl)
+            self.engine.backward(loss)  # DeepSpeed scales by 1/grad_accum
+            self.engine.step()          # optimizer + LR step at the accumulation boundary
+            loss_sum += float(loss.detach())
+            flops += self.loss.flops(ids, cl)
+        lr = self.scheduler.get_last_lr()[0]
+        mean_loss, flops = all_reduce_sum([loss_sum / self.data.accum, flops])
+        self.batch_in_epoch += 1
+        seconds = time.perf_counter() - t0
+        tokens = self.data.global_rows * batch["input_ids"].shape[1]
+        self.step_cost = (tokens, seconds, flops)
+        return {"train/loss": mean_loss / self.world, "train/lr": lr, "perf/step_seconds": seconds,
+                "perf/tokens_per_s": tokens / seconds, "perf/mfu": mfu(flops, seconds, self.world, self.peak)}
+
+    # ---- what the hooks use --------------------------------------------------------------------
+
+    def next_batch(self) -> tuple[float, dict[str, torch.Tensor]]:
+        """(start time, the next global batch); an epoch's end starts the next (seed, epoch) order."""
+        while True:
+            t0 = time.perf_counter()
+            batch = next(self._batches, None)
+            if batch is not None:
+                return t0, batch
+            if self.batch_in_epoch == 0:
+                raise InputError(f"the training data of run '{self.cfg.logging.run_name}' holds "
+                                 f"fewer than one global batch ({self.data.global_rows} rows); add "
+                                 "data or lower pretrain.train.micro_batch / grad_accum / num_workers")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._batches = self.data.epoch(self.epoch, 0)
+
+    def evaluate(self) -> float:
+        """Mean loss over every held-out window (all ranks)."""
+        self.engine.eval()
         sums = [0.0, 0.0]
         with torch.no_grad():
-            # every held-out window counts (small domain valid splits): the last, partial
-            # global batch leaves some ranks' micro-batches short or empty
-            for batch in valid_shard.iter_torch_batches(batch_size=global_rows, dtypes=torch.long,
-                                                        drop_last=False):
-                for _, ids, cl in my_micro_batches(batch):
+            for batch in self.data.valid_batches():
+                for _, ids, cl in self.data.micro_batches(batch):
                     empty = ids.shape[0] == 0
                     if empty:  # still run a forward: ZeRO-3 gathers weights collectively
-                        ids = batch["input_ids"][:1].to(device)
-                        cl = batch["cluster"][:1].to(device) if routed else None
-                    loss, n = family.loss(engine, ids, cl)
+                        ids, cl = self.data.rows(batch, 0, 1)
+                    loss, n = self.family.loss(self.engine, ids, cl)
                     if not empty:
                         sums[0] += float(loss) * n
                         sums[1] += n
-        engine.train()
-        total_loss, total_n = _all_reduce_sum(sums)
+        self.engine.train()
+        total_loss, total_n = all_reduce_sum(sums)
         return total_loss / max(total_n, 1)
 
-    # ---- Specialization extras: KD teacher, early stopping on valid (off in pretraining) -------
-    teacher, teacher_fpt = None, 0.0
-    kd_weight, kd_temperature = float(config.get("kd_weight", 0.0)), float(config.get("kd_temperature", 1.0))
-    if config.get("kd_teacher"):
-        from transformers import AutoModelForCausalLM
+    @property
+    def final(self) -> bool:
+        """This step ends the run (its last step, or early stopping): the checkpoint exports."""
+        return self.step == self.total or self.stopping
 
-        from .flops import inference_flops_per_token
-        from .losses import kd_loss
+    def state(self) -> dict[str, Any]:
+        """The loop state a checkpoint carries (JSON-able)."""
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "rng": {"scheme": "torch.manual_seed(micro_seed(seed, step, global_micro))",
+                        "seed": self.cfg.seed},
+                "costs": self.costs.to_json()}
 
-        teacher = AutoModelForCausalLM.from_pretrained(config["kd_teacher"]).to(device).eval()
-        teacher_fpt = inference_flops_per_token(teacher.config, family.spec.seq_len)
+    def call(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
 
-    def train_loss(ids: torch.Tensor, cl: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        if teacher is None:
-            return family.loss(engine, ids, cl)
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids).logits
-        return kd_loss(engine(input_ids=ids).logits, teacher_logits, ids, kd_weight,
-                       kd_temperature), int(ids.numel())
 
-    patience = int(config.get("patience") or 0)
-    best = {"loss": math.inf, "step": -1, "state": None, "bad": 0}
-    history: list[list[float]] = []
-
-    def track_best(valid_loss: float) -> bool:
-        """Record an evaluation; keep the best weights (CPU copy); True when patience ran out."""
-        history.append([step, valid_loss])
-        if valid_loss < best["loss"]:
-            best.update(loss=valid_loss, step=step, bad=0,
-                        state={k: v.detach().to("cpu", copy=True)
-                               for k, v in engine.module.state_dict().items()})
-        else:
-            best["bad"] += 1
-        costs.extra["valid_history"] = history
-        return best["bad"] >= patience
-
-    def best_metrics() -> dict[str, float]:
-        return {"valid/best_loss": best["loss"], "valid/best_step": float(best["step"])}
-
-    # ---- Checkpoint: every rank saves its shards, then every rank reports (a barrier) ---------
-    def save_and_report(metrics: dict[str, float], final: bool) -> None:
-        t0 = time.perf_counter()
-        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "rng": {"scheme": "torch.manual_seed(micro_seed(seed, step, global_micro))",
-                         "seed": seed},
-                 "costs": costs.to_json()}
-        d = tempfile.mkdtemp(prefix=f"slm-ckpt-{rank}-")
-        try:
-            ckpt.save(engine, d, rank=rank, world_size=world, signature=sig, state=state)
-            if final:
-                export(d)
-            if logger is not None:
-                logger.flush()
-            costs.checkpoint_seconds += time.perf_counter() - t0
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=ckpt.step_dir_name(step))
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-
-    def export(d: str) -> None:
-        """Final checkpoint only: rank 0 adds the served model (HF dir) and the costs."""
-        import json
-
-        def write():
-            if rank == 0:
-                family.export(engine.module, os.path.join(d, EXPORT_DIR))
-                with open(os.path.join(d, COSTS_FILE), "w") as f:
-                    json.dump(costs.to_json(), f, indent=2, sort_keys=True)
-
-        if t["zero_stage"] == 3:  # parameters are partitioned: gather them on every rank
-            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-                write()
-        else:
-            write()
-
-    # ---- Already finished (a re-submitted run whose driver died before publishing) ------------
-    if step >= total:
-        ray.train.report({"step": step, "finished": 1.0})
-        if logger is not None:
-            logger.close()
-        return
-
-    # ---- Training ------------------------------------------------------------------------------
-    engine.train()
-    batches = epoch_batches(epoch, batch_in_epoch)
-    metrics: dict[str, float] = {}
-    if patience and step == 0:  # the starting model is a candidate: fine-tuning may not help
-        track_best(evaluate())
-    stopping = False
-    while step < stop_at:
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:                           # epoch done: next (seed, epoch) order
-            if batch_in_epoch == 0:
-                raise InputError(f"the training data of run '{config['run_name']}' holds fewer "
-                                 f"than one global batch ({global_rows} rows); add data or lower "
-                                 "pretrain.train.micro_batch / grad_accum / num_workers")
-            epoch, batch_in_epoch = epoch + 1, 0
-            batches = epoch_batches(epoch, 0)
-            continue
-        step += 1
-        loss_sum, flops = 0.0, 0.0
-        for gm, ids, cl in my_micro_batches(batch):
-            torch.manual_seed(micro_seed(seed, step, gm))
-            loss, _ = train_loss(ids, cl)
-            engine.backward(loss)                   # DeepSpeed scales by 1/grad_accum
-            engine.step()                           # optimizer + LR step at the accumulation boundary
-            loss_sum += float(loss.detach())
-            flops += family.micro_flops(ids, cl) + teacher_fpt * ids.numel()
-        lr = scheduler.get_last_lr()[0]
-        mean_loss, flops = _all_reduce_sum([loss_sum / accum, flops])
-        mean_loss /= world
-        batch_in_epoch += 1
-        seconds = time.perf_counter() - t0
-        tokens = global_rows * batch["input_ids"].shape[1]
-        costs.add_step(tokens, seconds, flops)
-        metrics = {"train/loss": mean_loss, "train/lr": lr, "perf/step_seconds": seconds,
-                   "perf/tokens_per_s": tokens / seconds,
-                   "perf/mfu": float("nan") if peak is None else flops / (seconds * world * peak),
-                   "cost/flops": costs.flops, "cost/device_seconds": costs.device_seconds,
-                   "cost/tokens": float(costs.tokens)}
-
-        # ---- Evaluation ------------------------------------------------------------------------
-        if step % t["eval_every"] == 0 or step == total:
-            te = time.perf_counter()
-            metrics["valid/loss"] = evaluate()
-            costs.eval_device_seconds += (time.perf_counter() - te) * world
-            if patience:
-                stopping = track_best(metrics["valid/loss"])
-                metrics.update(best_metrics())
-
-        # ---- Logging (rank 0) -------------------------------------------------------------------
-        if logger is not None:
-            logger.log(metrics, step)
-            progress.maybe_print(step, metrics)
-
-        # ---- Checkpoint ------------------------------------------------------------------------
-        final = step == total or stopping
-        if patience and final and best["state"] is not None:
-            engine.module.load_state_dict(best["state"])  # the exported model is the best-valid one
-        if step % t["ckpt_every"] == 0 or step == stop_at or stopping:
-            save_and_report({"step": step, "epoch": epoch, **metrics, "start_step": start_step,
-                             "attempts": costs.attempts}, final=final)
-        elif patience and "valid/loss" in metrics:
-            ray.train.report({"step": step, **metrics})  # progress for Tune (ASHA), no checkpoint
-        if stopping:
-            break
-
-    if logger is not None:
-        logger.close()
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function: ``config`` is ``TrainLoopConfig.to_dict()``."""
+    Trainer(TrainLoopConfig.from_dict(config)).fit()

@@ -12,11 +12,15 @@ import subprocess
 import sys
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spec_run import build_tiny_run
 
 from slm.config import dump_recipe
-from slm.models.pretrain import pretrain
+from slm.models.flops import train_flops_per_token
+from slm.models.lm import lm_config
+from slm.models.pretrain import _parallel_experts, pretrain
+from slm.models.projected import ProjectedLM
 
 COST_KEYS = {"flops", "device_seconds", "tokens", "steps", "params"}
 
@@ -28,8 +32,6 @@ def run(ray_local, tmp_path_factory):
 
 
 def _vocab(root: str) -> int:
-    from transformers import AutoTokenizer
-
     return len(AutoTokenizer.from_pretrained(os.path.join(root, "data", "tokenizer")))
 
 
@@ -41,8 +43,6 @@ def _costs(path: str) -> dict:
 
 
 def test_slm_and_llm_publish_hf_models_and_are_not_retrained(run):
-    from transformers import AutoModelForCausalLM
-
     root, recipe = run
     p, seq = recipe.pretrain, recipe.data.seq_len
     for fam, width in (("slm", 32), ("llm", 128)):   # the recipe's sizes: tiny, demo-slm
@@ -73,8 +73,6 @@ def test_cli_pretrain_on_a_finished_run_and_on_missing_data(run, tmp_path):
 
 
 def test_is_trains_one_model_per_domain(run):
-    from transformers import AutoModelForCausalLM
-
     root, recipe = run
     out = pretrain(recipe, "is")
     final = os.path.join(root, "pretrain", "is", "numeric", "final")
@@ -84,15 +82,14 @@ def test_is_trains_one_model_per_domain(run):
     assert c["steps"] == recipe.pretrain.steps["is"]
     rec = json.load(open(os.path.join(final, "manifest.json")))
     assert rec["config"]["data"] == f"is-k{recipe.kmeans.k_is}-numeric"   # the resampled set
+    # the checkpoint it was exported from, stored relative to the run
+    assert rec["checkpoint"].startswith("pretrain/is/numeric/step=")
+    assert os.path.isdir(os.path.join(root, rec["checkpoint"]))
     total = _costs(os.path.join(root, "pretrain", "is", "costs.json"))
     assert total["flops"] == c["flops"]
 
 
 def test_mix_trains_k_experts_in_parallel_on_their_clusters(run):
-    from transformers import AutoModelForCausalLM
-
-    from slm.models.pretrain import _parallel_experts
-
     root, recipe = run
     assert _parallel_experts(recipe, [0, 1]) == 2   # 0.5 CPU each on 2 CPUs, 1 left for data
     out = pretrain(recipe, "mix")
@@ -111,10 +108,6 @@ def test_mix_trains_k_experts_in_parallel_on_their_clusters(run):
 
 
 def test_pn_trains_a_projected_model_routed_by_cluster(run):
-    from slm.models.flops import train_flops_per_token
-    from slm.models.lm import lm_config
-    from slm.models.projected import ProjectedLM
-
     root, recipe = run
     pretrain(recipe, "pn")
     final = os.path.join(root, "pretrain", "pn", "final")

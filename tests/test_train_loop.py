@@ -19,12 +19,19 @@ import threading
 import time
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_shards import make_run, tiny_recipe  # noqa: E402
 
-from slm.models import pretrain as pt  # noqa: E402
+from slm.configkit import ConfigError  # noqa: E402
+
+from slm.models import data as md  # noqa: E402
+from slm.models import launch  # noqa: E402
 from slm.models.families import FamilySpec  # noqa: E402
+from slm.models.flops import train_flops_per_token  # noqa: E402
+from slm.models.lm import lm_config  # noqa: E402
+from slm.models.loop_config import DistillationSection, TrainLoopConfig, pretraining_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,26 +40,27 @@ def env(ray_local, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("loop"))
     layout = make_run(root)
     recipe = tiny_recipe(root)
-    shards = pt.open_shards(layout, "generic", "tiny", [], recipe.data.seq_len)
+    shards = md.open_shards(layout, "generic", "tiny", [], recipe.data.seq_len)
     kw = dict(seed=0, fraction=recipe.pretrain.valid_fraction)
-    train = pt.shard_dataset(shards, split="train", **kw)
-    valid = pt.valid_dataset(pt.shard_dataset(shards, split="valid", **kw), 16, "generic")
+    train = md.shard_dataset(shards, split="train", **kw)
+    valid = md.valid_dataset(md.shard_dataset(shards, split="valid", **kw), 16, "generic")
     return {"root": root, "recipe": recipe, "train": train, "valid": valid}
 
 
-def spec(env, name: str, steps: int, scaling: dict | None = None, **train) -> pt.RunSpec:
+def spec(env, name: str, steps: int, scaling: dict | None = None, *, stop_at: int = 0,
+         pid_dir: str = "", **train) -> launch.RunSpec:
     r = env["recipe"]
-    t = dataclasses.asdict(r.pretrain.train) | train
-    s = dataclasses.asdict(r.pretrain.scaling) | (scaling or {})
+    t = dataclasses.replace(r.pretrain.train, **train)
+    s = dataclasses.replace(r.pretrain.scaling, **(scaling or {}))
     fam = FamilySpec("slm", "tiny", 128, r.data.seq_len)
-    return pt.RunSpec(name=name, storage=os.path.join(env["root"], "runs"), family=fam.to_dict(),
-                      train=t, scaling=s, steps=steps, seed=0, data="generic", logger="tensorboard")
+    loop = pretraining_config(t, fam, steps=steps, seed=0, data="generic", run_name=name,
+                              storage=os.path.join(env["root"], "runs"), logger="tensorboard")
+    loop.schedule.stop_at, loop.pid_dir = stop_at, pid_dir
+    return launch.RunSpec(loop, s)
 
 
 def tb_losses(run_uri: str) -> dict[int, float]:
     """train/loss per step from the run's TensorBoard event files (rank 0 logs every step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     out = {}
     d = os.path.join(run_uri, "tensorboard")
     for f in sorted(os.listdir(d)):
@@ -62,17 +70,32 @@ def tb_losses(run_uri: str) -> dict[int, float]:
     return out
 
 
-def test_resume_is_exact_and_costs_follow_the_formula(env):
-    from slm.models.flops import train_flops_per_token
-    from slm.models.lm import lm_config
+def test_loop_config_round_trips_and_refuses_unknown_keys(tmp_path):
+    """What crosses the Ray boundary is the typed config as a dict; the worker rebuilds it."""
+    r = tiny_recipe(str(tmp_path))
+    cfg = pretraining_config(r.pretrain.train, FamilySpec("pn", "tiny", 128, 16, 2, 2, 2), steps=8,
+                             seed=3, data="generic", run_name="x", storage=str(tmp_path))
+    cfg.distillation = DistillationSection(teacher="/t", weight=0.25, temperature=2.0)
+    back = TrainLoopConfig.from_dict(cfg.to_dict())
+    assert back == cfg and isinstance(back.distillation, DistillationSection)
+    assert back.model.route_column == "cluster_k2" and back.logging.run_uri == str(tmp_path / "x")
+    assert TrainLoopConfig.from_dict({**cfg.to_dict(), "distillation": None}).distillation is None
+    bad = cfg.to_dict()
+    bad["schedule"]["eval_evry"] = 4
+    with pytest.raises(ConfigError, match=r"unknown train loop config key 'schedule.eval_evry'"):
+        TrainLoopConfig.from_dict(bad)
+    with pytest.raises(ConfigError, match=r"key 'patiense'"):
+        TrainLoopConfig.from_dict({**cfg.to_dict(), "patiense": 2})
 
-    full = pt.run_training(spec(env, "full", 8), env["train"], env["valid"])
+
+def test_resume_is_exact_and_costs_follow_the_formula(env):
+    full = launch.run_training(spec(env, "full", 8), env["train"], env["valid"])
     assert full["finished"] and full["metrics"]["step"] == 8
 
     s = spec(env, "split", 8)
-    first = pt.run_training(dataclasses.replace(s, stop_at=4), env["train"], env["valid"])
+    first = launch.run_training(spec(env, "split", 8, stop_at=4), env["train"], env["valid"])
     assert not first["finished"] and first["metrics"]["step"] == 4
-    second = pt.run_training(s, env["train"], env["valid"])
+    second = launch.run_training(s, env["train"], env["valid"])
     assert second["finished"] and second["metrics"]["start_step"] == 4
     assert second["metrics"]["attempts"] == 2
     # same loss at step 8 (and at every step before) as the uninterrupted run
@@ -97,8 +120,8 @@ def test_resume_is_exact_and_costs_follow_the_formula(env):
 def test_two_workers_match_one_worker_with_accumulation(env):
     one = spec(env, "w1-acc2", 6, grad_accum=2)
     two = spec(env, "w2-acc1", 6, {"num_workers": 2, "cpus_per_worker": 0.5}, grad_accum=1)
-    r1 = pt.run_training(one, env["train"], env["valid"])
-    r2 = pt.run_training(two, env["train"], env["valid"])
+    r1 = launch.run_training(one, env["train"], env["valid"])
+    r2 = launch.run_training(two, env["train"], env["valid"])
     assert r1["finished"] and r2["finished"]
     a, b = tb_losses(one.run_uri), tb_losses(two.run_uri)
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -108,7 +131,7 @@ def test_two_workers_match_one_worker_with_accumulation(env):
 
 def test_killed_worker_recovers_from_last_checkpoint(env):
     pid_dir = os.path.join(env["root"], "pids")
-    s = dataclasses.replace(spec(env, "killed", 60, ckpt_every=4, eval_every=30), pid_dir=pid_dir)
+    s = spec(env, "killed", 60, ckpt_every=4, eval_every=30, pid_dir=pid_dir)
     killed = {}
 
     def killer():
@@ -129,7 +152,7 @@ def test_killed_worker_recovers_from_last_checkpoint(env):
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    out = pt.run_training(s, env["train"], env["valid"])
+    out = launch.run_training(s, env["train"], env["valid"])
     th.join(timeout=5)
     assert "pid" in killed
     assert out["finished"] and out["metrics"]["step"] == 60

@@ -1,0 +1,135 @@
+"""The launcher of one training run, shared by pretraining (models/pretrain.py) and
+specialization (tune/finetune.py): a Ray Train ``TorchTrainer`` running the Trainer
+(models/train.py) with deterministic name and storage, so a re-submitted run resumes; and the
+publication of a finished run's model and costs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from slm.errors import StageError, reraise_user_error
+from slm.layout import RunLayout
+from slm.stage import exists, filesystem, is_remote, join, manifest, publish, read_json, write_json
+
+from . import checkpoint as ckpt
+from .config import ScalingConfig
+from .families import build_family
+from .loop_config import TrainLoopConfig
+from .train import signature, train_loop_per_worker
+
+
+@dataclass
+class RunSpec:
+    """One training run: the loop's config (which also names the run and its storage) and
+    Ray Train's scaling."""
+
+    loop: TrainLoopConfig
+    scaling: ScalingConfig
+
+    @property
+    def name(self) -> str:
+        return self.loop.logging.run_name
+
+    @property
+    def run_uri(self) -> str:
+        return self.loop.logging.run_uri
+
+    def precision(self) -> str:
+        return self.loop.engine.resolved_precision(self.scaling.use_gpu)
+
+    def global_batch(self) -> int:
+        return self.loop.data.micro_batch * self.loop.data.grad_accum * self.scaling.num_workers
+
+
+def check_resumable(spec: RunSpec) -> str | None:
+    """Before starting workers: the latest checkpoint of this run (if any) must be intact and
+    of this model/config. Returns its URI."""
+    latest = ckpt.latest(spec.run_uri)
+    if latest is None:
+        return None
+    record = ckpt.verify(latest)
+    expected = signature(spec.loop, build_family(spec.loop.model), spec.scaling.num_workers,
+                         spec.precision())
+    ckpt.check_signature(record["signature"], expected, latest)
+    return latest
+
+
+def storage_path(storage: str) -> str:
+    """A storage location as Ray wants it: a URI, or an absolute local path."""
+    return storage if is_remote(storage) else os.path.abspath(storage)
+
+
+def run_training(spec: RunSpec, train_ds, valid_ds, callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) one training run to its last step (or ``schedule.stop_at``). Returns
+    ``{"checkpoint": uri, "metrics": {...}, "finished": bool}``. ``callbacks``: Ray Train
+    callbacks (a Tune trial passes TuneReportCallback to forward the reports)."""
+    check_resumable(spec)
+    sc = spec.scaling
+    resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec.loop.to_dict(),  # the worker rebuilds the typed config
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=spec.name, storage_path=storage_path(spec.loop.logging.storage),
+            callbacks=callbacks or None,
+            failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.loop.checkpointing.keep)),
+        datasets={"train": train_ds, "valid": valid_ds},
+        # Not split: every worker reads the same ordered stream and takes its rank's slice of
+        # each global batch (deterministic order; see models/train.py).
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        reraise_user_error(e)
+        raise StageError(f"training run '{spec.run_uri}' failed: {e}") from e
+    if result.checkpoint is None:
+        raise StageError(f"training run '{spec.run_uri}' reported no checkpoint; check its logs")
+    ck_uri = _checkpoint_uri(result.checkpoint, spec.loop.logging.storage)
+    return {"checkpoint": ck_uri, "metrics": dict(result.metrics or {}),
+            "finished": exists(join(ck_uri, ckpt.COSTS_FILE))}
+
+
+def _checkpoint_uri(checkpoint, storage: str) -> str:
+    """A Ray Checkpoint's location as a URI our filesystem helpers take."""
+    path = checkpoint.path
+    if is_remote(storage):
+        scheme = storage.split("://", 1)[0]
+        return path if "://" in path else f"{scheme}://{path}"
+    return path
+
+
+def export_of(checkpoint_uri: str) -> tuple[str, dict[str, Any]]:
+    """The final checkpoint's served model (URI) and costs."""
+    return join(checkpoint_uri, ckpt.EXPORT_DIR), read_json(join(checkpoint_uri, ckpt.COSTS_FILE))
+
+
+def publish_final(checkpoint_uri: str, layout: RunLayout, family: str, sub: str = "", *,
+                  stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Copy the final checkpoint's export to the run's ``final/`` (atomic publish; costs and
+    the run-relative checkpoint in the manifest), then write its ``costs.json``. Returns the
+    costs."""
+    export, costs = export_of(checkpoint_uri)
+    src_fs, src = filesystem(export)
+    with publish(layout.pretrain_final(family, sub), stage=stage, config=config, force=True) as out:
+        pafs.copy_files(src, out.path, source_filesystem=src_fs, destination_filesystem=out.fs)
+        out.manifest["costs"] = costs
+        out.manifest["checkpoint"] = layout.relative(checkpoint_uri)
+    write_json(layout.pretrain_costs(family, sub), costs)
+    return costs
+
+
+def run_done(layout: RunLayout, family: str, sub: str = "") -> bool:
+    """A pretraining run with a published model and costs is not retrained."""
+    return (manifest(layout.pretrain_final(family, sub)) is not None
+            and exists(layout.pretrain_costs(family, sub)))
