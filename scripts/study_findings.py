@@ -12,15 +12,19 @@ import argparse
 import glob
 import json
 import math
-import os
 
 import pandas as pd
 
+from slm.layout import TRIAL_TRAINING, RunLayout
+from slm.stage import join
+from slm.tune.report import METHOD_COSTS, PERPLEXITY_TABLE
 
-def pretrained_only(sweep_dir: str) -> pd.DataFrame:
+
+def pretrained_only(layout: RunLayout, sweep: str) -> pd.DataFrame:
     """Domain valid perplexity of the starting model of each trial (before fine-tuning)."""
     rows = []
-    for path in glob.glob(os.path.join(sweep_dir, "trials", "*", "training.json")):
+    pattern = join(RunLayout(glob.escape(layout.root)).trial(sweep, "*"), TRIAL_TRAINING)
+    for path in glob.glob(pattern):
         with open(path, encoding="utf-8") as f:
             t = json.load(f)
         hist = t.get("history") or []
@@ -41,7 +45,8 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--sweep", default="main")
     a = ap.parse_args()
-    pt = pd.read_csv(os.path.join(a.run, "report", "perplexity_table.csv"))
+    layout = RunLayout(a.run)
+    pt = pd.read_csv(join(layout.report, PERPLEXITY_TABLE))
     macro = pt[pt["domain"] == "(macro)"]
     cols = sorted({(int(t), int(b)) for t, b in zip(macro["domain_tokens"], macro["budget_steps"])})
     print("| method | " + " | ".join(f"{t} tok, {b} steps" for t, b in cols) + " |")
@@ -57,12 +62,12 @@ def main() -> None:
         best = g.loc[g.groupby(["domain_tokens", "budget_steps"])["mean"].idxmin()]
         print(f"{dom}: best per column: " + ", ".join(
             f"{int(r.domain_tokens)}/{int(r.budget_steps)}: {r.method} {r['mean']:.2f}" for _, r in best.iterrows()))
-    po = pretrained_only(os.path.join(a.run, "specialize", a.sweep))
+    po = pretrained_only(layout, a.sweep)
     if len(po):
         print("\npretrained only (step-0 domain valid ppl, macro over domains, mean over seeds):")
         agg = po.groupby(["method", "domain"])["loss"].mean().groupby("method").mean()
         print(", ".join(f"{m} {math.exp(v):.1f}" for m, v in agg.sort_values().items()))
-    costs = pd.read_csv(os.path.join(a.run, "report", "method_costs.csv"))
+    costs = pd.read_csv(join(layout.report, METHOD_COSTS))
     keep = [c for c in costs.columns if c in ("method", "domain_tokens", "budget_steps", "c_pretrain_flops",
                                                 "c_spec_flops", "inference_params")]
     print("\ncosts (per domain; FLOPs):")

@@ -11,10 +11,10 @@ from slm.tune.costs import (
     amortization_table,
     load_pretrain_costs,
     method_costs,
-    read_results,
     total_cost,
     trial_costs,
 )
+from slm.tune.results import read_results
 from tiny_results import build_run
 
 from slm.errors import InputError

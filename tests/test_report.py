@@ -8,8 +8,8 @@ from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
-from slm.tune.costs import read_results
 from slm.tune.report import FIGURES, write_report
+from slm.tune.results import read_results
 from tiny_results import RECIPE, build_run
 
 from slm.config import Recipe

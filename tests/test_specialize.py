@@ -28,7 +28,8 @@ def _with(recipe, **spec):
 @pytest.fixture(scope="module")
 def trials(recipe):
     """Every method specialized once (llm before d, so SLM-d reuses the llm trial as teacher)."""
-    from slm.tune.specialize import Trial, specialize_trial, trial_uri
+    from slm.tune.grid import Trial, trial_uri
+    from slm.tune.specialize import specialize_trial
 
     r = dataclasses.replace(recipe, sweep=dataclasses.replace(recipe.sweep, name="unit"))
     out = {}
@@ -43,10 +44,13 @@ def trials(recipe):
 def test_every_method_gives_a_loadable_hf_model(recipe, trials, method):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slm.tune.specialize import RESULT_COLUMNS, evaluate, size_params
+    from slm.tune.evaluation import evaluate
+    from slm.tune.grid import size_params
+    from slm.tune.results import RESULT_COLUMNS
 
     t, row = trials[method]
-    path = row["model_path"]
+    assert not os.path.isabs(row["model_path"])            # stored relative to the run
+    path = RunLayout(recipe.run_dir).resolve(row["model_path"])
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -77,7 +81,7 @@ def test_every_method_gives_a_loadable_hf_model(recipe, trials, method):
 
 
 def test_method_specifics(recipe, trials):
-    from slm.tune.specialize import top_cluster
+    from slm.tune.starts import top_cluster
 
     layout = RunLayout(recipe.run_dir)
     subset = train_subset("numeric", 1024)
@@ -87,44 +91,49 @@ def test_method_specifics(recipe, trials):
     d, llm, slm = trials["d"][1], trials["llm"][1], trials["slm"][1]
     assert d["spec_flops"] > llm["spec_flops"]
     assert d["pretrain_flops"] == pytest.approx(llm["pretrain_flops"] + slm["pretrain_flops"])
-    info = json.loads(open(os.path.join(d["model_path"], "training.json")).read())
+    info = json.loads(open(os.path.join(layout.resolve(d["model_path"]), "training.json")).read())
     assert info["teacher"] == llm["model_path"]
+    assert d["teacher"] == trials["llm"][0].key()             # the dependency, in the results
     assert llm["inference_params"] > slm["inference_params"] == d["inference_params"]
 
 
 def test_early_stopping_keeps_the_best_valid_checkpoint(recipe, tmp_path):
     """A far too high LR: valid loss rises after the first evaluations; the saved model is the
     best one, not the last."""
-    from slm.tune.specialize import Trial, evaluate, load_lm, specialize_trial, trial_uri
+    from slm.tune.evaluation import evaluate, load_lm
+    from slm.tune.grid import Trial, trial_uri
+    from slm.tune.specialize import specialize_trial
 
     r = _with(recipe, eval_every=2, patience=2)
     t = Trial("numeric", "slm", 30, 2048, 0, 0.5)
     row = specialize_trial(r, t, trial_uri(r, t, sweep="early"))
-    info = json.loads(open(os.path.join(row["model_path"], "training.json")).read())
+    model_dir = RunLayout(r.run_dir).resolve(row["model_path"])
+    info = json.loads(open(os.path.join(model_dir, "training.json")).read())
     losses = [v for _, v in info["history"]]
     assert row["valid_loss"] == pytest.approx(min(losses))
     assert losses[-1] > min(losses)                       # the last evaluation was worse
     assert row["steps_run"] < 30                          # patience ran out before the budget
     assert row["best_step"] < row["steps_run"]
     valid = RunLayout(r.run_dir).shards(domain_set("numeric", "valid"))
-    assert evaluate(load_lm(row["model_path"]), valid) == pytest.approx(row["valid_loss"], rel=1e-4)
+    assert evaluate(load_lm(model_dir), valid) == pytest.approx(row["valid_loss"], rel=1e-4)
 
 
 def test_kd_at_weight_zero_equals_plain_fine_tuning(recipe, trials, tmp_path):
     """The slm trial is plain fine-tuning and the d trial KD at the recipe's weight (0.5), from
     the same start, data, LR, steps and seed; KD at weight 0 must retrace the slm trial."""
     from slm.tune.finetune import fine_tune
-    from slm.tune.specialize import pretrain_final
-
-    def history(row):
-        return json.loads(open(os.path.join(row["model_path"], "training.json")).read())["history"]
+    from slm.tune.starts import pretrain_final
 
     layout = RunLayout(recipe.run_dir)
+
+    def history(row):
+        return json.loads(open(os.path.join(layout.resolve(row["model_path"]), "training.json")).read())["history"]
+
     (t, plain), (_, kd5) = trials["slm"], trials["d"]
     assert recipe.specialize.kd_weight == 0.5 and kd5["lr"] == plain["lr"]
     shards = {"train": train_subset("numeric", t.domain_tokens), "valid": domain_set("numeric", "valid")}
     kd0 = fine_tune(_with(recipe, kd_weight=0.0), pretrain_final(layout, "slm"), shards,
-                    teacher=trials["llm"][1]["model_path"], workdir=str(tmp_path / "kd0"),
+                    teacher=layout.resolve(trials["llm"][1]["model_path"]), workdir=str(tmp_path / "kd0"),
                     name="kd0", steps=t.budget_steps, lr=plain["lr"], seed=t.seed)
     assert [s for s, _ in kd0["history"]] == [s for s, _ in history(plain)]
     assert [v for _, v in kd0["history"]] == pytest.approx([v for _, v in history(plain)], rel=1e-6)
@@ -134,7 +143,10 @@ def test_kd_at_weight_zero_equals_plain_fine_tuning(recipe, trials, tmp_path):
 
 
 def test_mix_expert_selection_lowest_loss_and_all(recipe):
-    from slm.tune.specialize import Trial, evaluate, load_lm, pretrain_final, specialize_trial, trial_uri
+    from slm.tune.evaluation import evaluate, load_lm
+    from slm.tune.grid import Trial, trial_uri
+    from slm.tune.specialize import specialize_trial
+    from slm.tune.starts import pretrain_final
 
     layout = RunLayout(recipe.run_dir)
     valid = layout.shards(domain_set("numeric", "valid"))
@@ -150,7 +162,7 @@ def test_mix_expert_selection_lowest_loss_and_all(recipe):
 
 
 def test_inference_budget_errors_and_llm_exclusion(recipe, caplog):
-    from slm.tune.specialize import check_methods, size_params
+    from slm.tune.grid import check_methods, size_params
 
     slm_p = size_params(recipe, recipe.pretrain.slm_size)
     with pytest.raises(ConfigError, match="inference_budget"):

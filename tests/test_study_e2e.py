@@ -21,7 +21,6 @@ def test_run_study_end_to_end(recipe):
     import pyarrow.parquet as pq
 
     from slm.layout import RunLayout
-    from slm.stage import join
     from slm.tune.study import run_study
 
     r = dataclasses.replace(recipe, sweep=dataclasses.replace(
@@ -30,7 +29,7 @@ def test_run_study_end_to_end(recipe):
     report = run_study(r)
     layout = RunLayout(r.run_dir)
     assert os.path.exists(report)
-    rows = pq.read_table(join(layout.sweep("study"), "results.parquet")).to_pylist()
+    rows = pq.read_table(layout.results("study")).to_pylist()
     assert sorted(row["method"] for row in rows) == ["pn", "slm"]
     assert all(row["recipe"] == "tiny" and row["test_ppl"] > 1 for row in rows)
     for m in ("slm", "pn"):
@@ -43,7 +42,7 @@ def test_run_study_end_to_end(recipe):
     best = min(rows, key=lambda row: row["test_ppl"])["method"]  # one domain, one seed
     result = plan(pretrain_budget=1e30, specialize_budget=1e30, inference_budget=1e12,
                   domains=1, domain_tokens=1024,
-                  results=join(layout.sweep("study"), "results.parquet"))
+                  results=layout.results("study"))
     assert result.source == "measured"
     assert result.method == best
     assert abs(result.predicted_ppl - min(row["test_ppl"] for row in rows)) < 1e-6 * result.predicted_ppl

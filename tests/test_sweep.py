@@ -28,14 +28,14 @@ def _sweep(recipe, **kw):
 
 
 def _finished(recipe):
-    from slm.tune.specialize import trial_uri
-    from slm.tune.sweep import sweep_trials
-    from slm.stage import manifest, join, read_json
+    from slm.layout import TRIAL_ROW
+    from slm.stage import join, manifest, read_json
+    from slm.tune.grid import sweep_trials, trial_uri
 
     out = {}
     for t in sweep_trials(recipe):
         if manifest(trial_uri(recipe, t)) is not None:
-            out[t.key()] = read_json(join(trial_uri(recipe, t), "row.json"))["finished_at"]
+            out[t.key()] = read_json(join(trial_uri(recipe, t), TRIAL_ROW))["finished_at"]
     return out
 
 
@@ -45,8 +45,9 @@ def test_interrupted_sweep_reruns_only_unfinished_trials(recipe, tmp_path):
 
     from slm.configkit import to_dict
     from slm.layout import RunLayout
-    from slm.tune.specialize import RESULT_COLUMNS
-    from slm.tune.sweep import run_sweep, sweep_trials
+    from slm.tune.grid import sweep_trials
+    from slm.tune.results import RESULT_COLUMNS
+    from slm.tune.sweep import run_sweep
 
     r = _sweep(recipe, name="interrupt", domains=["numeric"], methods=["slm", "nopt"],
                budgets=[6], domain_tokens=[1024], seeds=[0], max_concurrent=1)
@@ -95,7 +96,7 @@ def test_interrupted_sweep_reruns_only_unfinished_trials(recipe, tmp_path):
 
 
 def test_sweep_rejects_what_it_does_not_know(recipe):
-    from slm.tune.sweep import sweep_trials
+    from slm.tune.grid import sweep_trials
 
     with pytest.raises(ConfigError, match="sweep.domains"):
         sweep_trials(_sweep(recipe, domains=["nosuch"]))

@@ -22,6 +22,7 @@ source code and module docstrings, i.e. prose) come with every Python install.
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import json
 import math
@@ -36,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from slm.layout import RunLayout, expert_name
 
 SEQ = 32
 BATCH = 8
@@ -63,14 +66,10 @@ def _windows(text: str) -> torch.Tensor:
 
 
 def _source(names: tuple[str, ...]) -> str:
-    import importlib
-
     return "\n".join(inspect.getsource(importlib.import_module(n)) for n in names)
 
 
 def _docs(names: tuple[str, ...]) -> str:
-    import importlib
-
     out = []
     for n in names:
         mod = importlib.import_module(n)
@@ -195,8 +194,8 @@ def _nearest_domain(generic: torch.Tensor, data: dict) -> torch.Tensor:
 
 
 def _write_costs(path: str, c: dict[str, Any], params: int) -> None:
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "costs.json"), "w") as f:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump({"flops": c["flops"], "device_seconds": c["device_seconds"],
                    "tokens": c["tokens"], "steps": c["steps"], "params": params}, f)
 
@@ -215,6 +214,7 @@ def build_run(run_dir: str, budgets=(4, 16), domain_tokens=(1024, 4096), seeds=(
 
 
 def _build_run(run_dir: str, budgets, domain_tokens, seeds, lrs) -> str:
+    layout = RunLayout(run_dir)
     data = corpora()
     generic = data["generic"]["train"]
     near = _nearest_domain(generic, data)
@@ -225,12 +225,12 @@ def _build_run(run_dir: str, budgets, domain_tokens, seeds, lrs) -> str:
         m = _model(fam, 0)
         c = _train(m, generic, PRETRAIN_STEPS[fam], 3e-3, 0)
         pre[fam], pre_costs[fam] = m, c
-        _write_costs(os.path.join(run_dir, "pretrain", fam), c, m.num_parameters())
+        _write_costs(layout.pretrain_costs(fam), c, m.num_parameters())
     for i, d in enumerate(domains):  # is: per-domain pretraining on the nearest generic windows
         m = _model("slm", 0)
         c = _train(m, generic[near == i], PRETRAIN_STEPS["is"], 3e-3, 0)
         pre[f"is/{d}"], pre_costs[f"is/{d}"] = m, c
-        _write_costs(os.path.join(run_dir, "pretrain", "is", d), c, m.num_parameters())
+        _write_costs(layout.pretrain_costs("is", d), c, m.num_parameters())
     mix_total = {"flops": 0.0, "device_seconds": 0.0}
     for i in range(2):  # mix: one expert per cluster
         m = _model("slm", 0)
@@ -238,7 +238,7 @@ def _build_run(run_dir: str, budgets, domain_tokens, seeds, lrs) -> str:
         pre[f"mix/{i}"] = m
         for k in mix_total:
             mix_total[k] += c[k]
-        _write_costs(os.path.join(run_dir, "pretrain", "mix", f"expert-{i}"), c, m.num_parameters())
+        _write_costs(layout.pretrain_costs("mix", expert_name(i)), c, m.num_parameters())
 
     rows = []
     teachers: dict[tuple, GPT2LMHeadModel] = {}
@@ -298,7 +298,7 @@ def _build_run(run_dir: str, budgets, domain_tokens, seeds, lrs) -> str:
                                 "inference_flops_per_token": _fwd_flops_per_token(model),
                                 "model_path": "",
                             })
-    out = os.path.join(run_dir, "specialize", SWEEP, "results.parquet")
+    out = layout.results(SWEEP)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out)
     return out

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from slm.configkit import ConfigError, positive
 
-METHODS = ("slm", "llm", "is", "mix", "pn", "d", "nopt")
+from .methods import get_method, method_names
+
 SELECTIONS = ("top_cluster", "lowest_loss", "all")
 
 
@@ -45,7 +46,7 @@ class SweepConfig:
 
     name: str = field(default="main", metadata={"help": "sweep name (deterministic: re-running resumes it)"})
     domains: list[str] = field(default_factory=list, metadata={"help": "domains to specialize ([] = all)"})
-    methods: list[str] = field(default_factory=lambda: ["slm", "llm", "is", "mix", "pn", "d"], metadata={"help": f"methods: {', '.join(METHODS)}"})
+    methods: list[str] = field(default_factory=lambda: ["slm", "llm", "is", "mix", "pn", "d"], metadata={"help": f"methods: {', '.join(method_names())} (tune/methods.py)"})
     budgets: list[int] = field(default_factory=lambda: [2000], metadata={"help": "specialization budgets in steps"})
     domain_tokens: list[int] = field(default_factory=list, metadata={"help": "domain train sizes ([] = all of data.domain_train_tokens)"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds"})
@@ -59,8 +60,7 @@ class SweepConfig:
 
     def validate(self) -> None:
         for m in self.methods:
-            if m not in METHODS:
-                raise ConfigError(f"field 'methods' has unknown method '{m}'; known: {', '.join(METHODS)}")
+            get_method(m, field="methods")
         positive(self, "budgets", "domain_tokens", "cpus_per_trial")
         positive(self, "lrs")
         positive(self, "max_concurrent", "gpus_per_trial", "max_failures", allow_zero=True)

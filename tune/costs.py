@@ -4,7 +4,8 @@ Paper Eq. 1 (docs/paper.md §4): serving N domains costs
 
     C_total(N) = C_pretrain + N · C_specialize
 
-in FLOPs and in device-hours, both measured by the runs (never estimated here). Per method:
+in FLOPs and in device-hours, both measured by the runs (never estimated here). Per method (the
+rules follow from its registry entry, tune/methods.py: ``pretrains``, ``teacher``, ``start``):
 
     method  C_pretrain (shared by all domains)      C_specialize (paid per domain)
     slm     slm pretraining                          fine-tuning
@@ -21,7 +22,8 @@ Where the numbers come from: each results row carries the pretraining cost its m
 with and the specialization it spent (tune/specialize.py charges mix's experts and SLM-d's
 teacher fine-tuning into the row). When the run's ``pretrain/**/costs.json`` files are given
 (``load_pretrain_costs``) they are the source of C_pretrain instead; the per-row columns are the
-fallback (e.g. for a results file from another run directory).
+fallback (e.g. for a results file from another run directory). ``pretrain_split`` is the one sum
+of a method's pretraining cost: the rows' columns are written with it too.
 
 Trial selection: the LR is a hyper-parameter search, so among the rows of one trial key
 (domain, method, budget, domain size, seed) the one with the lowest *valid* loss is kept and
@@ -39,73 +41,20 @@ import numpy as np
 import pandas as pd
 
 from slm.errors import InputError
-from slm.stage import exists, filesystem, join, read_json
+from slm.layout import RunLayout, expert_name
+from slm.models.config import FAMILY_INFO
+from slm.stage import exists, read_json, subdirs
 
-RESULT_COLUMNS = ("recipe", "domain", "method", "budget_steps", "domain_tokens", "seed", "lr",
-                  "expert", "valid_loss", "test_loss", "test_ppl", "steps_run", "best_step",
-                  "spec_flops", "spec_device_seconds", "pretrain_flops",
-                  "pretrain_device_seconds", "inference_params", "inference_flops_per_token",
-                  "model_path")
+from .methods import Method, get_method
+
 TRIAL_KEY = ("recipe", "domain", "method", "budget_steps", "domain_tokens", "seed")
 POINT_KEY = ("method", "budget_steps", "domain_tokens")
-METHODS = ("slm", "llm", "is", "mix", "pn", "d", "nopt")
 COST_KEYS = ("flops", "device_seconds")
 
 
 # --------------------------------------------------------------------------------------------
-# Inputs
+# Pretraining costs: read once per run, summed per method one way
 # --------------------------------------------------------------------------------------------
-
-def read_results(path: str) -> pd.DataFrame:
-    """A sweep's results table (parquet, local or object storage), checked for the columns the
-    cost model needs; InputError names the file and what is wrong."""
-    import pyarrow.parquet as pq
-
-    if not exists(path):
-        raise InputError(f"results file '{path}' does not exist; run `slm sweep` first or pass "
-                         "the results.parquet of a finished sweep")
-    fs, p = filesystem(path)
-    try:
-        df = pq.read_table(p, filesystem=fs).to_pandas()
-    except Exception as e:  # noqa: BLE001 - any parquet failure is the file's fault
-        raise InputError(f"results file '{path}' is not a readable parquet table ({e}); "
-                         "re-run `slm sweep` to rewrite it") from None
-    check_results(df, path)
-    return df
-
-
-def check_results(df: pd.DataFrame, source: str) -> None:
-    """InputError when ``df`` lacks result columns, rows, or has unknown methods."""
-    missing = [c for c in RESULT_COLUMNS if c not in df.columns and c != "model_path"]
-    if missing:
-        raise InputError(f"results '{source}' lack the column(s) {', '.join(missing)}; a results "
-                         f"table has {', '.join(RESULT_COLUMNS)} (docs/design.md). Re-run `slm sweep`")
-    if df.empty:
-        raise InputError(f"results '{source}' have no rows; the sweep finished no trial")
-    unknown = sorted(set(df["method"]) - set(METHODS))
-    if unknown:
-        raise InputError(f"results '{source}' have unknown method(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(METHODS)}")
-    bad = df[~np.isfinite(df["test_loss"].astype(float)) | ~np.isfinite(df["valid_loss"].astype(float))]
-    if len(bad):
-        raise InputError(f"results '{source}' have {len(bad)} row(s) with a non-finite valid/test "
-                         f"loss (e.g. {bad.iloc[0]['domain']}/{bad.iloc[0]['method']}); drop them "
-                         "or re-run those trials")
-
-
-def check_one_recipe(tables: dict[str, pd.DataFrame]) -> str:
-    """The one recipe the tables share; InputError naming the files and recipes otherwise
-    (results of different recipes are not comparable: other data, sizes, budgets)."""
-    seen: dict[str, list[str]] = {}
-    for src, df in tables.items():
-        for r in sorted(set(map(str, df["recipe"]))):
-            seen.setdefault(r, []).append(src)
-    if len(seen) != 1:
-        detail = "; ".join(f"recipe '{r}' in {', '.join(srcs)}" for r, srcs in sorted(seen.items()))
-        raise InputError(f"results of several recipes cannot be mixed in one report/plan: {detail}. "
-                         "Pass only results of one recipe (one run), or report each separately")
-    return next(iter(seen))
-
 
 def _costs_file(uri: str) -> dict[str, Any]:
     c = read_json(uri)
@@ -117,40 +66,52 @@ def _costs_file(uri: str) -> dict[str, Any]:
     return c
 
 
-def _subdirs(uri: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
-                  if i.type == pafs.FileType.Directory)
-
-
 def load_pretrain_costs(run_dir: str) -> dict[str, Any]:
-    """The measured pretraining costs of a run: ``{family: costs}`` for slm, llm, pn (their
-    ``costs.json``), ``mix`` summed over ``expert-<i>/costs.json`` (kept under ``experts``),
-    and ``is`` as ``{domain: costs}``. Families that did not finish are absent."""
-    root = join(run_dir, "pretrain")
+    """The measured pretraining costs of a run, per family (models/config.py FAMILY_INFO):
+    a family trained once: its ``costs.json``; per expert (mix): summed over
+    ``expert-<i>/costs.json`` (kept under ``experts``), else the family's summed file; per
+    domain (is): ``{domain: costs}``. Families that did not finish are absent."""
+    layout = RunLayout(run_dir)
     out: dict[str, Any] = {}
-    for fam in ("slm", "llm", "pn"):
-        uri = join(root, fam, "costs.json")
-        if exists(uri):
-            out[fam] = _costs_file(uri)
-    experts = {d.removeprefix("expert-"): _costs_file(join(root, "mix", d, "costs.json"))
-               for d in _subdirs(join(root, "mix"))
-               if d.startswith("expert-") and exists(join(root, "mix", d, "costs.json"))}
-    if experts:
-        out["mix"] = {k: float(sum(e[k] for e in experts.values())) for k in COST_KEYS}
-        out["mix"]["params"] = int(sum(e.get("params", 0) for e in experts.values()))
-        out["mix"]["experts"] = experts
-    elif exists(join(root, "mix", "costs.json")):
-        out["mix"] = _costs_file(join(root, "mix", "costs.json"))
-    is_costs = {d: _costs_file(join(root, "is", d, "costs.json")) for d in _subdirs(join(root, "is"))
-                if exists(join(root, "is", d, "costs.json"))}
-    if is_costs:
-        out["is"] = is_costs
+    for fam, info in FAMILY_INFO.items():
+        if info.runs == "per_domain":
+            per = {d: _costs_file(layout.pretrain_costs(fam, d)) for d in subdirs(layout.pretrain(fam))
+                   if exists(layout.pretrain_costs(fam, d))}
+            if per:
+                out[fam] = per
+            continue
+        if info.runs == "per_expert":
+            names = subdirs(layout.pretrain(fam))
+            experts = {str(i): _costs_file(layout.pretrain_costs(fam, expert_name(i)))
+                       for i in range(len(names))
+                       if expert_name(i) in names and exists(layout.pretrain_costs(fam, expert_name(i)))}
+            if experts:
+                out[fam] = {k: float(sum(e[k] for e in experts.values())) for k in COST_KEYS}
+                out[fam]["params"] = int(sum(e.get("params", 0) for e in experts.values()))
+                out[fam]["experts"] = experts
+                continue
+        if exists(layout.pretrain_costs(fam)):
+            out[fam] = _costs_file(layout.pretrain_costs(fam))
     return out
+
+
+def pretrain_split(method: Method, pc: dict[str, Any], domain: str
+                   ) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    """The one sum of a method's pretraining cost: (shared, per-domain, missing families).
+    Shared: its families pretrained once (C_pretrain); per-domain: the domain's own pretraining
+    (specialization, C_generic = 0); ``missing``: families ``pc`` (load_pretrain_costs) lacks."""
+    shared = {k: 0.0 for k in COST_KEYS}
+    own = {k: 0.0 for k in COST_KEYS}
+    missing = []
+    for fam in method.pretrains:
+        per_domain = FAMILY_INFO[fam].runs == "per_domain"
+        c = pc.get(fam, {}).get(domain) if per_domain else pc.get(fam)
+        if c is None:
+            missing.append(fam)
+            continue
+        for k in COST_KEYS:
+            (own if per_domain else shared)[k] += float(c[k])
+    return shared, own, missing
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,44 +126,27 @@ def select_trials(df: pd.DataFrame) -> pd.DataFrame:
     return best.sort_values(list(TRIAL_KEY), kind="stable").reset_index(drop=True)
 
 
-def _shared_pretrain(method: str, pc: dict[str, Any]) -> dict[str, float] | None:
-    """C_pretrain of ``method`` from costs.json files, or None when they do not cover it."""
-    if method in ("is", "nopt"):
-        return {k: 0.0 for k in COST_KEYS}
-    fams = ("llm", "slm") if method == "d" else (method,)
-    if not all(f in pc for f in fams):
-        return None
-    return {k: float(sum(pc[f][k] for f in fams)) for k in COST_KEYS}
-
-
 def trial_costs(df: pd.DataFrame, pretrain_costs: dict[str, Any] | None = None) -> pd.DataFrame:
     """Selected trials (``select_trials``) with the cost model's columns added:
     ``c_pretrain_flops/_hours`` (shared), ``c_spec_flops/_hours`` (per domain) and
-    ``cost_basis`` ('costs.json' or 'results' for where C_pretrain came from)."""
+    ``cost_basis`` (where the pretraining cost came from: 'costs.json', 'results' (the row's
+    own columns, when the run's costs.json files do not cover the method) or 'none')."""
     pc = pretrain_costs or {}
     t = select_trials(df)
     pre_f, pre_s, spec_f, spec_s, basis = [], [], [], [], []
     for row in t.itertuples(index=False):
-        sf, ss = float(row.spec_flops), float(row.spec_device_seconds)
-        if row.method == "is":  # the domain's own pretraining is specialization (C_generic = 0)
-            own = pc.get("is", {}).get(row.domain)
-            src = "costs.json" if own else "results"
-            own = own or {"flops": row.pretrain_flops, "device_seconds": row.pretrain_device_seconds}
-            sf, ss = sf + float(own["flops"]), ss + float(own["device_seconds"])
-            shared = {k: 0.0 for k in COST_KEYS}
-        elif row.method == "nopt":
-            shared, src = {k: 0.0 for k in COST_KEYS}, "none"
-        else:
-            shared = _shared_pretrain(row.method, pc)
-            src = "costs.json"
-            if shared is None:
-                shared = {"flops": float(row.pretrain_flops),
-                          "device_seconds": float(row.pretrain_device_seconds)}
-                src = "results"
+        method = get_method(row.method)
+        shared, own, missing = pretrain_split(method, pc, row.domain)
+        src = "costs.json" if method.pretrains else "none"
+        if missing:  # the row's pretraining columns, per domain only if every family is
+            src = "results"
+            measured = {"flops": float(row.pretrain_flops), "device_seconds": float(row.pretrain_device_seconds)}
+            zero = {k: 0.0 for k in COST_KEYS}
+            shared, own = (measured, zero) if method.shared_families else (zero, measured)
         pre_f.append(shared["flops"])
         pre_s.append(shared["device_seconds"])
-        spec_f.append(sf)
-        spec_s.append(ss)
+        spec_f.append(float(row.spec_flops) + own["flops"])
+        spec_s.append(float(row.spec_device_seconds) + own["device_seconds"])
         basis.append(src)
     return t.assign(c_pretrain_flops=pre_f, c_pretrain_hours=np.array(pre_s) / 3600.0,
                     c_spec_flops=spec_f, c_spec_hours=np.array(spec_s) / 3600.0, cost_basis=basis)

@@ -14,6 +14,8 @@ Table 2: 6 x 126M params x 1B tokens / 2.2 GPUh gives 31 % MFU for the SLM; the 
 
 from __future__ import annotations
 
+import math
+
 A100_BF16_PEAK_FLOPS = 312e12  # NVIDIA A100 datasheet, dense bf16 tensor-core peak
 ASSUMED_MFU = 0.40
 FLOPS_PER_GPU_HOUR = A100_BF16_PEAK_FLOPS * ASSUMED_MFU * 3600.0
@@ -76,7 +78,5 @@ def gpuh_to_flops(gpuh: float) -> float:
 
 def size_index(domain_tokens: float) -> int:
     """Index of the paper's domain size (1M, 8M, 64M) nearest in log scale."""
-    import math
-
     return min(range(len(DOMAIN_TOKENS)),
                key=lambda i: abs(math.log(DOMAIN_TOKENS[i]) - math.log(domain_tokens)))

@@ -24,9 +24,7 @@ assumption; the result says which source it used.
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,10 +33,12 @@ import pandas as pd
 from slm.configkit import ConfigError
 from slm.errors import InputError
 from slm.layout import RunLayout
-from slm.stage import exists, filesystem, is_remote
+from slm.stage import exists
 
 from . import paper_findings as paper
-from .costs import check_one_recipe, load_pretrain_costs, method_costs, read_results
+from .costs import load_pretrain_costs, method_costs
+from .methods import METHODS, Method, get_method
+from .results import check_one_recipe, find_results, read_results
 
 
 @dataclass
@@ -212,112 +212,104 @@ def check_inference_budget(sizes: dict[str, float], inference_budget: float, whe
 
 def rank_paper(pretrain_budget: float, specialize_budget: float, inference_budget: float,
                domains: int, domain_tokens: float) -> tuple[list[Candidate], float]:
-    """Candidates from the paper's numbers (tune/paper_findings.py), best first."""
+    """Candidates from the paper's numbers (tune/paper_findings.py) for every method the paper
+    reports (``Method.paper``), best first."""
     si = paper.size_index(domain_tokens)
-    g = paper.gpuh_to_flops
-    cands: list[Candidate] = []
-    for method in ("slm", "mix", "pn", "llm", "nopt", "is", "d"):
-        params = paper.INFERENCE_PARAMS[method]
-        if params > inference_budget:
-            cands.append(Candidate(method, False, reason=f"serves {params:,.0f} params > inference "
-                                   f"budget {inference_budget:,.0f} ({paper.CITE['table1']})"))
-            continue
-        spec = g(paper.SPEC_GPUH[method][si])
-        spec_ok = specialize_budget >= spec
-        if method in TABLE8_METHODS:
-            col = 2 + si if spec_ok else 1  # below the fine-tuning cost: pretrained-only column
-            pts = [(g(row[0]) / domains, math.log(row[col])) for row in paper.TABLE8[method]]
-            v, idx = interpolate(pts, pretrain_budget)
-            if v is None:
-                cands.append(Candidate(method, False, reason=(
-                    f"the paper's cheapest pretraining ({paper.TABLE8[method][0][0]} GPUh = "
-                    f"{pts[0][0] * domains:.3g} FLOPs; {pts[0][0]:.3g} per domain at N={domains}) "
-                    f"exceeds the budget ({paper.CITE['table8']})")))
-                continue
-            evidence = [{"method": method, "pretrain_gpuh": paper.TABLE8[method][i][0],
-                         "column": ["no fine-tuning", "FT 1M", "FT 8M", "FT 64M"][col - 1],
-                         "ppl": paper.TABLE8[method][i][col], "source": paper.CITE["table8"]}
-                        for i in idx]
-            why = "fits" if spec_ok else (f"specialization budget < the paper's fine-tuning cost "
-                                          f"({paper.SPEC_GPUH[method][si]} GPUh, {paper.CITE['table3']}): "
-                                          "pretrained-only perplexity")
-            cands.append(Candidate(method, True, predicted_nll=v, predicted_text=f"{math.exp(v):.2f}",
-                                   reason=why, evidence=evidence))
-        elif not spec_ok:
-            cands.append(Candidate(method, False, reason=(
-                f"needs {paper.SPEC_GPUH[method][si]} GPUh = {spec:.3g} FLOPs of specialization per "
-                f"domain ({paper.CITE['table3']}) > budget {specialize_budget:.3g}")))
-        elif method == "nopt":
-            ppl = paper.NOPT_PPL[si]
-            cands.append(Candidate(method, True, predicted_nll=math.log(ppl), predicted_text=f"{ppl:.2f}",
-                                   reason="fits", evidence=[{"method": "nopt", "ppl": ppl,
-                                                             "source": paper.CITE["table4"]}]))
-        elif method == "d":
-            pre = g(paper.PRETRAIN_GPUH["d"]) / domains
-            if pre > pretrain_budget:
-                cands.append(Candidate(method, False, reason=f"needs {paper.PRETRAIN_GPUH['d']} GPUh of "
-                                       f"teacher + student pretraining ({pre:.3g} FLOPs per domain) "
-                                       f"({paper.CITE['table3']})"))
-            else:
-                cands.append(Candidate(method, False, reason=f"fits the budgets but has no perplexity "
-                                       f"to compare: {paper.CITE['d']}"))
-        else:  # is: fits; the paper gives a bound, not a number
-            bound = _is_bound(si)
-            cands.append(Candidate(method, True, predicted_nll=None, predicted_text=f"< {bound:.2f}",
-                                   reason="fits", evidence=[{"method": "is", "ppl_bound": bound,
-                                                             "source": paper.CITE["is"]}]))
+    cands = [_paper_candidate(m, si, pretrain_budget, specialize_budget, inference_budget, domains)
+             for m in METHODS.values() if m.paper]
     return _order_paper(cands, si), float(paper.DOMAIN_TOKENS[si])
 
 
-TABLE8_METHODS = tuple(paper.TABLE8)
+def _paper_candidate(m: Method, si: int, pretrain_budget: float, specialize_budget: float,
+                     inference_budget: float, domains: int) -> Candidate:
+    """One method's standing from the paper, read as its ``paper`` field says."""
+    g = paper.gpuh_to_flops
+    method = m.name
+    params = paper.INFERENCE_PARAMS[method]
+    if params > inference_budget:
+        return Candidate(method, False, reason=f"serves {params:,.0f} params > inference "
+                         f"budget {inference_budget:,.0f} ({paper.CITE['table1']})")
+    spec = g(paper.SPEC_GPUH[method][si])
+    spec_ok = specialize_budget >= spec
+    if m.paper == "table8":
+        return _table8_candidate(method, si, spec_ok, pretrain_budget, domains)
+    if not spec_ok:
+        return Candidate(method, False, reason=(
+            f"needs {paper.SPEC_GPUH[method][si]} GPUh = {spec:.3g} FLOPs of specialization per "
+            f"domain ({paper.CITE['table3']}) > budget {specialize_budget:.3g}"))
+    if m.paper == "table4":
+        ppl = paper.NOPT_PPL[si]
+        return Candidate(method, True, predicted_nll=math.log(ppl), predicted_text=f"{ppl:.2f}",
+                         reason="fits", evidence=[{"method": method, "ppl": ppl,
+                                                   "source": paper.CITE["table4"]}])
+    if m.paper == "unreported":
+        pre = g(paper.PRETRAIN_GPUH[method]) / domains
+        if pre > pretrain_budget:
+            return Candidate(method, False, reason=f"needs {paper.PRETRAIN_GPUH[method]} GPUh of "
+                             f"{m.pretrain_note()} ({pre:.3g} FLOPs per domain) "
+                             f"({paper.CITE['table3']})")
+        return Candidate(method, False, reason=f"fits the budgets but has no perplexity "
+                         f"to compare: {paper.CITE[method]}")
+    bound = _bound(si)  # "bound": fits; the paper gives a bound, not a number
+    return Candidate(method, True, predicted_nll=None, predicted_text=f"< {bound:.2f}",
+                     reason="fits", evidence=[{"method": method, "ppl_bound": bound,
+                                               "source": paper.CITE[method]}])
 
 
-def _is_bound(si: int) -> float:
-    """SLM-is's perplexity bound: at 1M it beats the best LLM; at every size it beats every
-    small-inference method (paper.md §5): the best Table 8 fine-tuned value of those."""
-    small = min(row[2 + si] for m in ("slm", "mix", "pn") for row in paper.TABLE8[m])
+def _table8_candidate(method: str, si: int, spec_ok: bool, pretrain_budget: float,
+                      domains: int) -> Candidate:
+    g = paper.gpuh_to_flops
+    col = 2 + si if spec_ok else 1  # below the fine-tuning cost: pretrained-only column
+    pts = [(g(row[0]) / domains, math.log(row[col])) for row in paper.TABLE8[method]]
+    v, idx = interpolate(pts, pretrain_budget)
+    if v is None:
+        return Candidate(method, False, reason=(
+            f"the paper's cheapest pretraining ({paper.TABLE8[method][0][0]} GPUh = "
+            f"{pts[0][0] * domains:.3g} FLOPs; {pts[0][0]:.3g} per domain at N={domains}) "
+            f"exceeds the budget ({paper.CITE['table8']})"))
+    evidence = [{"method": method, "pretrain_gpuh": paper.TABLE8[method][i][0],
+                 "column": ["no fine-tuning", "FT 1M", "FT 8M", "FT 64M"][col - 1],
+                 "ppl": paper.TABLE8[method][i][col], "source": paper.CITE["table8"]}
+                for i in idx]
+    why = "fits" if spec_ok else (f"specialization budget < the paper's fine-tuning cost "
+                                  f"({paper.SPEC_GPUH[method][si]} GPUh, {paper.CITE['table3']}): "
+                                  "pretrained-only perplexity")
+    return Candidate(method, True, predicted_nll=v, predicted_text=f"{math.exp(v):.2f}",
+                     reason=why, evidence=evidence)
+
+
+def _bound(si: int) -> float:
+    """The perplexity bound of a ``bound`` method (SLM-is): at 1M it beats the best large
+    model; at every size it beats every small-inference method (paper.md §5): the best Table 8
+    fine-tuned value of those."""
+    table8 = [m for m in METHODS.values() if m.paper == "table8"]
+    small = min(row[2 + si] for m in table8 if not m.serves_large for row in paper.TABLE8[m.name])
     if si == 0:
-        return min(small, min(row[2] for row in paper.TABLE8["llm"]))
+        return min(small, min(row[2] for m in table8 if m.serves_large for row in paper.TABLE8[m.name]))
     return small
 
 
 def _order_paper(cands: list[Candidate], si: int) -> list[Candidate]:
-    """Best first. SLM-is (a bound) ranks first among small-inference methods when it fits; the
-    LLM ranks above it only beyond 1M tokens (the decision chart: large inference budget ->
-    large model; at 1M SLM-is beats the LLM)."""
+    """Best first. A bound (SLM-is) ranks first among small-inference methods when it fits; a
+    large model ranks above it only beyond 1M tokens (the decision chart: large inference
+    budget -> large model; at 1M SLM-is beats the LLM)."""
     fit = [c for c in cands if c.fits]
     rest = [c for c in cands if not c.fits]
     numeric = sorted([c for c in fit if c.predicted_nll is not None], key=lambda c: c.predicted_nll)
-    is_c = [c for c in fit if c.method == "is"]
-    if is_c:
-        llm = [c for c in numeric if c.method == "llm"]
-        others = [c for c in numeric if c.method != "llm"]
-        if llm and si > 0:
-            numeric = llm + is_c + others
+    bounds = [c for c in fit if get_method(c.method).paper == "bound"]
+    if bounds:
+        large = [c for c in numeric if get_method(c.method).serves_large]
+        others = [c for c in numeric if not get_method(c.method).serves_large]
+        if large and si > 0:
+            numeric = large + bounds + others
         else:
-            numeric = is_c + llm + others
+            numeric = bounds + large + others
     return numeric + sorted(rest, key=lambda c: c.method)
 
 
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
-
-def find_results(run: str) -> list[str]:
-    """Every sweep's results.parquet under ``RUN/specialize/`` (local runs; remote runs are
-    searched through pyarrow)."""
-    base = RunLayout(run).path("specialize")
-    if not is_remote(base):
-        return sorted(glob.glob(os.path.join(base, "*", "results.parquet")))
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(base)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    scheme = base.split("://", 1)[0]
-    return sorted(f"{scheme}://{i.path}/results.parquet" for i in fs.get_file_info(pafs.FileSelector(path))
-                  if i.type == pafs.FileType.Directory and exists(f"{scheme}://{i.path}/results.parquet"))
-
 
 def plan(pretrain_budget: float, specialize_budget: float, inference_budget: float,
          domains: int = 1, domain_tokens: float = 1e6, results: str = "", run: str = "") -> PlanResult:

@@ -12,34 +12,34 @@ Results of several recipes are never mixed (InputError naming the files and reci
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import io
 import math
+import os
 import time
 from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure  # no pyplot: files only, no display backend on a cluster node
+from matplotlib.patches import Patch
 
+from slm.config import dump_recipe
 from slm.errors import InputError
 from slm.layout import RunLayout
-from slm.stage import join, publish
+from slm.stage import is_remote, join, publish
 
-from .costs import (
-    aggregate_points,
-    amortization_table,
-    check_one_recipe,
-    load_pretrain_costs,
-    macro_ppl_by_seed,
-    read_results,
-    trial_costs,
-)
-from .planner import find_results, measured_levels, rank_levels
+from .costs import aggregate_points, amortization_table, load_pretrain_costs, macro_ppl_by_seed, trial_costs
+from .methods import get_method, method_names
+from .planner import measured_levels, rank_levels
+from .results import check_one_recipe, find_results, read_results
 
 AMORTIZATION_NS = (1, 7, 50)
 FIGURES = ("ppl_vs_pretrain.png", "ppl_vs_specialize.png", "amortization.png", "decision.png")
-METHOD_COLORS = {"slm": "#1f77b4", "llm": "#d62728", "is": "#2ca02c", "mix": "#ff7f0e",
-                 "pn": "#9467bd", "d": "#8c564b", "nopt": "#7f7f7f"}
+PERPLEXITY_TABLE = "perplexity_table.csv"
+METHOD_COSTS = "method_costs.csv"
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,20 +111,14 @@ def _df_html(df: pd.DataFrame, formats: dict[str, str]) -> str:
 # Figures
 # --------------------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a cluster node
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
     return buf.getvalue()
+
+
+def _color(method: str) -> str:
+    return get_method(method).color
 
 
 def _sizes(points: pd.DataFrame) -> list[int]:
@@ -134,9 +128,9 @@ def _sizes(points: pd.DataFrame) -> list[int]:
 def fig_ppl_vs_cost(points: pd.DataFrame, cost: str, xlabel: str) -> bytes:
     """Macro perplexity against a cost column, one panel per domain size, one line per method
     (pretraining: best budget at each pretraining level; specialization: over budgets)."""
-    plt = _plt()
     sizes = _sizes(points)
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    fig = Figure(figsize=(5 * len(sizes), 4))
+    axes = fig.subplots(1, len(sizes), squeeze=False)
     fig.subplots_adjust(wspace=0.3)
     for ax, t in zip(axes[0], sizes):
         at = points[points["domain_tokens"] == t]
@@ -144,7 +138,7 @@ def fig_ppl_vs_cost(points: pd.DataFrame, cost: str, xlabel: str) -> bytes:
             if cost == "c_pretrain_flops":
                 g = g.loc[g.groupby("c_pretrain_flops")["macro_nll"].idxmin()]
             g = g.sort_values(cost)
-            ax.plot(g[cost], g["macro_ppl"], marker="o", color=METHOD_COLORS.get(m), label=m)
+            ax.plot(g[cost], g["macro_ppl"], marker="o", color=_color(m), label=m)
         positive = at[cost][at[cost] > 0]
         ax.set_xscale("symlog", linthresh=float(positive.min()) / 10 if len(positive) else 1.0)
         ax.set_yscale("log")
@@ -158,17 +152,17 @@ def fig_ppl_vs_cost(points: pd.DataFrame, cost: str, xlabel: str) -> bytes:
 
 def fig_amortization(amort: pd.DataFrame) -> bytes:
     """C_total(N) vs macro perplexity for each N (paper Fig. 6); marker = domain size."""
-    plt = _plt()
     ns = sorted(set(amort["n"]))
     markers = "osD^v<>"
     sizes = _sizes(amort)
-    fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4), squeeze=False, sharey=True)
+    fig = Figure(figsize=(5 * len(ns), 4))
+    axes = fig.subplots(1, len(ns), squeeze=False, sharey=True)
     for ax, n in zip(axes[0], ns):
         at = amort[amort["n"] == n]
         for (m, t), g in at.groupby(["method", "domain_tokens"]):
             g = g.sort_values("c_total_flops")
             ax.plot(g["c_total_flops"], g["macro_ppl"], marker=markers[sizes.index(int(t)) % len(markers)],
-                    color=METHOD_COLORS.get(m), label=f"{m} ({int(t):,} tok)")
+                    color=_color(m), label=f"{m} ({int(t):,} tok)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"N = {n} domains")
@@ -205,17 +199,13 @@ def fig_decision(points: pd.DataFrame, small_params: float, n_domains: int = 1) 
     """Paper Fig. 1 from measurements: best measured method over pretraining × specialization
     budgets, one row per inference budget (the small served model; any model), one column per
     domain size."""
-    plt = _plt()
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
     methods = sorted(set(points["method"]))
-    cmap = ListedColormap(["#ffffff"] + [METHOD_COLORS.get(m, "#000000") for m in methods])
+    cmap = ListedColormap(["#ffffff"] + [_color(m) for m in methods])
     sizes = _sizes(points)
     budgets = [("inference ≤ small model", small_params),
                ("inference unconstrained", float(points["inference_params"].max()))]
-    fig, axes = plt.subplots(len(budgets), len(sizes), figsize=(5 * len(sizes), 4 * len(budgets)),
-                             squeeze=False)
+    fig = Figure(figsize=(5 * len(sizes), 4 * len(budgets)))
+    axes = fig.subplots(len(budgets), len(sizes), squeeze=False)
     for i, (label, inf) in enumerate(budgets):
         for j, t in enumerate(sizes):
             ax = axes[i][j]
@@ -228,7 +218,7 @@ def fig_decision(points: pd.DataFrame, small_params: float, n_domains: int = 1) 
             ax.set_xlabel(f"pretraining budget per domain [FLOPs] (N = {n_domains})")
             ax.set_ylabel("specialization budget per domain [FLOPs]")
     fig.subplots_adjust(hspace=0.4)
-    fig.legend(handles=[Patch(color=METHOD_COLORS.get(m, "#000000"), label=m) for m in methods]
+    fig.legend(handles=[Patch(color=_color(m), label=m) for m in methods]
                + [Patch(facecolor="#ffffff", edgecolor="#999999", label="nothing fits")],
                loc="upper center", ncol=len(methods) + 1, bbox_to_anchor=(0.5, 1.02))
     return _png(fig)
@@ -246,7 +236,7 @@ def load_report_inputs(recipe, extra_results: Iterable[str] = ()) -> tuple[pd.Da
     paths = own + extra
     if not paths:
         raise InputError(f"no results to report: nothing under "
-                         f"{RunLayout(recipe.run_dir).path('specialize')}/*/results.parquet and no "
+                         f"{RunLayout(recipe.run_dir).results('*')} and no "
                          "--results given; run `slm sweep` first")
     tables = {p: read_results(p) for p in paths}
     found = check_one_recipe(tables)
@@ -261,42 +251,63 @@ def load_report_inputs(recipe, extra_results: Iterable[str] = ()) -> tuple[pd.Da
     return raw, trials, paths
 
 
+def shown_path(layout: RunLayout, path: str) -> str:
+    """A path as the report shows it: relative to the run directory (never a machine path)."""
+    if not path:
+        return path
+    rel = layout.relative(path)
+    if is_remote(rel) or not os.path.isabs(rel):
+        return rel
+    return os.path.relpath(rel, os.path.abspath(layout.root))
+
+
+def portable_recipe(recipe, layout: RunLayout):
+    """The recipe with its local paths relative to the run directory (for the page)."""
+    c = recipe.corpus
+    corpus = dataclasses.replace(c, generic=shown_path(layout, c.generic),
+                                 domains={d: shown_path(layout, p) for d, p in c.domains.items()})
+    cluster = dataclasses.replace(recipe.cluster, storage=shown_path(layout, recipe.cluster.storage))
+    return dataclasses.replace(recipe, run_dir=".", corpus=corpus, cluster=cluster)
+
+
 def write_report(recipe, extra_results: Iterable[str] = ()) -> str:
     """Write ``RUN/report/`` (index.html, figures, raw results) for ``recipe``; returns the
-    index.html URI."""
-    from slm.config import dump_recipe
-
+    index.html URI. Every path it shows or stores is relative to the run directory."""
+    layout = RunLayout(recipe.run_dir)
     raw, trials, paths = load_report_inputs(recipe, extra_results)
+    sources = [shown_path(layout, p) for p in paths]
+    raw = raw.assign(source=raw["source"].map(lambda p: shown_path(layout, p)))
     points = aggregate_points(trials)
     amort = amortization_table(points, AMORTIZATION_NS)
     pt = perplexity_table(trials.sort_values("valid_loss", kind="stable")
                           .drop_duplicates(["recipe", "domain", "method", "budget_steps",
                                             "domain_tokens", "seed"]))
-    non_llm = points[points["method"] != "llm"]
+    small_served = points[points["method"].map(lambda m: not get_method(m).serves_large)]
     small = float(recipe.specialize.inference_budget
-                  or (non_llm["inference_params"].max() if len(non_llm) else points["inference_params"].min()))
+                  or (small_served["inference_params"].max() if len(small_served)
+                      else points["inference_params"].min()))
     figures = {
         "ppl_vs_pretrain.png": fig_ppl_vs_cost(points, "c_pretrain_flops", "C_pretrain [FLOPs] (0 = none shared)"),
         "ppl_vs_specialize.png": fig_ppl_vs_cost(points, "c_spec_flops", "C_specialize per domain [FLOPs]"),
         "amortization.png": fig_amortization(amort),
         "decision.png": fig_decision(points, small),
     }
-    page = _page(recipe, paths, pt, points, amort, small, dump_recipe(recipe), trials)
+    page = _page(recipe, sources, pt, points, amort, small,
+                 dump_recipe(portable_recipe(recipe, layout)), trials)
     csv = raw.to_csv(index=False).encode("utf-8")
     pq_buf = io.BytesIO()
     raw.to_parquet(pq_buf, index=False)
-    uri = RunLayout(recipe.run_dir).report
-    with publish(uri, stage="report", config={"recipe": recipe.name, "sources": paths},
+    with publish(layout.report, stage="report", config={"recipe": recipe.name, "sources": sources},
                  force=True) as out:
         files = {**figures, "index.html": page.encode("utf-8"), "results.csv": csv,
                  "results.parquet": pq_buf.getvalue(),
-                 "method_costs.csv": points.to_csv(index=False).encode("utf-8"),
-                 "perplexity_table.csv": pt.to_csv(index=False).encode("utf-8")}
+                 METHOD_COSTS: points.to_csv(index=False).encode("utf-8"),
+                 PERPLEXITY_TABLE: pt.to_csv(index=False).encode("utf-8")}
         for name, data in files.items():
             with out.fs.open_output_stream(f"{out.path}/{name}") as f:
                 f.write(data)
-        out.manifest.update({"files": sorted(files), "sources": paths, "rows": len(raw)})
-    return join(uri, "index.html")
+        out.manifest.update({"files": sorted(files), "sources": sources, "rows": len(raw)})
+    return join(layout.report, "index.html")
 
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;
@@ -306,7 +317,29 @@ td:first-child,td:nth-child(2){text-align:left}.best{font-weight:bold;background
 pre{background:#f7f7f7;padding:1em;overflow:auto}"""
 
 
-def _page(recipe, paths: list[str], pt: pd.DataFrame, points: pd.DataFrame, amort: pd.DataFrame,
+def _assumptions(methods: list, n_lrs: int, small: float) -> list[str]:
+    """The cost model's rules as the page states them, for the reported methods (registry)."""
+    extras = "; ".join(f"{m.name}: + {', + '.join(m.spec_notes())}" for m in methods if m.spec_notes())
+    return [
+        ("C_total(N) = C_pretrain + N · C_specialize (paper Eq. 1), in measured FLOPs and device-hours "
+         "(device-seconds / 3600 as recorded by the runs: GPU-seconds on GPUs, worker-seconds on CPU)."),
+        "C_pretrain (shared): " + "; ".join(f"{m.name}: {m.pretrain_note()}" for m in methods) + ".",
+        ("C_specialize (per domain, averaged over domains and seeds): fine-tuning FLOPs actually "
+         "spent (steps run, not only to the best step)" + (f"; {extras}" if extras else "") + "."),
+        ("Costs of pretraining come from the run's pretrain/**/costs.json where present, else from "
+         "the results rows (column cost_basis says which)."),
+        (f"Learning rate: the LR with the lowest valid loss per trial key is kept (up to {n_lrs} LR(s) "
+         "per key); only the kept trial's cost is charged (paper §3.7 convention)."),
+        ("Perplexity: test split; cells are mean ± std over seeds; the macro row is exp of the mean "
+         "over domains of the mean test NLL over seeds (paper §3.1), its ± the std over seeds of the "
+         "per-seed macro perplexity."),
+        (f"Decision chart: best method by the planner's interpolation of measured points (log-cost, "
+         f"non-increasing envelope), N = 1; top row: inference budget = {small:,.0f} params "
+         "(the small served model), bottom row: any measured model."),
+    ]
+
+
+def _page(recipe, sources: list[str], pt: pd.DataFrame, points: pd.DataFrame, amort: pd.DataFrame,
           small: float, recipe_yaml: str, trials: pd.DataFrame) -> str:
     cost_cols = ["method", "budget_steps", "domain_tokens", "c_pretrain_flops", "c_pretrain_hours",
                  "c_spec_flops", "c_spec_hours", "inference_params", "inference_flops_per_token",
@@ -316,36 +349,24 @@ def _page(recipe, paths: list[str], pt: pd.DataFrame, points: pd.DataFrame, amor
     am = amort[["n", "method", "budget_steps", "domain_tokens", "c_total_flops", "c_total_hours",
                 "macro_ppl"]].sort_values(["n", "domain_tokens", "c_total_flops"])
     e = html.escape
-    sources = "".join(f"<li><code>{e(p)}</code></li>" for p in paths)
+    listed = "".join(f"<li><code>{e(p)}</code></li>" for p in sources)
     n_lrs = int(trials["n_lrs"].max()) if "n_lrs" in trials else 1
-    assumptions = [
-        ("C_total(N) = C_pretrain + N · C_specialize (paper Eq. 1), in measured FLOPs and device-hours "
-        "(device-seconds / 3600 as recorded by the runs: GPU-seconds on GPUs, worker-seconds on CPU)."),
-        ("C_pretrain (shared): slm, llm, pn: their pretraining; mix: all experts; d: teacher llm + "
-        "student slm; is and nopt: 0."),
-        ("C_specialize (per domain, averaged over domains and seeds): fine-tuning FLOPs actually "
-        "spent (steps run, not only to the best step); mix with expert_selection=all: every "
-        "expert tried; d: + the teacher's fine-tuning; is: + the domain's own pretraining."),
-        (f"Costs of pretraining come from {e(join(recipe.run_dir, 'pretrain'))}/**/costs.json where "
-        "present, else from the results rows (column cost_basis says which)."),
-        (f"Learning rate: the LR with the lowest valid loss per trial key is kept (up to {n_lrs} LR(s) "
-        "per key); only the kept trial's cost is charged (paper §3.7 convention)."),
-        ("Perplexity: test split; cells are mean ± std over seeds; the macro row is exp of the mean "
-        "over domains of the mean test NLL over seeds (paper §3.1), its ± the std over seeds of the "
-        "per-seed macro perplexity."),
-        (f"Decision chart: best method by the planner's interpolation of measured points (log-cost, "
-         f"non-increasing envelope), N = 1; top row: inference budget = {small:,.0f} params "
-         "(the small served model), bottom row: any measured model."),
-    ]
+    reported = set(points["method"])
+    methods = [get_method(m) for m in method_names() if m in reported]
+    described = "".join(f"<li><b>{e(m.label)}</b> (<code>{e(m.name)}</code>): {e(m.description)}</li>"
+                        for m in methods)
+    assumptions = "".join(f"<li>{e(a)}</li>" for a in _assumptions(methods, n_lrs, small))
     figs = "".join(f"<h3>{e(n)}</h3><img src='{n}' alt='{e(n)}'>" for n in FIGURES)
+    run_name = recipe.run_dir.rstrip("/").rsplit("/", 1)[-1]
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>slm report: {e(recipe.name)}</title>
 <style>{_CSS}</style></head><body>
 <h1>slm report: recipe <code>{e(recipe.name)}</code></h1>
-<p>Run directory <code>{e(recipe.run_dir)}</code>; generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')};
-{len(trials)} trials from:</p><ul>{sources}</ul>
+<p>Run directory <code>{e(run_name)}</code> (every path below is relative to it); generated
+{time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {len(trials)} trials from:</p><ul>{listed}</ul>
 <p>Raw results: <a href='results.parquet'>results.parquet</a>, <a href='results.csv'>results.csv</a>;
-cost model: <a href='method_costs.csv'>method_costs.csv</a>;
-table: <a href='perplexity_table.csv'>perplexity_table.csv</a>.</p>
+cost model: <a href='{METHOD_COSTS}'>{METHOD_COSTS}</a>;
+table: <a href='{PERPLEXITY_TABLE}'>{PERPLEXITY_TABLE}</a>.</p>
+<h2>Methods</h2><ul>{described}</ul>
 <h2>Test perplexity (domain × method × domain size × budget)</h2>
 {_ppl_table_html(pt)}
 <h2>Figures</h2>{figs}
@@ -353,7 +374,7 @@ table: <a href='perplexity_table.csv'>perplexity_table.csv</a>.</p>
 {_df_html(points[cost_cols], fmt)}
 <h2>Amortization over N domains</h2>
 {_df_html(am, {"c_total_flops": ".4g", "c_total_hours": ".4g", "macro_ppl": ".2f"})}
-<h2>Cost assumptions</h2><ul>{''.join(f'<li>{a}</li>' for a in assumptions)}</ul>
+<h2>Cost assumptions</h2><ul>{assumptions}</ul>
 <h2>Recipe</h2><pre>{e(recipe_yaml)}</pre>
 </body></html>
 """

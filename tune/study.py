@@ -9,18 +9,20 @@ from __future__ import annotations
 import logging
 import time
 
+from slm.cluster.ray_env import ray_session
+from slm.models.config import FAMILY_INFO
+from slm.models.pretrain import pretrain
+from slm.pipeline.run import run_pipeline
+
+from .report import write_report
+from .sweep import run_sweep
+
 log = logging.getLogger(__name__)
 
 
 def run_study(recipe, force: bool = False) -> str:
     """Run the study of ``recipe``; returns the report's path. ``force`` rebuilds the data
     stages (pretraining and trials resume from what is published; delete them to redo them)."""
-    from slm.cluster.ray_env import ray_session
-    from slm.models.pretrain import pretrain
-    from slm.pipeline.run import run_pipeline
-    from slm.tune.report import write_report
-    from slm.tune.sweep import run_sweep
-
     times: dict[str, float] = {}
     # One Ray session for every step: starting Ray once saves ~10 s per step.
     with ray_session(recipe.cluster):
@@ -29,9 +31,9 @@ def run_study(recipe, force: bool = False) -> str:
         times["data"] = time.time() - t
         for family in recipe.pretrain.families:
             t = time.time()
-            # SLM-is pretrains one model per domain: only for the domains the sweep specializes
-            domains = (recipe.sweep.domains or None) if family == "is" else None
-            pretrain(recipe, family, domains=domains)
+            # a family pretrained per domain (SLM-is): only for the domains the sweep specializes
+            per_domain = FAMILY_INFO[family].runs == "per_domain"
+            pretrain(recipe, family, domains=(recipe.sweep.domains or None) if per_domain else None)
             times[f"pretrain-{family}"] = time.time() - t
         t = time.time()
         run_sweep(recipe)

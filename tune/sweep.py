@@ -1,12 +1,19 @@
 """Ray Tune sweep of specialization: domains x methods x budgets x domain sizes x seeds (x LRs).
 
-Layout of a sweep (``RUN/specialize/<sweep.name>/``, the name is deterministic so a re-run
-resumes it):
+Layout of a sweep (``RUN/specialize/<sweep.name>/``, slm.layout.RunLayout; the name is
+deterministic so a re-run resumes it):
 
-    tune/                      the Ray Tune experiment (restored with resume_unfinished)
+    tune/<phase>/              the Ray Tune experiments (restored with resume_unfinished):
+                               'teachers' first, then 'grid' (the other trials)
+    grid.json                  the trial keys each phase was started with
     trials/<trial key>/        one published artifact per finished trial: HF model,
                                training.json, row.json (its row of the results table)
     results.parquet, .csv      every finished trial's row (written atomically)
+
+Teachers are dependencies: the trials other trials distil from (SLM-d's llm trial of the same
+domain, budget, domain size, seed and LR; ``Method.teacher``), in the grid or not, run as a
+first Tune phase; a student only looks its teacher up. Their rows stay in the table (the llm
+rows are the large-model reference even where the grid leaves llm out).
 
 A trial is *finished* exactly when its ``trials/<key>/`` artifact is published, so a sweep that
 was killed mid-way and re-run skips finished trials twice over: Tune does not restart trials it
@@ -20,58 +27,37 @@ Products: for each (domain, method) the trial with the lowest domain valid loss 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
 import time
-from itertools import product
 from typing import Any
 
-from slm.configkit import ConfigError
-from slm.errors import StageError
-from slm.layout import RunLayout
-from slm.stage import (exists, filesystem, fingerprint, is_remote, join, manifest, publish, read_json,
-                       write_json)
+import pyarrow.fs as pafs
+import ray
+import ray.tune
+from ray.tune.schedulers import ASHAScheduler
 
-from .specialize import (RESULT_COLUMNS, Trial, check_methods, run_domains, specialize_trial,
-                         trial_done, trial_uri)
+from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session
+from slm.config import resolve_paths
+from slm.errors import StageError
+from slm.layout import TRIAL_ROW, RunLayout
+from slm.stage import MANIFEST, exists, filesystem, is_remote, join, manifest, publish, read_json, write_json
+
+from .grid import Trial, sweep_trials, teacher_trials, trial_done, trial_uri
+from .results import write_table
+from .specialize import specialize_trial
 
 log = logging.getLogger(__name__)
 
-
-# --------------------------------------------------------------------------------------------
-# The grid
-# --------------------------------------------------------------------------------------------
-
-def sweep_trials(recipe, domains: list[str] | None = None) -> list[Trial]:
-    """Every trial of the recipe's sweep, in a deterministic order; ConfigError names the field
-    that asks for something the run cannot do (unknown domain, size, method, budget)."""
-    sw, spec = recipe.sweep, recipe.specialize
-    layout = RunLayout(recipe.run_dir)
-    known = run_domains(layout)
-    wanted = list(domains if domains is not None else (sw.domains or known))
-    for d in wanted:
-        if d not in known:
-            raise ConfigError(f"field 'sweep.domains' names domain '{d}', which the run has no "
-                              f"shards for; known: {', '.join(known) or '(none: run `slm data run`)'}")
-    for b in sw.budgets:
-        if b <= 0:
-            raise ConfigError(f"field 'sweep.budgets' has {b}; a specialization budget must be > 0 steps")
-    sizes = sw.domain_tokens or list(recipe.data.domain_train_tokens)
-    for t in sizes:
-        if t not in recipe.data.domain_train_tokens:
-            raise ConfigError(f"field 'sweep.domain_tokens' has {t}, which is not one of the run's "
-                              f"domain train subsets (data.domain_train_tokens = "
-                              f"{recipe.data.domain_train_tokens}); use one of those")
-    methods = check_methods(recipe, sw.methods)
-    lrs = sw.lrs or [spec.lr]
-    return [Trial(d, m, b, t, s, lr)
-            for d, m, b, t, s, lr in product(wanted, methods, sw.budgets, sizes, sw.seeds, lrs)]
+TEACHERS, GRID = "teachers", "grid"  # the Tune phases, in order
 
 
-def sweep_dir(recipe) -> str:
-    return RunLayout(recipe.run_dir).sweep(recipe.sweep.name)
+def sweep_phases(trials: list[Trial]) -> list[tuple[str, list[Trial]]]:
+    """[(phase, trials)]: every teacher the grid depends on, then the rest of the grid."""
+    teachers = teacher_trials(trials)
+    keys = {t.key() for t in teachers}
+    return [(TEACHERS, teachers), (GRID, [t for t in trials if t.key() not in keys])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,12 +67,10 @@ def sweep_dir(recipe) -> str:
 def _trial_fn(config: dict[str, Any], recipe=None) -> None:
     """Tune trainable: one specialization trial. Reports the published row if the trial's
     artifact already exists (a re-run after an interruption), else trains and publishes."""
-    import ray.tune
-
     trial = Trial.from_dict(config["trial"])
     uri = trial_uri(recipe, trial)
     if trial_done(recipe, trial, uri):
-        row = read_json(join(uri, "row.json"))
+        row = read_json(join(uri, TRIAL_ROW))
         ray.tune.report({**_numeric(row), "valid/loss": row["valid_loss"], "skipped": 1})
         return
     row = specialize_trial(recipe, trial, uri, in_tune=True)
@@ -98,37 +82,36 @@ def _numeric(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _tuner(recipe, trials: list[Trial]):
-    """A new Tuner over ``trials``, or the restored one when the experiment exists."""
-    import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES
-
+def _tuner(recipe, phase: str, trials: list[Trial]):
+    """A new Tuner of one phase over ``trials``, or the restored one when that phase's
+    experiment exists and was started with the same trials."""
     sw = recipe.sweep
+    layout = RunLayout(recipe.run_dir)
     # The trial only drives: its Train worker holds the trial's CPUs/GPU, so concurrency is
     # bounded by max_concurrent_trials, not by the driver's resources.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_fn, recipe=recipe),
                                         TRIAL_DRIVER_RESOURCES)
-    storage = sweep_dir(recipe)
-    exp = _abs(join(storage, "tune"))
-    grid_fp = fingerprint([t.key() for t in trials])
-    fs, path = filesystem(storage)
-    marker = join(storage, "grid.json")
-    if ray.tune.Tuner.can_restore(exp) and exists(marker) and read_json(marker).get("grid") == grid_fp:
+    storage = _abs(layout.sweep_tune(sw.name))
+    exp = join(storage, phase)
+    marker = layout.sweep_grid(sw.name)
+    phases = read_json(marker).get("phases", {}) if exists(marker) else {}
+    keys = [t.key() for t in trials]
+    if ray.tune.Tuner.can_restore(exp) and phases.get(phase) == keys:
         log.info("sweep '%s': restoring the Tune experiment %s (finished trials are not re-run)",
                  sw.name, exp)
         return ray.tune.Tuner.restore(exp, trainable, resume_unfinished=True,
                                       restart_errored=True)
     if exists(exp):  # another grid: its finished trials stay published under trials/
-        log.info("sweep '%s': the grid changed; starting a new Tune experiment", sw.name)
+        log.info("sweep '%s': the grid of phase '%s' changed; starting a new Tune experiment",
+                 sw.name, phase)
         if not is_remote(exp):
-            shutil.rmtree(path + "/tune", ignore_errors=True)
+            shutil.rmtree(exp, ignore_errors=True)
+    fs, path = filesystem(layout.sweep(sw.name))
     fs.create_dir(path, recursive=True)
-    write_json(marker, {"grid": grid_fp, "trials": [t.key() for t in trials]})
+    write_json(marker, {"phases": {**phases, phase: keys}})
     param_space = {"trial": ray.tune.grid_search([t.to_dict() for t in trials])}
     scheduler = None
-    if sw.asha:
+    if sw.asha and phase != TEACHERS:  # a teacher stopped early would leave its students none
         # every valid evaluation of the loop reaches Tune as one result with "valid/loss"
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="valid/loss", mode="min",
                                   grace_period=sw.asha_grace, max_t=max(2, max(sw.budgets)))
@@ -137,7 +120,7 @@ def _tuner(recipe, trials: list[Trial]):
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(scheduler=scheduler,
                                         max_concurrent_trials=_concurrency(recipe)),
-        run_config=ray.tune.RunConfig(name="tune", storage_path=_abs(storage), verbose=1,
+        run_config=ray.tune.RunConfig(name=phase, storage_path=storage, verbose=1,
                                       failure_config=ray.tune.FailureConfig(max_failures=sw.max_failures)),
     )
 
@@ -147,8 +130,6 @@ def _concurrency(recipe) -> int:
     CPU stays free for the Ray Data tasks that feed the workers and for each trial's driver),
     capped by sweep.max_concurrent. More would leave a trial's worker group waiting for
     resources until Ray Train's start-up timeout fails it."""
-    import ray
-
     sw = recipe.sweep
     res = ray.cluster_resources()
     if sw.gpus_per_trial > 0:
@@ -176,75 +157,16 @@ def collect_rows(recipe, trials: list[Trial]) -> list[dict[str, Any]]:
     for t in trials:
         uri = trial_uri(recipe, t)
         if manifest(uri) is not None:
-            rows.append(read_json(join(uri, "row.json")))
+            rows.append(read_json(join(uri, TRIAL_ROW)))
     return rows
-
-
-def teacher_trials(trials: list[Trial]) -> list[Trial]:
-    """The llm trials SLM-d trials use as teachers that are not in ``trials`` themselves."""
-    import dataclasses
-
-    have = {t.key() for t in trials}
-    out = []
-    for t in trials:
-        ref = dataclasses.replace(t, method="llm")
-        if t.method == "d" and ref.key() not in have:
-            have.add(ref.key())
-            out.append(ref)
-    return out
 
 
 def write_results(recipe, rows: list[dict[str, Any]]) -> str:
     """``results.parquet`` + ``results.csv`` of the sweep, each replaced atomically."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    cols = RESULT_COLUMNS + sorted({k for r in rows for k in r} - set(RESULT_COLUMNS))
-    table = pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows],
-                                 schema=_schema(cols, rows))
-    out = join(sweep_dir(recipe), "results.parquet")
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    _atomic_write(out, buf.getvalue())
-    buf = io.BytesIO()
-    pacsv.write_csv(table, buf)
-    _atomic_write(join(sweep_dir(recipe), "results.csv"), buf.getvalue())
+    layout = RunLayout(recipe.run_dir)
+    out = layout.results(recipe.sweep.name)
+    write_table(rows, out, layout.results(recipe.sweep.name, "csv"))
     return out
-
-
-def _schema(cols: list[str], rows: list[dict[str, Any]]):
-    import pyarrow as pa
-
-    str_cols = {"recipe", "domain", "method", "model_path", "trial", "data", "expert_selection"}
-    int_cols = {"budget_steps", "domain_tokens", "seed", "expert", "steps_run", "best_step",
-                "inference_params"}
-    fields = []
-    for c in cols:
-        if c in str_cols:
-            fields.append(pa.field(c, pa.string()))
-        elif c in int_cols:
-            fields.append(pa.field(c, pa.int64()))
-        else:
-            vals = [r.get(c) for r in rows if r.get(c) is not None]
-            if vals and all(isinstance(v, str) for v in vals):
-                fields.append(pa.field(c, pa.string()))
-            else:
-                fields.append(pa.field(c, pa.float64()))
-    return pa.schema(fields)
-
-
-def _atomic_write(uri: str, data: bytes) -> None:
-    fs, path = filesystem(uri)
-    if is_remote(uri):  # object stores replace a key atomically
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def publish_products(recipe, rows: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
@@ -260,23 +182,20 @@ def publish_products(recipe, rows: list[dict[str, Any]]) -> dict[tuple[str, str]
     for (domain, method), r in sorted(best.items()):
         dst = layout.model(domain, method)
         m = manifest(dst)
-        if m is not None and m.get("trial") == r["trial"] and m.get("trial_uri") == r["model_path"]:
-            out[(domain, method)] = dst
-            continue
-        copy_model(r["model_path"], dst, stage="model",
-                   extra={"trial": r["trial"], "trial_uri": r["model_path"], "valid_loss": r["valid_loss"],
-                          "test_ppl": r["test_ppl"]})
+        # model_path is run-relative (older runs: absolute); the manifest records it as stored
+        if m is None or m.get("trial") != r["trial"] or m.get("trial_uri") != r["model_path"]:
+            copy_model(layout.resolve(r["model_path"]), dst, stage="model",
+                       extra={"trial": r["trial"], "trial_uri": r["model_path"],
+                              "valid_loss": r["valid_loss"], "test_ppl": r["test_ppl"]})
         out[(domain, method)] = dst
     return out
 
 
 def copy_model(src: str, dst: str, *, stage: str, extra: dict[str, Any]) -> None:
     """Publish a copy of the model files (HF files + training.json) of ``src`` at ``dst``."""
-    import pyarrow.fs as pafs
-
     sfs, spath = filesystem(src)
     files = [f for f in sfs.get_file_info(pafs.FileSelector(spath))
-             if f.type == pafs.FileType.File and f.base_name not in ("manifest.json", "row.json")]
+             if f.type == pafs.FileType.File and f.base_name not in (MANIFEST, TRIAL_ROW)]
     with publish(dst, stage=stage, config=extra, force=True) as out:
         for f in files:
             pafs.copy_files(f.path, join(out.path, f.base_name), source_filesystem=sfs,
@@ -293,34 +212,37 @@ def run_sweep(recipe) -> str:
 
     Trials whose artifact is already published are not run again; the others run as Ray Tune
     trials (``sweep.max_concurrent`` at once, each with ``sweep.cpus_per_trial`` CPUs /
-    ``gpus_per_trial`` GPUs for its Train worker). Trials that fail are reported and left
-    unfinished (a re-run retries them); the table and products cover the finished ones.
+    ``gpus_per_trial`` GPUs for its Train worker), teachers first. Trials that fail are
+    reported and left unfinished (a re-run retries them); the table and products cover the
+    finished ones.
     """
-    from slm.cluster.ray_env import ray_session
-    from slm.config import resolve_paths
-
     recipe = resolve_paths(recipe)  # trials run in their own working directories
     trials = sweep_trials(recipe)
-    pending = [t for t in trials if not trial_done(recipe, t, trial_uri(recipe, t))]
-    log.info("sweep '%s': %d trials, %d already finished", recipe.sweep.name, len(trials),
-             len(trials) - len(pending))
-    if pending:
-        t0 = time.time()
+    phases = sweep_phases(trials)
+    todo = {phase: [t for t in ts if not trial_done(recipe, t, trial_uri(recipe, t))] for phase, ts in phases}
+    total = sum(len(ts) for _, ts in phases)
+    log.info("sweep '%s': %d trials (%d of them teachers, run first), %d already finished",
+             recipe.sweep.name, total, len(phases[0][1]), total - sum(map(len, todo.values())))
+    if any(todo.values()):
         with ray_session(recipe.cluster):
-            grid = _tuner(recipe, trials)
-            results = grid.fit()
-        errors = [r.error for r in results if r.error is not None]
-        log.info("sweep '%s': Tune finished in %.0f s (%d errored trials)", recipe.sweep.name,
-                 time.time() - t0, len(errors))
-        for e in errors:
-            log.warning("trial failed: %s", e)
+            for phase, ts in phases:
+                if not todo[phase]:
+                    continue
+                t0 = time.time()
+                results = _tuner(recipe, phase, ts).fit()
+                errors = [r.error for r in results if r.error is not None]
+                log.info("sweep '%s': Tune phase '%s' finished in %.0f s (%d errored trials)",
+                         recipe.sweep.name, phase, time.time() - t0, len(errors))
+                for e in errors:
+                    log.warning("trial failed: %s", e)
     grid_rows = collect_rows(recipe, trials)
-    # SLM-d's teachers are llm trials; where the grid leaves llm out (over the inference budget)
-    # they ran anyway, and their rows are the large-model reference the report compares with.
-    rows = grid_rows + collect_rows(recipe, teacher_trials(trials))
+    keys = {t.key() for t in trials}
+    # the teachers outside the grid (e.g. llm over the inference budget) ran anyway: their rows
+    # are the large-model reference the report compares with
+    rows = grid_rows + collect_rows(recipe, [t for t in teacher_trials(trials) if t.key() not in keys])
     if not grid_rows:
         raise StageError(f"sweep '{recipe.sweep.name}' finished no trial; see the errors above "
-                         f"and the Tune logs under {join(sweep_dir(recipe), 'tune')}")
+                         f"and the Tune logs under {RunLayout(recipe.run_dir).sweep_tune(recipe.sweep.name)}")
     out = write_results(recipe, rows)
     publish_products(recipe, rows)
     missing = len(trials) - len(grid_rows)

@@ -1,0 +1,54 @@
+"""Evaluating a model on a published shard (driver/trial side; domain valid/test shards are
+small): the test loss of a specialized model, the valid losses that pick an expert."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from transformers import AutoModelForCausalLM
+
+from slm.errors import InputError, StageError
+from slm.models.losses import lm_loss
+from slm.pipeline.artifacts import parquet_files
+from slm.stage import filesystem, manifest
+
+
+def shard_batches(uri: str, batch_size: int, max_batches: int = 0) -> Iterator[torch.Tensor]:
+    """Yield int64 [batch, seq_len] tensors of ``input_ids`` from a published shard, in order,
+    streamed record batch by record batch."""
+    if manifest(uri) is None:
+        raise StageError(f"shard '{uri}' is not done; run the data pipeline first")
+    fs, _ = filesystem(uri)
+    n = 0
+    for path in parquet_files(uri):
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        for rb in pf.iter_batches(batch_size=batch_size, columns=["input_ids"]):
+            col = rb.column(0)
+            arr = np.asarray(col.values.to_numpy(zero_copy_only=False)).reshape(len(col), -1)
+            yield torch.from_numpy(arr.astype(np.int64))
+            n += 1
+            if max_batches and n >= max_batches:
+                return
+
+
+def evaluate(model, uri: str, batch_size: int = 8, max_batches: int = 0) -> float:
+    """Mean next-token loss (nats) of ``model`` over a shard (token-weighted)."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in shard_batches(uri, batch_size, max_batches):
+            loss, n = lm_loss(model(input_ids=ids).logits, ids)
+            total += float(loss) * n
+            count += n
+    if count == 0:
+        raise InputError(f"shard '{uri}' holds no windows; the domain split is too small for "
+                         "one window of data.seq_len tokens: add text or lower data.seq_len")
+    return total / count
+
+
+def load_lm(path: str):
+    """A published HF causal LM (local path or the local side of a URI)."""
+    return AutoModelForCausalLM.from_pretrained(filesystem(path)[1])

@@ -1,0 +1,181 @@
+"""The sweep grid: one ``Trial`` per (domain, method, budget, domain size, seed, LR), where a
+trial is published, which methods the run can specialize (inference budget, pretrained
+families) and the teachers the trials depend on."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import asdict, dataclass
+from itertools import product
+from typing import Any
+
+from transformers import PreTrainedTokenizerFast
+
+from slm.configkit import ConfigError, to_dict
+from slm.layout import SPLITS, RunLayout, domain_set
+from slm.models.lm import lm_config, lm_param_count
+from slm.stage import Stage, filesystem, manifest, subdirs
+
+from .methods import get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One point of the sweep grid."""
+
+    domain: str
+    method: str
+    budget_steps: int
+    domain_tokens: int
+    seed: int
+    lr: float  # base LR; divided by specialize.small_data_lr_div for small domains
+
+    def key(self) -> str:
+        """Directory name of the trial (deterministic, filesystem-safe)."""
+        return (f"{self.domain}--{self.method}--b{self.budget_steps}--t{self.domain_tokens}"
+                f"--s{self.seed}--lr{self.lr:g}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trial":
+        return cls(str(d["domain"]), str(d["method"]), int(d["budget_steps"]),
+                   int(d["domain_tokens"]), int(d["seed"]), float(d["lr"]))
+
+
+def trial_uri(recipe, trial: Trial, sweep: str | None = None) -> str:
+    return RunLayout(recipe.run_dir).trial(sweep or recipe.sweep.name, trial.key())
+
+
+def trial_config(recipe, trial: Trial) -> dict[str, Any]:
+    """What a published trial was made with: a trial published under another specialization
+    config is never reused silently (slm.stage.is_done raises, naming the fix)."""
+    return {"trial": trial.to_dict(), "recipe": recipe.name, "specialize": to_dict(recipe.specialize)}
+
+
+def trial_stage(recipe, trial: Trial, uri: str) -> Stage:
+    """The trial as a stage: published at ``uri`` with its config (``trial_config``)."""
+    return Stage(uri, stage="specialize", config=trial_config(recipe, trial))
+
+
+def trial_done(recipe, trial: Trial, uri: str) -> bool:
+    """True when the trial's artifact is published with this config."""
+    return trial_stage(recipe, trial, uri).done
+
+
+def teacher_of(trial: Trial) -> Trial | None:
+    """The trial whose specialized model is ``trial``'s KD teacher (same domain, budget,
+    domain size, seed and LR; the method's ``teacher``), or None."""
+    teacher = get_method(trial.method).teacher
+    return dataclasses.replace(trial, method=teacher) if teacher else None
+
+
+def teacher_trials(trials: list[Trial]) -> list[Trial]:
+    """Every teacher the trials depend on, in the grid or not (each once, in grid order): the
+    sweep trains them before their students, and keeps their rows as the reference."""
+    seen, out = set(), []
+    for t in trials:
+        ref = teacher_of(t)
+        if ref is not None and ref.key() not in seen:
+            seen.add(ref.key())
+            out.append(ref)
+    return out
+
+
+def small_data_lr(recipe, lr: float, domain_tokens: int) -> float:
+    """Paper App. C: at <= small_data_tokens domain tokens the LR is divided (1M -> LR/3)."""
+    spec = recipe.specialize
+    return lr / spec.small_data_lr_div if domain_tokens <= spec.small_data_tokens else lr
+
+
+# --------------------------------------------------------------------------------------------
+# What the run holds
+# --------------------------------------------------------------------------------------------
+
+def run_domains(layout: RunLayout) -> list[str]:
+    """Domains with published train/valid/test shards in the run, sorted."""
+    prefix, _, suffix = domain_set("\0", "test").partition("\0")  # the name around the domain
+    out = []
+    for n in subdirs(layout.path("data/shards")):
+        if n.startswith(prefix) and n.endswith(suffix):
+            d = n[len(prefix):-len(suffix)]
+            if all(manifest(layout.shards(domain_set(d, s))) is not None for s in SPLITS):
+                out.append(d)
+    return sorted(out)
+
+
+def vocab_size(recipe) -> int:
+    """Vocabulary of the run's tokenizer (the recipe's size before the tokenizer is built)."""
+    tok = RunLayout(recipe.run_dir).tokenizer
+    if manifest(tok) is None:
+        return recipe.tokenizer.vocab_size
+    return len(PreTrainedTokenizerFast.from_pretrained(filesystem(tok)[1]))
+
+
+def size_params(recipe, size: str) -> int:
+    """Parameters of a served GPT-2 of preset ``size`` with the run's vocabulary."""
+    return lm_param_count(lm_config(size, vocab_size(recipe), recipe.data.seq_len))
+
+
+def inference_budget(recipe) -> int:
+    """Max parameters of a served model (``specialize.inference_budget``, 0 = the small model)."""
+    return recipe.specialize.inference_budget or size_params(recipe, recipe.pretrain.slm_size)
+
+
+def check_methods(recipe, methods: list[str]) -> list[str]:
+    """The methods that fit the inference budget and the pretrained families; ConfigError names
+    the field when none fits or a method needs a family the recipe does not pretrain."""
+    entries = [get_method(m) for m in methods]
+    budget = inference_budget(recipe)
+    p = recipe.pretrain
+    slm_p, llm_p = size_params(recipe, p.slm_size), size_params(recipe, p.llm_size)
+    if budget < min(slm_p, llm_p):
+        raise ConfigError(f"field 'specialize.inference_budget' is {budget} parameters, smaller than "
+                          f"every model (slm {slm_p}, llm {llm_p}); raise it to at least {min(slm_p, llm_p)} "
+                          "or pick a smaller pretrain.slm_size")
+    out = []
+    for m in entries:
+        preset = m.served_preset(p)
+        served = llm_p if m.serves_large else slm_p
+        if served > budget:
+            log.warning("method '%s' excluded: the %s model it serves has %d parameters, over the "
+                        "inference budget of %d (specialize.inference_budget)", m.name, preset,
+                        served, budget)
+            continue
+        for fam in m.pretrains:
+            if fam not in p.families:
+                raise ConfigError(f"field 'sweep.methods' has '{m.name}', which needs the '{fam}' family, "
+                                  f"but pretrain.families is {p.families}; add '{fam}' or drop '{m.name}'")
+        out.append(m.name)
+    if not out:
+        raise ConfigError("no method of 'sweep.methods' fits 'specialize.inference_budget'; raise the budget")
+    return out
+
+
+def sweep_trials(recipe, domains: list[str] | None = None) -> list[Trial]:
+    """Every trial of the recipe's sweep, in a deterministic order; ConfigError names the field
+    that asks for something the run cannot do (unknown domain, size, method, budget)."""
+    sw, spec = recipe.sweep, recipe.specialize
+    known = run_domains(RunLayout(recipe.run_dir))
+    wanted = list(domains if domains is not None else (sw.domains or known))
+    for d in wanted:
+        if d not in known:
+            raise ConfigError(f"field 'sweep.domains' names domain '{d}', which the run has no "
+                              f"shards for; known: {', '.join(known) or '(none: run `slm data run`)'}")
+    for b in sw.budgets:
+        if b <= 0:
+            raise ConfigError(f"field 'sweep.budgets' has {b}; a specialization budget must be > 0 steps")
+    sizes = sw.domain_tokens or list(recipe.data.domain_train_tokens)
+    for t in sizes:
+        if t not in recipe.data.domain_train_tokens:
+            raise ConfigError(f"field 'sweep.domain_tokens' has {t}, which is not one of the run's "
+                              f"domain train subsets (data.domain_train_tokens = "
+                              f"{recipe.data.domain_train_tokens}); use one of those")
+    methods = check_methods(recipe, sw.methods)
+    lrs = sw.lrs or [spec.lr]
+    return [Trial(d, m, b, t, s, lr)
+            for d, m, b, t, s, lr in product(wanted, methods, sw.budgets, sizes, sw.seeds, lrs)]

@@ -1,0 +1,113 @@
+"""Where a trial's fine-tuning starts: the heavy side of the methods' start strategies
+(tune/methods.py), which ask a ``StartContext`` for a pretrained model, the selected experts of
+a mixture, a materialised expert of a projected network, or a fresh model.
+
+Per-expert families have ``kmeans.k_mix`` experts; routed families route over ``kmeans.k_pn``
+clusters (models/config.py FamilyInfo).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from slm.errors import InputError, StageError
+from slm.layout import RunLayout, domain_set, expert_name, train_subset
+from slm.models.config import FAMILY_INFO
+from slm.models.lm import lm_config, make_lm
+from slm.models.projected import ProjectedLM
+from slm.pipeline.artifacts import parquet_files
+from slm.stage import exists, filesystem, manifest
+
+from .evaluation import evaluate, load_lm
+from .grid import Trial, vocab_size
+from .methods import Start, get_method
+
+log = logging.getLogger(__name__)
+
+
+def pretrain_final(layout: RunLayout, family: str, domain: str = "", expert: int | None = None) -> str:
+    """The published model of a pretraining run: the family's, a per-domain family's for
+    ``domain``, a per-expert family's ``expert``. StageError when it is not published."""
+    runs = FAMILY_INFO[family].runs
+    sub = domain if runs == "per_domain" else expert_name(expert) if runs == "per_expert" else ""
+    final = layout.pretrain_final(family, sub)
+    if not exists(final):
+        raise StageError(f"pretrained model '{final}' is missing; run `slm pretrain --family {family}` first")
+    return final
+
+
+def top_cluster(layout: RunLayout, k: int, set_name: str) -> int:
+    """The most frequent cluster at ``k`` among the windows of a shard set (ties: lowest id).
+
+    Counted from the shard's ``cluster_k<K>`` column, so it is the histogram of exactly the
+    train subset being used (the pipeline's histograms cover whole domain splits)."""
+    uri = layout.shards(set_name)
+    if manifest(uri) is None:
+        raise StageError(f"shard '{uri}' is missing; run the data pipeline (`slm data run`)")
+    fs, _ = filesystem(uri)
+    counts = np.zeros(k, dtype=np.int64)
+    col = f"cluster_k{k}"
+    for path in parquet_files(uri):
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        if col not in pf.schema_arrow.names:
+            raise InputError(f"shard '{uri}' has no column '{col}'; rebuild the shards with "
+                             "`slm data run --force` so every k of the recipe has its column")
+        values = pf.read(columns=[col]).column(0).to_numpy()
+        counts += np.bincount(values, minlength=k)[:k]
+    if counts.sum() == 0:
+        raise InputError(f"shard '{uri}' holds no windows; the domain train subset is empty")
+    return int(np.argmax(counts))
+
+
+class StartContext:
+    """What the start strategies of one trial may use: the run, and a local scratch directory
+    for the models it has to write (a materialised expert, a fresh model)."""
+
+    def __init__(self, recipe, workdir: str):
+        self.recipe = recipe
+        self.layout = RunLayout(recipe.run_dir)
+        self.workdir = workdir
+
+    def starts(self, trial: Trial) -> list[Start]:
+        """The trial's starting model(s), as its method's ``start`` strategy says."""
+        return get_method(trial.method).start(self, trial)
+
+    def pretrained(self, family: str, trial: Trial) -> Start:
+        return Start(pretrain_final(self.layout, family, domain=trial.domain))
+
+    def selected_experts(self, family: str, trial: Trial) -> list[Start]:
+        """``specialize.expert_selection``: the expert of the train subset's most frequent
+        cluster, the one with the lowest domain valid loss before fine-tuning, or all."""
+        spec, k = self.recipe.specialize, self.recipe.kmeans.k_mix
+        experts = list(range(k))
+        if spec.expert_selection == "top_cluster":
+            experts = [top_cluster(self.layout, k, train_subset(trial.domain, trial.domain_tokens))]
+        elif spec.expert_selection == "lowest_loss":
+            valid = self.layout.shards(domain_set(trial.domain, "valid"))
+            losses = {i: evaluate(load_lm(pretrain_final(self.layout, family, expert=i)), valid,
+                                  spec.micro_batch, spec.eval_batches) for i in experts}
+            experts = [min(losses, key=losses.get)]
+            log.info("%s/%s: valid losses before fine-tuning %s -> expert %d", trial.method,
+                     trial.domain, losses, experts[0])
+        return [Start(pretrain_final(self.layout, family, expert=i), i) for i in experts]
+
+    def materialized(self, family: str, trial: Trial) -> Start:
+        """The routed family's expert of the train subset's most frequent cluster, written as
+        a plain small model."""
+        i = top_cluster(self.layout, self.recipe.kmeans.k_pn, train_subset(trial.domain, trial.domain_tokens))
+        net = ProjectedLM.from_pretrained(filesystem(pretrain_final(self.layout, family))[1])
+        d = os.path.join(self.workdir, f"init-{family}-{expert_name(i)}")
+        net.materialize(i).save_pretrained(d)
+        return Start(d, i)
+
+    def fresh(self, trial: Trial) -> Start:
+        """A new model of the method's served size, initialised with the trial's seed."""
+        r = self.recipe
+        size = get_method(trial.method).served_preset(r.pretrain)
+        d = os.path.join(self.workdir, f"init-{trial.method}")
+        make_lm(lm_config(size, vocab_size(r), r.data.seq_len), seed=trial.seed).save_pretrained(d)
+        return Start(d)
