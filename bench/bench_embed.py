@@ -17,11 +17,15 @@ import os
 import time
 
 import numpy as np
+import ray.data
+
+from slm.cluster.config import ClusterConfig
+from slm.cluster.ray_env import ray_session
+from slm.pipeline.config import EmbedConfig
+from slm.pipeline.embed import embed_texts, load_model, offline_model_dir, resolve_model
 
 
 def make_texts(n: int, words: int, seed: int) -> list[str]:
-    from slm.pipeline.embed import offline_model_dir, resolve_model
-
     vocab_file = os.path.join(offline_model_dir() or resolve_model("all-MiniLM-L6-v2"), "vocab.txt")
     with open(vocab_file, encoding="utf-8") as f:
         vocab = [w.strip() for w in f if w.strip().isalpha() and len(w.strip()) > 2]
@@ -31,8 +35,6 @@ def make_texts(n: int, words: int, seed: int) -> list[str]:
 
 def bare(texts: list[str], model: str, batch_size: int, threads: int) -> tuple[float, float]:
     """(seconds incl. model load, seconds of encode only)."""
-    from slm.pipeline.embed import load_model
-
     t0 = time.perf_counter()
     m = load_model(model, device="cpu", torch_threads=threads)
     t1 = time.perf_counter()
@@ -45,11 +47,6 @@ def bare(texts: list[str], model: str, batch_size: int, threads: int) -> tuple[f
 
 def with_ray(texts: list[str], model: str, batch_size: int, threads: int, pool: int,
              cpus: float) -> float:
-    import ray.data
-
-    from slm.pipeline.config import EmbedConfig
-    from slm.pipeline.embed import embed_texts
-
     ds = ray.data.from_items([{"text": t} for t in texts]).materialize()  # input ready in store
     cfg = EmbedConfig(model=model, batch_size=batch_size, pool_size=pool, num_cpus=cpus,
                       torch_threads=threads, num_gpus=0)
@@ -72,10 +69,6 @@ def main(argv: list[str] | None = None) -> None:
                    help="CPUs reserved per actor (leave one for Ray Data's own tasks)")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="CPUs given to Ray")
     a = p.parse_args(argv)
-
-    from slm.cluster.config import ClusterConfig
-    from slm.cluster.ray_env import ray_session
-
     texts = make_texts(a.texts, a.words, seed=0)
     b_total, b_encode = bare(texts, a.model, a.batch_size, a.threads)
     with ray_session(ClusterConfig(num_cpus=a.cores)):

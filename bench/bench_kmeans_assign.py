@@ -19,21 +19,23 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.cluster import KMeans
+
+from slm.cluster.config import ClusterConfig
+from slm.cluster.ray_env import ray_session
+from slm.layout import RunLayout
+from slm.pipeline.artifacts import arrow_to_vectors, read_rows, vectors_to_arrow
+from slm.pipeline.kmeans import CENTROIDS_FILE, assign, save_centroids
+from slm.stage import publish
 
 
-def write_inputs(layout, rows: int, dim: int, k: int, files: int, seed: int):
+def write_inputs(layout: RunLayout, rows: int, dim: int, k: int, files: int, seed: int):
     """Embeddings artifact + a fitted KMeans (centroids artifact), as the pipeline writes them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from sklearn.cluster import KMeans
-
-    from slm import stage
-    from slm.pipeline.embed import vectors_to_arrow
-    from slm.pipeline.kmeans import CENTROIDS_FILE, save_centroids
-
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(k // 4, 1), dim)).astype(np.float32)
-    with stage.publish(layout.embeddings("generic"), stage="embed", config={"bench": rows}) as out:
+    with publish(layout.embeddings("generic"), stage="embed", config={"bench": rows}) as out:
         for i, part in enumerate(np.array_split(np.arange(rows), files)):
             x = centres[rng.integers(0, len(centres), len(part))] + rng.normal(
                 scale=0.7, size=(len(part), dim)).astype(np.float32)
@@ -44,20 +46,14 @@ def write_inputs(layout, rows: int, dim: int, k: int, files: int, seed: int):
             if i == 0:
                 sample = x[: max(4 * k, 2000)]
     km = KMeans(n_clusters=k, n_init=1, max_iter=10, random_state=seed).fit(sample)
-    with stage.publish(layout.kmeans(k), stage="kmeans", config={"k": k}) as out:
+    with publish(layout.kmeans(k), stage="kmeans", config={"k": k}) as out:
         save_centroids(out.file(CENTROIDS_FILE), km.cluster_centers_, np.zeros(k, np.float32))
     return km
 
 
-def sklearn_side(layout, km, out_file: str) -> tuple[float, np.ndarray]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from slm.pipeline.artifacts import parquet_files
-    from slm.pipeline.embed import arrow_to_vectors
-
+def sklearn_side(layout: RunLayout, km, out_file: str) -> tuple[float, np.ndarray]:
     t0 = time.perf_counter()
-    table = pa.concat_tables([pq.read_table(f) for f in parquet_files(layout.embeddings("generic"))])
+    table = read_rows(layout.embeddings("generic"))
     x = arrow_to_vectors(table.column("embedding"))
     labels = km.predict(x)
     dist = np.linalg.norm(x - km.cluster_centers_[labels], axis=1).astype(np.float32)
@@ -67,17 +63,11 @@ def sklearn_side(layout, km, out_file: str) -> tuple[float, np.ndarray]:
     return time.perf_counter() - t0, labels
 
 
-def ray_side(layout, k: int) -> tuple[float, np.ndarray]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from slm.pipeline.artifacts import parquet_files
-    from slm.pipeline.kmeans import assign
-
+def ray_side(layout: RunLayout, k: int) -> tuple[float, np.ndarray]:
     t0 = time.perf_counter()
     uri = assign(layout, k, "generic")
     seconds = time.perf_counter() - t0
-    got = pa.concat_tables([pq.read_table(f) for f in parquet_files(uri)]).sort_by("window_id")
+    got = read_rows(uri).sort_by("window_id")
     return seconds, got.column("cluster").to_numpy()
 
 
@@ -90,11 +80,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="CPUs given to Ray")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-
-    from slm.cluster.config import ClusterConfig
-    from slm.cluster.ray_env import ray_session
-    from slm.layout import RunLayout
-
     with tempfile.TemporaryDirectory(prefix="slm-bench-assign-") as tmp:
         layout = RunLayout(os.path.join(tmp, "run"))
         km = write_inputs(layout, a.rows, a.dim, a.k, a.files, a.seed)

@@ -25,12 +25,25 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from slm.cluster.config import ClusterConfig
+from slm.cluster.ray_env import ray_session
+from slm.config import Recipe, from_dict, validate
+from slm.layout import RunLayout
+from slm.pipeline.config import CorpusConfig, TokenizerConfig
+from slm.pipeline.ingest import ingest_generic
+from slm.pipeline.run import run_pipeline
+from slm.pipeline.sample_corpus import paragraphs, write_domain, write_parquet
+from slm.pipeline.tokenizer import build_tokenizer
+from slm.pipeline.windows import build_windows
 
 
 def _write_inputs(root: str, docs: int) -> dict:
-    from corpus_files import paragraphs, write_domain, write_parquet
-
     texts = paragraphs(docs)
     per_file = 2000
     for i in range(0, docs, per_file):
@@ -44,9 +57,6 @@ def _write_inputs(root: str, docs: int) -> dict:
 
 def run_one(docs: int) -> dict:
     """One pipeline run (in this process) on ``docs`` generic documents."""
-    from slm.config import Recipe, from_dict, validate
-    from slm.pipeline.run import run_pipeline
-
     root = tempfile.mkdtemp(prefix=f"slm-bench-{docs}-")
     corpus = _write_inputs(root, docs)
     recipe = from_dict(Recipe, {
@@ -96,12 +106,6 @@ def scaling(docs: int, factor: int) -> None:
 
 def compare_formats(windows: int = 100_000, seq_len: int = 128) -> None:
     """Read the same token shards through Ray Data as parquet and as JSON lines."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-    import ray.data
-
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 32000, size=(windows, seq_len), dtype=np.int32)
     table = pa.table({"window_id": np.arange(windows, dtype=np.int64),
@@ -142,14 +146,6 @@ def compare_formats(windows: int = 100_000, seq_len: int = 128) -> None:
 
 def compare_compute(docs: int = 4000) -> None:
     """Tokenization into windows: Ray Data task pool vs actor pool, same corpus."""
-    from slm.cluster.config import ClusterConfig
-    from slm.cluster.ray_env import ray_session
-    from slm.layout import RunLayout
-    from slm.pipeline.config import CorpusConfig, TokenizerConfig
-    from slm.pipeline.ingest import ingest_generic
-    from slm.pipeline.tokenizer import build_tokenizer
-    from slm.pipeline.windows import build_windows
-
     root = tempfile.mkdtemp(prefix="slm-compute-")
     corpus = _write_inputs(root, docs)
     layout = RunLayout(os.path.join(root, "run"))

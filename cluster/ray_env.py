@@ -9,9 +9,13 @@ leaves the cluster running.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from typing import Iterator
+
+import ray
+import ray.data
 
 from slm.cluster.config import ClusterConfig
 from slm.errors import SlmError
@@ -59,8 +63,6 @@ def worker_env(cfg: ClusterConfig | None = None) -> dict[str, str]:
     # sets; the job's values win there.
     job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if job_config:
-        import json
-
         job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
         env = {k: v for k, v in env.items() if k not in job_env}
     return env
@@ -70,8 +72,6 @@ def configure_data_context(cfg: ClusterConfig | None = None) -> None:
     """Ray Data settings we rely on: deterministic order (seeded pipelines give the same
     artifacts), operator progress bars also under `ray job` (off there by default), and the
     parquet reader of ``cfg`` (see parquet_v2)."""
-    import ray.data
-
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = parquet_v2(cfg or ClusterConfig())
     ctx.execution_options.preserve_order = True
@@ -81,8 +81,6 @@ def configure_data_context(cfg: ClusterConfig | None = None) -> None:
 
 @contextlib.contextmanager
 def ray_session(cfg: ClusterConfig | None = None) -> Iterator[None]:
-    import ray
-
     cfg = cfg or ClusterConfig()
     if ray.is_initialized():
         configure_data_context(cfg)
@@ -109,6 +107,4 @@ def ray_session(cfg: ClusterConfig | None = None) -> Iterator[None]:
 
 
 def cluster_has_gpus() -> bool:
-    import ray
-
     return ray.cluster_resources().get("GPU", 0) > 0

@@ -12,6 +12,12 @@ import argparse
 import sys
 
 import numpy as np
+import ray
+import ray.data
+
+import slm
+from slm.cluster.config import ClusterConfig
+from slm.cluster.ray_env import ray_session
 
 
 def _square(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -19,18 +25,11 @@ def _square(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _where_slm() -> str:
-    import slm
-
     return slm.__file__
 
 
 def run_smoke(rows: int = 1000) -> dict:
     """Sum of squares of ``range(rows)`` computed by Ray Data tasks, plus import locations."""
-    import ray
-    import ray.data
-
-    import slm
-
     ds = ray.data.range(rows, override_num_blocks=4).map_batches(
         _square, batch_format="numpy", compute=ray.data.TaskPoolStrategy())
     total = sum(int(b["sq"].sum()) for b in ds.iter_batches(batch_format="numpy"))
@@ -45,9 +44,6 @@ def run_smoke(rows: int = 1000) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slm.cluster.config import ClusterConfig
-    from slm.cluster.ray_env import ray_session
-
     p = argparse.ArgumentParser(prog="python -m slm.cluster.smoke", description=__doc__)
     p.add_argument("--rows", type=int, default=1000)
     args = p.parse_args(argv)

@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
+
 from slm.errors import InputError, SlmError
 
 # The sub-packages that make up `slm` (pyproject package-dir).
@@ -146,9 +149,6 @@ def _auth_message(e: Exception, address: str) -> str:
 
 def connect(address: str = ""):
     """A JobSubmissionClient for ``address`` (or RAY_ADDRESS), with the auth token attached."""
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address:
         raise SlmError("no cluster to submit to: give --address http://HEAD:8265 (the Ray "
@@ -199,8 +199,6 @@ def submit(entrypoint: Sequence[str], address: str = "", follow: bool = False,
     (0 succeeded, the driver's exit code or 1 otherwise), else returns 0 once submitted.
     A cluster whose job agent is still starting is retried for ``agent_wait_s`` seconds.
     """
-    from ray.exceptions import AuthenticationError
-
     command = job_entrypoint(entrypoint)
     client = connect(address)
     address = address or os.environ.get("RAY_ADDRESS", "")

@@ -7,62 +7,61 @@ with the training data, method, budgets, costs and test perplexity, so that
 
     AutoModelForCausalLM.from_pretrained(out); AutoTokenizer.from_pretrained(out)
 
-followed by ``generate`` work as is. The output is published atomically (slm.stage.publish).
+followed by ``generate`` work as is. The run is read through ``slm.stage``'s filesystem (a
+local path or an object-storage URI, opened through any path); the output is published
+atomically (slm.stage.publish) and names run paths relative to the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
-from typing import Any
+import tempfile
+from typing import Any, Iterator
+
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from slm.errors import InputError
-from slm.layout import RunLayout
+from slm.layout import TRIAL_TRAINING, RunLayout
+from slm.pipeline.tokenizer import run_tokenizer
+from slm.stage import copy_dir, exists, is_remote, join, publish, read_json, subdirs
+from slm.tune.methods import METHODS
 
 MODEL_FILES = ("config.json", "model.safetensors")
-TRAINING = "training.json"
-
-METHOD_NOTES = {
-    "slm": "a small generic model pretrained on the generic corpus, then fine-tuned on the domain",
-    "llm": "a large generic model pretrained on the generic corpus, then fine-tuned on the domain",
-    "is": "SLM-is: a small model pretrained on generic data importance-sampled to match the "
-          "domain's cluster histogram, then fine-tuned on the domain",
-    "mix": "SLM-mix: the expert of a hard mixture (one small model per generic cluster) "
-           "selected by the domain's cluster histogram, then fine-tuned on the domain",
-    "pn": "SLM-pn: a projected network over cluster experts, instantiated for the domain's "
-          "histogram as a small model, then fine-tuned on the domain",
-    "d": "a small model trained on the domain data only",
-    "nopt": "a small model without pretraining, trained on the domain data",
-}
 
 
 def export_dir(run: str, domain: str) -> str:
     """Default output: ``RUN/export/<domain>`` (one served specialist per domain)."""
-    return RunLayout(run).path("export", domain)
+    return RunLayout(run).export(domain)
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def _read_json(uri: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(uri)
     except json.JSONDecodeError as e:
-        raise InputError(f"'{path}' is not valid JSON ({e}); re-run the specialization that "
+        raise InputError(f"'{uri}' is not valid JSON ({e}); re-run the specialization that "
                          "wrote it") from None
+
+
+def _training(src: str) -> dict[str, Any]:
+    """A model's training.json ({} when it has none)."""
+    uri = join(src, TRIAL_TRAINING)
+    return _read_json(uri) if exists(uri) else {}
 
 
 def available_methods(run: str, domain: str) -> dict[str, str]:
     """method → model directory, for every complete specialized model of ``domain``."""
-    root = os.path.join(RunLayout(run).path("models"), domain)
-    if not os.path.isdir(root):
-        models = RunLayout(run).path("models")
-        have = sorted(os.listdir(models)) if os.path.isdir(models) else []
-        raise InputError(f"no specialized models for domain '{domain}' in '{models}' "
+    layout = RunLayout(run)
+    if not exists(layout.models(domain)):
+        have = subdirs(layout.models())
+        raise InputError(f"no specialized models for domain '{domain}' in '{layout.models()}' "
                          f"(domains there: {', '.join(have) or 'none'}); run `slm sweep` or "
                          f"`slm specialize` first, or pick one of those domains")
-    return {m: os.path.join(root, m) for m in sorted(os.listdir(root))
-            if all(os.path.isfile(os.path.join(root, m, f)) for f in MODEL_FILES)}
+    return {m: layout.model(domain, m) for m in subdirs(layout.models(domain))
+            if all(exists(join(layout.model(domain, m), f)) for f in MODEL_FILES)}
 
 
 def choose_method(run: str, domain: str, method: str = "") -> tuple[str, str]:
@@ -77,13 +76,12 @@ def choose_method(run: str, domain: str, method: str = "") -> tuple[str, str]:
         return method, methods[method]
     scored = []
     for m, d in methods.items():
-        info = _read_json(os.path.join(d, TRAINING)) if os.path.isfile(os.path.join(d, TRAINING)) else {}
-        v = info.get("valid_loss")
+        v = _training(d).get("valid_loss")
         if isinstance(v, (int, float)) and math.isfinite(v):
             scored.append((float(v), m))
     if not scored:
         raise InputError(f"cannot pick the best method for domain '{domain}': no model has a "
-                         f"valid_loss in its {TRAINING} (methods: {', '.join(methods) or 'none'}); "
+                         f"valid_loss in its {TRIAL_TRAINING} (methods: {', '.join(methods) or 'none'}); "
                          "name one with --method")
     best = min(scored)[1]
     return best, methods[best]
@@ -105,7 +103,22 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{text} {unit}".rstrip()
 
 
-def _data_lines(data: Any) -> list[str]:
+def _run_relative(value: Any, layout: RunLayout | None) -> Any:
+    """``value`` with every string that names a path inside the run made run-relative (older
+    runs recorded absolute paths): a model card never names the machine that built it."""
+    if layout is None:
+        return value
+    if isinstance(value, str):
+        return layout.relative(value) if value.startswith(("/", layout.root)) else value
+    if isinstance(value, dict):
+        return {k: _run_relative(v, layout) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_run_relative(v, layout) for v in value]
+    return value
+
+
+def _data_lines(data: Any, layout: RunLayout | None = None) -> list[str]:
+    data = _run_relative(data, layout)
     if data is None:
         return ["- not recorded"]
     if isinstance(data, dict):
@@ -115,8 +128,16 @@ def _data_lines(data: Any) -> list[str]:
     return [f"- {data}"]
 
 
-def model_card(domain: str, method: str, info: dict[str, Any], config: dict[str, Any]) -> str:
-    """README.md of an exported model. Missing training.json keys read 'not recorded'."""
+def method_note(method: str) -> str:
+    """How the method makes its served model (the method registry's one sentence)."""
+    m = METHODS.get(method)
+    return f"{m.label}: {m.description}" if m else "see the slm documentation"
+
+
+def model_card(domain: str, method: str, info: dict[str, Any], config: dict[str, Any],
+               layout: RunLayout | None = None) -> str:
+    """README.md of an exported model. Missing training.json keys read 'not recorded'; paths
+    inside the run (``layout``) are written run-relative."""
     g = info.get
     total_flops = (g("pretrain_flops") + g("spec_flops")
                    if g("pretrain_flops") is not None and g("spec_flops") is not None else None)
@@ -130,7 +151,7 @@ def model_card(domain: str, method: str, info: dict[str, Any], config: dict[str,
         f"# slm specialist: domain `{domain}`, method `{method}`",
         "",
         f"A small language model specialized to the domain **{domain}** with **{method}**: "
-        f"{METHOD_NOTES.get(method, 'see the slm documentation')}. Trained with "
+        f"{method_note(method)}. Trained with "
         "slm, after Grangier et al. 2024, *Specialized Language Models with Cheap Inference "
         "from Limited Domain Data*.",
         "",
@@ -143,7 +164,7 @@ def model_card(domain: str, method: str, info: dict[str, Any], config: dict[str,
         "",
         "## Training data",
         f"- in-domain training tokens: {_fmt(g('domain_tokens'))}",
-        *_data_lines(g("data")),
+        *_data_lines(g("data"), layout),
         "",
         "## Method and budgets",
         f"- method: `{method}`",
@@ -180,53 +201,47 @@ def model_card(domain: str, method: str, info: dict[str, Any], config: dict[str,
 # Export
 # --------------------------------------------------------------------------------------------
 
-def load_run_tokenizer(run: str):
-    """The run's HF fast tokenizer with a pad token (EOS) for batched generation."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = RunLayout(run).tokenizer
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise InputError(f"no tokenizer at '{path}' (tokenizer.json missing); run the data "
-                         "pipeline (`slm data run`) for this run first")
-    tok = PreTrainedTokenizerFast.from_pretrained(path)
-    if tok.eos_token is None:
-        tok.eos_token = "<|endoftext|>"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+@contextlib.contextmanager
+def _local(uri: str) -> Iterator[str]:
+    """A local directory with the files of ``uri`` (itself, or a temporary copy)."""
+    if not is_remote(uri):
+        yield uri
+        return
+    with tempfile.TemporaryDirectory(prefix="slm-export-") as tmp:
+        copy_dir(uri, tmp)
+        yield tmp
 
 
 def export_model(run: str, domain: str, method: str = "", out: str = "", force: bool = True) -> str:
     """Write ``RUN/models/<domain>/<method>`` as a self-contained HF directory at ``out``
     (default ``RUN/export/<domain>``); return its path. ``method`` '' = lowest valid_loss."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from slm.stage import publish
-
+    layout = RunLayout(run)
     method, src = choose_method(run, domain, method)
-    out = out or export_dir(run, domain)
-    info = _read_json(os.path.join(src, TRAINING)) if os.path.isfile(os.path.join(src, TRAINING)) else {}
-    config = _read_json(os.path.join(src, "config.json"))
-    tok = load_run_tokenizer(run)
-    model = AutoModelForCausalLM.from_pretrained(src)  # fails here, not at the user's, if broken
-    if model.config.vocab_size < len(tok):
-        raise InputError(f"model '{src}' has vocab_size {model.config.vocab_size} but the run's "
-                         f"tokenizer has {len(tok)} tokens; the model was not trained with this "
-                         "run's tokenizer")
-    gen = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                           bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
-                           max_new_tokens=64, do_sample=False)
-    with publish(out, stage="export", force=force,
-                 config={"domain": domain, "method": method, "source": os.path.abspath(src)}) as st:
-        d = st.local_dir
-        for f in MODEL_FILES:  # the trained weights, byte for byte
-            shutil.copy2(os.path.join(src, f), os.path.join(d, f))
-        if info:
-            shutil.copy2(os.path.join(src, TRAINING), os.path.join(d, TRAINING))
-        tok.save_pretrained(d)
-        gen.save_pretrained(d)
-        with open(os.path.join(d, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(domain, method, info, config))
-        st.manifest.update({"domain": domain, "method": method,
-                            "test_ppl": info.get("test_ppl"), "params": model.num_parameters()})
+    out = out or layout.export(domain)
+    info = _training(src)
+    config = _read_json(join(src, "config.json"))
+    tok = run_tokenizer(layout)
+    with _local(src) as local_src:
+        model = AutoModelForCausalLM.from_pretrained(local_src)  # fails here, not at the user's
+        if model.config.vocab_size < len(tok):
+            raise InputError(f"model '{src}' has vocab_size {model.config.vocab_size} but the "
+                             f"run's tokenizer has {len(tok)} tokens; the model was not trained "
+                             "with this run's tokenizer")
+        gen = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                               bos_token_id=tok.bos_token_id if tok.bos_token_id is not None
+                               else tok.eos_token_id, max_new_tokens=64, do_sample=False)
+        with publish(out, stage="export", force=force,
+                     config={"domain": domain, "method": method, "source": layout.relative(src)}) as st:
+            d = st.local_dir
+            for f in MODEL_FILES:  # the trained weights, byte for byte
+                shutil.copy2(os.path.join(local_src, f), os.path.join(d, f))
+            if info:  # run paths in it relative to the run, as in every output of a run
+                with open(os.path.join(d, TRIAL_TRAINING), "w", encoding="utf-8") as f:
+                    json.dump(_run_relative(info, layout), f, indent=2, sort_keys=True)
+            tok.save_pretrained(d)
+            gen.save_pretrained(d)
+            with open(os.path.join(d, "README.md"), "w", encoding="utf-8") as f:
+                f.write(model_card(domain, method, info, config, layout))
+            st.manifest.update({"domain": domain, "method": method,
+                                "test_ppl": info.get("test_ppl"), "params": model.num_parameters()})
     return out

@@ -9,15 +9,14 @@ goes to the domain with the highest expected similarity sum_c p(c | d) * <e, mu_
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from slm.errors import InputError
-from slm.layout import RunLayout
+from slm.layout import RunLayout, domain_set
+from slm.pipeline.kmeans import histogram_file, load_centroids, read_histogram
+from slm.stage import manifest
 
 
 @dataclass
@@ -41,39 +40,34 @@ class ClusterRouter:
 
 
 def available_ks(run: str) -> list[int]:
-    data = RunLayout(run).path("data")
-    if not os.path.isdir(data):
-        return []
-    return sorted(int(m.group(1)) for n in os.listdir(data)
-                  if (m := re.fullmatch(r"kmeans-k(\d+)", n)))
+    return RunLayout(run).kmeans_ks()
 
 
 def load_router(run: str, domains: list[str], k: int = 0) -> ClusterRouter:
     """Router over ``domains`` from ``RUN/data/kmeans-k<k>`` and ``histograms-k<k>``
     (k = 0: the largest clustering the run has, the finest view of the domains)."""
-    from safetensors.numpy import load_file
-
     layout = RunLayout(run)
     ks = available_ks(run)
     if not ks:
-        raise InputError(f"no k-means centroids in '{layout.path('data')}' (kmeans-k<K>/); "
+        raise InputError(f"no k-means centroids in '{layout.data}' (kmeans-k<K>/); "
                          "routing by embedding needs the run's data pipeline output")
     k = k or max(ks)
-    path = os.path.join(layout.kmeans(k), "centroids.safetensors")
-    if not os.path.isfile(path):
-        raise InputError(f"'{path}' is missing; available clusterings: k={ks}")
-    centroids = load_file(path)["centroids"].astype(np.float32)
+    if manifest(layout.kmeans(k)) is None:
+        raise InputError(f"'{layout.kmeans(k)}' is missing; available clusterings: k={ks}")
+    centroids = load_centroids(layout, k)[0].astype(np.float32)
     shares = np.zeros((len(domains), centroids.shape[0]), dtype=np.float64)
     for i, d in enumerate(domains):
-        hpath = os.path.join(layout.histograms(k), f"domain-{d}-train.json")
-        if not os.path.isfile(hpath):
-            raise InputError(f"no histogram for domain '{d}' at '{hpath}'; run the data pipeline "
-                             f"(or `slm specialize`) for that domain, or name domains explicitly")
-        with open(hpath, encoding="utf-8") as f:
-            h = json.load(f)
+        try:
+            h = read_histogram(layout, k, domain_set(d, "train"))
+        except InputError:
+            raise InputError(f"no histogram for domain '{d}' at "
+                             f"'{histogram_file(layout, k, domain_set(d, 'train'))}'; run the data "
+                             "pipeline (or `slm specialize`) for that domain, or name domains "
+                             "explicitly") from None
         counts = np.asarray(h["counts"], dtype=np.float64)
         if counts.shape[0] != centroids.shape[0]:
-            raise InputError(f"'{hpath}' has {counts.shape[0]} clusters, centroids have "
-                             f"{centroids.shape[0]}; the run's data stages are inconsistent")
+            raise InputError(f"the histogram of domain '{d}' has {counts.shape[0]} clusters, the "
+                             f"centroids have {centroids.shape[0]}; the run's data stages are "
+                             "inconsistent")
         shares[i] = counts / max(counts.sum(), 1.0)
     return ClusterRouter(centroids=centroids, domains=list(domains), shares=shares)

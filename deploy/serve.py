@@ -15,13 +15,24 @@ import logging
 import math
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+import ray
+import torch
 from ray import serve as ray_serve
+from starlette.responses import JSONResponse
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slm.cluster.ray_env import ray_session
+from slm.config import load_run_recipe
+from slm.deploy.routing import load_router
 from slm.errors import InputError
 from slm.layout import RunLayout
+from slm.pipeline.embed import load_model
+from slm.stage import is_done, join, manifest, read_json, subdirs
 
 log = logging.getLogger(__name__)
 
@@ -52,34 +63,25 @@ class ServeOptions:
 
 def exported_domains(run: str, domains: list[str] | None = None) -> dict[str, str]:
     """domain → exported HF directory (``RUN/export/<domain>``, published by `slm export`)."""
-    from slm.stage import is_done
-
-    root = RunLayout(run).path("export")
-    have = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
-                  if is_done(os.path.join(root, d)))
+    layout = RunLayout(run)
+    root = layout.export()
+    have = [d for d in subdirs(root) if is_done(layout.export(d))]
     if not domains:
         if not have:
             raise InputError(f"nothing to serve: no exported models in '{root}'; run "
                              f"`slm export --run {run} --domain DOMAIN` first")
-        return {d: os.path.join(root, d) for d in have}
+        return {d: layout.export(d) for d in have}
     missing = [d for d in domains if d not in have]
     if missing:
         raise InputError(f"domain(s) {', '.join(missing)} not exported in '{root}' (exported: "
                          f"{', '.join(have) or 'none'}); run `slm export --run {run} --domain "
                          f"{missing[0]}` first")
-    return {d: os.path.join(root, d) for d in domains}
+    return {d: layout.export(d) for d in domains}
 
 
 def embed_model_name(run: str, override: str = "") -> str:
-    if override:
-        return override
-    from slm.config import load_recipe
-
-    recipe_path = RunLayout(run).recipe
-    if not os.path.isfile(recipe_path):
-        raise InputError(f"no recipe at '{recipe_path}' to name the embedding model; pass "
-                         "embed_model explicitly")
-    return load_recipe(recipe_path).embed.model
+    """The embedding model that routes prompts: the run recipe's ``embed.model``."""
+    return override or load_run_recipe(run).embed.model
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,9 +93,6 @@ class Specialist:
 
     def __init__(self, domain: str, path: str, torch_threads: int = 0, max_batch_size: int = 8,
                  batch_wait_s: float = 0.02):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.domain = domain
@@ -103,8 +102,7 @@ class Specialist:
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(path).to(self.device).eval()
-        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
-            self.method = json.load(f).get("method", "")
+        self.method = (manifest(path) or {}).get("method", "")
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -126,8 +124,6 @@ class Specialist:
         return out  # type: ignore[return-value]
 
     def _generate(self, prompts: list[str], max_new: list[int], temperature: float) -> list[dict]:
-        import torch
-
         enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.device)
         kw = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else \
             dict(do_sample=False)
@@ -152,17 +148,12 @@ class Router:
 
     def __init__(self, specialists: dict, run: str, paths: dict[str, str], embed_model: str,
                  opts: dict):
-        from transformers import AutoTokenizer
-
-        from slm.deploy.routing import load_router
-
         self.handles = specialists
         self.opts = ServeOptions(**opts)
         self.tok = AutoTokenizer.from_pretrained(next(iter(paths.values())))
         self.context = {}
         for d, p in paths.items():
-            with open(os.path.join(p, "config.json"), encoding="utf-8") as f:
-                cfg = json.load(f)
+            cfg = read_json(join(p, "config.json"))
             self.context[d] = int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 1024)
         self.router = load_router(run, list(paths), self.opts.k)
         self.embed_model_name = embed_model
@@ -170,25 +161,14 @@ class Router:
         self._embed_lock = threading.Lock()
 
     def _embed(self, text: str):
-        import numpy as np
-
         with self._embed_lock:
-            if self._embedder is None:
-                from sentence_transformers import SentenceTransformer
-
-                from slm.pipeline.embed import resolve_model
-
-                resolved = resolve_model(self.embed_model_name)
-                if os.path.isdir(resolved):
-                    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-                self._embedder = SentenceTransformer(resolved, device="cpu")
+            if self._embedder is None:  # loaded on the first prompt that names no domain
+                self._embedder = load_model(self.embed_model_name, device="cpu")
             v = self._embedder.encode([text], normalize_embeddings=True)[0]
         return np.asarray(v, dtype=np.float32)
 
     @staticmethod
     def _error(status: int, message: str):
-        from starlette.responses import JSONResponse
-
         return JSONResponse({"error": {"code": status, "message": message}}, status_code=status)
 
     def _domains_body(self) -> dict:
@@ -233,8 +213,6 @@ class Router:
                 "temperature": float(temp)}, None
 
     async def __call__(self, request):
-        from starlette.responses import JSONResponse
-
         path = request.url.path.rstrip("/")
         if path == f"{API_PREFIX}/domains" and request.method == "GET":
             return JSONResponse(self._domains_body())
@@ -274,8 +252,6 @@ class Router:
 
 def build_app(run: str, domains: list[str] | None = None, opts: ServeOptions | None = None):
     """The Serve application: one Specialist deployment per domain + the Router ingress."""
-    import ray
-
     opts = opts or ServeOptions()
     paths = exported_domains(run, domains)
     embed_model = embed_model_name(run, opts.embed_model)
@@ -312,10 +288,6 @@ def serve(run: str, domains: list[str] | None = None, host: str = "127.0.0.1", p
           blocking: bool = True, opts: ServeOptions | None = None, cluster=None) -> str:
     """`slm serve`: start the application (embedded local Ray unless --cluster.address /
     RAY_ADDRESS), print the URL; with ``blocking`` serve until Ctrl-C, then shut Serve down."""
-    import time
-
-    from slm.cluster.ray_env import ray_session
-
     if not blocking:
         return start(run, domains, host, port, opts)
     with ray_session(cluster):

@@ -1,18 +1,26 @@
 """Reading and writing the pipeline's parquet artifacts through pyarrow filesystems.
 
 Shared by the data stages: the same calls work on a local run directory and on s3:// / gs://
-(``slm.stage.filesystem``). Counting rows reads parquet footers only, never the data.
+(``slm.stage.filesystem``). Counting rows reads parquet footers only, never the data. Also the
+user's error behind a failed Ray Data task, and the embedding column's array conversions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray.data
 
-from slm.errors import SlmError, StageError
+from slm.configkit import ConfigError
+from slm.errors import InputError, SlmError, StageError
+from slm.errors import user_error as raised_user_error
+from slm.pipeline.counters import recorded_error
 from slm.stage import filesystem, manifest
 
 
@@ -36,10 +44,15 @@ def count_rows(uri: str) -> int:
     return sum(pq.ParquetFile(fs.open_input_file(p)).metadata.num_rows for p in parquet_files(uri))
 
 
+def read_rows(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows of a small artifact, in file order, on the driver (tests, tiny tables)."""
+    fs, _ = filesystem(uri)
+    return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=fs)
+                             for f in parquet_files(uri)])
+
+
 def read_artifact(uri: str, columns: list[str] | None = None):
     """A Ray Dataset over a published parquet artifact (streamed, never collected)."""
-    import ray.data
-
     if manifest(uri) is None:
         raise StageError(f"input artifact '{uri}' is not done; run its stage first")
     fs, _ = filesystem(uri)
@@ -56,8 +69,6 @@ def write_dataset(ds, staging, counter: Any = None, **kwargs: Any) -> None:
     A failure inside the Ray tasks comes back as Ray's wrapper; it is turned into the user
     error a task recorded (``counters.fail``), else an ``StageError`` naming the artifact
     (e.g. a full disk), so the CLI prints one clear line and nothing is published."""
-    from slm.pipeline.counters import recorded_error
-
     try:
         ds.write_parquet(staging.path, filesystem=staging.fs, **kwargs)
     except Exception as e:
@@ -79,17 +90,53 @@ def _reason(e: BaseException) -> str:
 
 
 def user_error(e: BaseException) -> SlmError | None:
-    """The ``SlmError`` a Ray task raised, if any. Ray keeps only the text of an exception
-    raised in a Data task (``RayTaskError(UserCodeException)``); the original's type and message
-    are on a line ``slm.errors.<Kind>: <message>`` of that text. Prefer
-    ``counters.recorded_error`` (exact); this is the fallback for errors raised elsewhere."""
-    if isinstance(e, SlmError) and type(e).__module__.startswith("slm"):
-        return e
-    from slm.configkit import ConfigError
-    from slm.errors import InputError
-
+    """The ``SlmError`` a Ray task raised, if any: behind Ray's wrappers
+    (``slm.errors.user_error``), or, as Ray keeps only the text of an exception raised in a Data
+    task (``RayTaskError(UserCodeException)``), from its line ``slm.errors.<Kind>: <message>``.
+    Prefer ``counters.recorded_error`` (exact); this is the fallback for errors raised elsewhere."""
+    found = raised_user_error(e)
+    if found is not None and type(found).__module__.startswith("slm"):
+        return found
     kinds = {"InputError": InputError, "StageError": StageError, "ConfigError": ConfigError}
     m = re.search(r"slm\.(?:errors|configkit)\.(InputError|StageError|ConfigError): (.*)", str(e))
     if m is None:
         return None
     return kinds[m.group(1)](m.group(2).strip())
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Re-raise an ``SlmError`` that a Ray task raised as itself (Ray wraps it in its own
+    types), so the CLI prints its message instead of a Ray traceback."""
+    try:
+        yield
+    except SlmError:
+        raise
+    except Exception as e:  # noqa: BLE001 - anything else is re-raised untouched
+        err = user_error(e)
+        if err is None:
+            raise
+        raise err from None
+
+
+# --------------------------------------------------------------------------------------------
+# Vector columns (embeddings)
+# --------------------------------------------------------------------------------------------
+
+def vectors_to_arrow(vectors: np.ndarray) -> pa.ListArray:
+    """[n, dim] float32 → list<float32> column (the artifact schema), without a Python loop."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))
+
+
+def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """list<float32> (equal lengths) column → [n, dim] float32 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape(n, -1)

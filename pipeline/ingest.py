@@ -28,13 +28,16 @@ import os
 from typing import Any
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import ray.data
 
 from slm.errors import InputError
 from slm.layout import SPLITS, RunLayout
 from slm.pipeline.artifacts import count_rows, write_dataset
 from slm.pipeline.config import CorpusConfig
 from slm.pipeline.counters import fail, new_counter, report
-from slm.stage import filesystem, fingerprint, is_done, manifest, publish
+from slm.stage import MANIFEST, Stage, filesystem, fingerprint, manifest
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def _format_of(path: str, forced: str) -> str | None:
 
 def _visible(path: str) -> bool:
     base = os.path.basename(path)
-    return not (base.startswith((".", "_")) or base == "manifest.json")
+    return not (base.startswith((".", "_")) or base == MANIFEST)
 
 
 def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
@@ -111,12 +114,16 @@ def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[t
 
 
 def source_fingerprint(source: str, fmt: str = "auto") -> str:
-    """Identity of a source's contents (file names and sizes), to notice a changed corpus."""
+    """Identity of a source's contents (file names relative to the source, and sizes), to
+    notice a changed corpus; the same files elsewhere (a moved run's own sources) keep it."""
     if source.startswith("hf://"):
         return fingerprint(source)
     fs, files = list_source(source, fmt)
+    _, path = filesystem(source)
+    base = path.split("*")[0].split("?")[0].split("[")[0] if _has_glob(path) else path
+    base = base if fs.get_file_info(base).type == pafs.FileType.Directory else os.path.dirname(base)
     sizes = fs.get_file_info([p for p, _ in files])
-    return fingerprint([(i.path, i.size) for i in sizes])
+    return fingerprint([(i.path[len(base):].lstrip("/"), i.size) for i in sizes])
 
 
 def domain_split_source(domain: str, domain_dir: str, split: str) -> str:
@@ -156,8 +163,6 @@ def _uri_like(original: str, path: str) -> str:
 
 def _check_parquet(fs: pafs.FileSystem, path: str, text_column: str) -> None:
     """Footer check on the driver: a corrupt file or a missing column named before work starts."""
-    import pyarrow.parquet as pq
-
     try:
         schema = pq.read_schema(fs.open_input_file(path))
     except Exception as e:  # ArrowInvalid, OSError: not a parquet file
@@ -209,8 +214,6 @@ class _Normalise:
 
 def read_documents(source: str, cfg: CorpusConfig, counter: Any = None):
     """A Ray Dataset of ``(doc_id, text)`` for a source (see module doc); streamed."""
-    import ray.data
-
     if source.startswith("hf://"):
         ds = _read_hf(source, cfg)
         paths: list[tuple[str, str]] = []
@@ -243,11 +246,9 @@ def read_documents(source: str, cfg: CorpusConfig, counter: Any = None):
 
 def _read_hf(source: str, cfg: CorpusConfig):
     """hf://DATASET[:SPLIT] through the `datasets` library (hub access needed)."""
-    import ray.data
-
     name, _, split = source.removeprefix("hf://").partition(":")
     try:
-        import datasets
+        import datasets  # an optional extra (slm[datasets]), needed only for hf:// corpora
     except ImportError:
         raise InputError(f"corpus '{source}' needs the 'datasets' package: pip install "
                          "'slm[datasets]', or download the dataset and give a local path") from None
@@ -272,17 +273,18 @@ def _corpus_config(cfg: CorpusConfig) -> dict[str, Any]:
 
 
 def ingest_source(uri: str, source: str, cfg: CorpusConfig, *, what: str, limit: int = 0,
-                  force: bool = False) -> str:
+                  force: bool = False, run: RunLayout | None = None) -> str:
     """Ingest one source into the artifact ``uri`` (skipped when done). ``what`` names the
-    corpus in error messages (e.g. "generic corpus", "domain 'law' train split")."""
-    import ray
-
-    config = {**_corpus_config(cfg), "source": source, "limit": limit,
+    corpus in error messages (e.g. "generic corpus", "domain 'law' train split"). The source
+    is known by its contents (``source_fingerprint``), not its path, so a run's own sources
+    (``data/sources``) move with it; the manifest names it relative to ``run``."""
+    config = {**_corpus_config(cfg), "limit": limit,
               "source_fingerprint": source_fingerprint(source, cfg.format)}
-    if not force and is_done(uri, fingerprint({"config": config, "inputs": {}})):
+    st = Stage(uri, stage="corpus", config=config, force=force)
+    if st.done:
         return uri
     counter = new_counter()
-    with publish(uri, stage="corpus", config=config, force=force) as out:
+    with st.publish() as out:
         ds = read_documents(source, cfg, counter)
         if limit:
             # a uniform, deterministic sample: the `limit` smallest content hashes (doc_id), not
@@ -298,7 +300,8 @@ def ingest_source(uri: str, source: str, cfg: CorpusConfig, *, what: str, limit:
             raise InputError(f"the {what} '{source}' has no documents (every file is empty"
                              f"{' or was skipped as non-UTF-8' if skipped else ''}); give a corpus "
                              "with text")
-        out.manifest.update({"rows": rows, "documents": rows,
+        out.manifest.update({"source": run.relative(source) if run else source,
+                             "rows": rows, "documents": rows,
                              "skipped_documents": int(totals.get("skipped_files", 0)),
                              "skipped_files": skipped})
     if skipped:
@@ -311,7 +314,7 @@ def ingest_generic(layout: RunLayout, cfg: CorpusConfig, source: str | None = No
     """``data/corpus/generic`` from ``source`` (default ``cfg.generic``)."""
     source = source or cfg.generic
     return ingest_source(layout.corpus_generic(), source, cfg, what="generic corpus",
-                         limit=cfg.max_generic_docs, force=force)
+                         limit=cfg.max_generic_docs, force=force, run=layout)
 
 
 def ingest_domain_split(layout: RunLayout, cfg: CorpusConfig, domain: str, domain_dir: str,
@@ -319,7 +322,7 @@ def ingest_domain_split(layout: RunLayout, cfg: CorpusConfig, domain: str, domai
     """``data/corpus/domains/<domain>/<split>`` from the split's files in ``domain_dir``."""
     src = domain_split_source(domain, domain_dir, split)
     return ingest_source(layout.corpus_domain(domain, split), src, cfg,
-                         what=f"domain '{domain}' {split} split", force=force)
+                         what=f"domain '{domain}' {split} split", force=force, run=layout)
 
 
 def ingest_domain(layout: RunLayout, cfg: CorpusConfig, domain: str, domain_dir: str,

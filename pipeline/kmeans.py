@@ -31,9 +31,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
+import ray.data
+from safetensors.numpy import load, save
+from sklearn.cluster import KMeans
 
 from slm.errors import InputError, StageError
+from slm.hashing import hash_uniform
+from slm.layout import RunLayout
+from slm.pipeline.artifacts import (arrow_to_vectors, count_rows, parquet_files, read_artifact,
+                                    user_errors, write_dataset)
 from slm.pipeline.config import KMeansConfig
+from slm.stage import (Stage, exists, filesystem, input_fingerprints, join, manifest, read_json,
+                       write_json)
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +57,6 @@ BALANCE_MAX_CELLS = 40_000_000
 # --------------------------------------------------------------------------------------------
 # Small numeric pieces (pure numpy, also used by importance.py and the benchmarks)
 # --------------------------------------------------------------------------------------------
-
-def hash_uniform(ids: np.ndarray, seed: int) -> np.ndarray:
-    """A deterministic uniform [0, 1) number per id (splitmix64 of id ^ seed): a seeded sample
-    that does not depend on how Ray splits the data into blocks."""
-    with np.errstate(over="ignore"):
-        z = ids.astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
 
 def squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """[n, K] squared Euclidean distances, as one matrix multiply."""
@@ -135,10 +133,6 @@ def balanced_lloyd(x: np.ndarray, centroids: np.ndarray, rounds: int, seed: int
 # --------------------------------------------------------------------------------------------
 
 def save_centroids(path: str, centroids: np.ndarray, offsets: np.ndarray) -> None:
-    from safetensors.numpy import save
-
-    from slm.stage import filesystem
-
     blob = save({"centroids": np.ascontiguousarray(centroids, dtype=np.float32),
                  "offsets": np.ascontiguousarray(offsets, dtype=np.float32)})
     fs, p = filesystem(path)
@@ -146,12 +140,8 @@ def save_centroids(path: str, centroids: np.ndarray, offsets: np.ndarray) -> Non
         f.write(blob)
 
 
-def load_centroids(layout, k: int) -> tuple[np.ndarray, np.ndarray]:
+def load_centroids(layout: RunLayout, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(centroids [K, dim] float32, offsets [K] float32) of ``data/kmeans-k<K>``."""
-    from safetensors.numpy import load
-
-    from slm.stage import filesystem, join, manifest
-
     uri = layout.kmeans(k)
     if manifest(uri) is None:
         raise InputError(f"k-means artifact '{uri}' is not done; run fit_kmeans for k={k} first")
@@ -174,10 +164,6 @@ def _keep_sampled(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
 def sample_embeddings(uri: str, rows: int, n_total: int, seed: int) -> np.ndarray:
     """About ``rows`` embeddings (at most ``rows``) drawn with a seeded hash of window_id in a
     distributed filter; only the sample reaches the driver."""
-    import ray.data
-
-    from slm.pipeline.artifacts import read_artifact
-
     ds = read_artifact(uri).select_columns(["window_id", "embedding"])
     if rows < n_total:
         # a little slack so the binomial count rarely falls short; the cap below trims it
@@ -185,8 +171,6 @@ def sample_embeddings(uri: str, rows: int, n_total: int, seed: int) -> np.ndarra
         ds = ds.map_batches(_keep_sampled, fn_kwargs={"fraction": fraction, "seed": seed},
                             batch_format="pyarrow", batch_size=None,
                             compute=ray.data.TaskPoolStrategy())
-    from slm.pipeline.embed import arrow_to_vectors, user_errors
-
     parts, have = [], 0
     with user_errors():
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -201,28 +185,23 @@ def sample_embeddings(uri: str, rows: int, n_total: int, seed: int) -> np.ndarra
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def fit_kmeans(layout, k: int, cfg: KMeansConfig, seed: int, force: bool = False, *,
+def fit_kmeans(layout: RunLayout, k: int, cfg: KMeansConfig, seed: int, force: bool = False, *,
                balanced: bool | None = None, balance_rounds: int = 5) -> str:
     """Stage: fit k-means with ``k`` clusters on ≤ ``cfg.fit_sample`` generic embeddings.
 
     ``balanced`` defaults to ``cfg.balanced_mix and k == cfg.k_mix`` (the mixture's experts;
     a k shared with another method shares the balanced clustering). Returns the artifact URI."""
-    from sklearn.cluster import KMeans
-
-    from slm import stage
-    from slm.pipeline.artifacts import count_rows
-
     if k < 1:
         raise InputError(f"k is {k}; the number of clusters must be at least 1")
     src, out_uri = layout.embeddings("generic"), layout.kmeans(k)
     if balanced is None:
         balanced = bool(cfg.balanced_mix and k == cfg.k_mix)
-    inputs = stage.input_fingerprints(src)
     config = {"k": k, "fit_sample": cfg.fit_sample, "max_iter": cfg.max_iter,
               "n_init": cfg.n_init, "seed": seed, "balanced": balanced,
               "balance_rounds": balance_rounds if balanced else 0}
-    fp = stage.fingerprint({"config": config, "inputs": inputs})
-    if not force and stage.is_done(out_uri, fp):
+    st = Stage(out_uri, stage="kmeans", config=config, inputs=input_fingerprints(layout, src),
+               force=force)
+    if st.done:
         return out_uri
     n_total = count_rows(src)
     if k > n_total:
@@ -244,7 +223,7 @@ def fit_kmeans(layout, k: int, cfg: KMeansConfig, seed: int, force: bool = False
         centroids, offsets = balanced_lloyd(x, centroids, balance_rounds, seed)
     labels, dist = nearest(x, centroids, offsets)
     sizes = np.bincount(labels, minlength=k)
-    with stage.publish(out_uri, stage="kmeans", config=config, inputs=inputs, force=force) as out:
+    with st.publish() as out:
         save_centroids(out.file(CENTROIDS_FILE), centroids, offsets)
         out.manifest.update(
             k=k, dim=int(centroids.shape[1]), sample_rows=int(len(x)), generic_rows=n_total,
@@ -262,10 +241,6 @@ def fit_kmeans(layout, k: int, cfg: KMeansConfig, seed: int, force: bool = False
 
 def assign_batch(batch: pa.Table, model_ref: Any) -> pa.Table:
     """map_batches function: nearest (offset-adjusted) centroid of every embedding."""
-    import ray
-
-    from slm.pipeline.embed import arrow_to_vectors
-
     model = ray.get(model_ref) if isinstance(model_ref, ray.ObjectRef) else model_ref
     x = arrow_to_vectors(batch.column("embedding"))
     if len(x) and x.shape[1] != model["centroids"].shape[1]:
@@ -280,9 +255,6 @@ def assign_batch(batch: pa.Table, model_ref: Any) -> pa.Table:
 
 def assign_dataset(ds, centroids: np.ndarray, offsets: np.ndarray | None = None):
     """Lazily map a Dataset of (window_id, embedding) to (window_id, cluster, distance)."""
-    import ray
-    import ray.data
-
     ref = ray.put({"centroids": np.ascontiguousarray(centroids, dtype=np.float32),
                    "offsets": np.zeros(len(centroids), np.float32) if offsets is None
                    else np.asarray(offsets, dtype=np.float32)})
@@ -290,21 +262,16 @@ def assign_dataset(ds, centroids: np.ndarray, offsets: np.ndarray | None = None)
                           batch_size=ASSIGN_BATCH, compute=ray.data.TaskPoolStrategy())
 
 
-def assign(layout, k: int, set_name: str, force: bool = False) -> str:
+def assign(layout: RunLayout, k: int, set_name: str, force: bool = False) -> str:
     """Stage: ``data/embeddings/<set>`` → ``data/assign-k<K>/<set>``. Returns the URI."""
-    from slm import stage
-    from slm.pipeline.artifacts import count_rows, read_artifact, write_dataset
-    from slm.pipeline.embed import user_errors
-
     src, out_uri = layout.embeddings(set_name), layout.assignments(k, set_name)
-    inputs = stage.input_fingerprints(src, layout.kmeans(k))
-    config = {"k": k}
-    fp = stage.fingerprint({"config": config, "inputs": inputs})
-    if not force and stage.is_done(out_uri, fp):
+    st = Stage(out_uri, stage="assign", config={"k": k},
+               inputs=input_fingerprints(layout, src, layout.kmeans(k)), force=force)
+    if st.done:
         return out_uri
     centroids, offsets = load_centroids(layout, k)
     rows = count_rows(src)
-    with stage.publish(out_uri, stage="assign", config=config, inputs=inputs, force=force) as out:
+    with st.publish() as out:
         t0 = time.time()
         ds = read_artifact(src).select_columns(["window_id", "embedding"])
         with user_errors():
@@ -343,12 +310,6 @@ def partial_counts(batch: dict[str, np.ndarray], k: int, dirs: list[str]
 def cluster_counts(uris: list[str], k: int) -> list[np.ndarray]:
     """K counts of the ``cluster`` column of each artifact in ``uris``, in one Ray Data pass
     (partial counts per block, summed on the driver: K numbers per block, never rows)."""
-    import ray.data
-
-    from slm.pipeline.artifacts import parquet_files
-    from slm.pipeline.embed import user_errors
-    from slm.stage import filesystem
-
     totals = [np.zeros(k, dtype=np.int64) for _ in uris]
     fs, _ = filesystem(uris[0]) if uris else (None, None)
     dirs = [filesystem(u)[1].rstrip("/") + "/" for u in uris]
@@ -366,16 +327,12 @@ def cluster_counts(uris: list[str], k: int) -> list[np.ndarray]:
     return totals
 
 
-def histogram_file(layout, k: int, set_name: str) -> str:
-    from slm.stage import join
-
+def histogram_file(layout: RunLayout, k: int, set_name: str) -> str:
     return join(layout.histograms(k), f"{set_name}.json")
 
 
-def read_histogram(layout, k: int, set_name: str) -> dict[str, Any]:
+def read_histogram(layout: RunLayout, k: int, set_name: str) -> dict[str, Any]:
     """``{"k", "counts", "n"}`` of one set; InputError when it was not computed."""
-    from slm.stage import exists, read_json
-
     f = histogram_file(layout, k, set_name)
     if not exists(f):
         raise InputError(f"histogram '{f}' does not exist; run histograms(k={k}) for "
@@ -383,19 +340,17 @@ def read_histogram(layout, k: int, set_name: str) -> dict[str, Any]:
     return read_json(f)
 
 
-def histograms(layout, k: int, set_names: list[str], force: bool = False) -> str:
+def histograms(layout: RunLayout, k: int, set_names: list[str], force: bool = False) -> str:
     """Stage: ``data/histograms-k<K>/<set>.json`` for every set in ``set_names``.
 
     The directory is one artifact. Asking for sets it already holds (from the same
     assignments) is a no-op; asking for new ones (a domain added later) republishes it with the
     union: the new sets are counted, the others carried over. All sets are counted in one
     Ray Data pass."""
-    from slm import stage
-
     uri = layout.histograms(k)
     wanted = list(dict.fromkeys(set_names))
-    inputs = stage.input_fingerprints(*(layout.assignments(k, s) for s in wanted))
-    old = stage.manifest(uri)
+    inputs = input_fingerprints(layout, *(layout.assignments(k, s) for s in wanted))
+    old = manifest(uri)
     carried: dict[str, dict[str, Any]] = {}
     if old is not None and not force:
         recorded = old.get("inputs", {})
@@ -406,20 +361,19 @@ def histograms(layout, k: int, set_names: list[str], force: bool = False) -> str
                 "pass --force to recount them")
         if all(u in recorded for u in inputs):
             return uri
-        carried = {s: read_histogram(layout, k, s) for s in old.get("sets", [])
-                   if s not in wanted and layout.assignments(k, s) in recorded}
-        inputs.update({layout.assignments(k, s): recorded[layout.assignments(k, s)]
-                       for s in carried})
+        rel = {s: layout.relative(layout.assignments(k, s)) for s in old.get("sets", [])}
+        carried = {s: read_histogram(layout, k, s) for s, r in rel.items()
+                   if s not in wanted and r in recorded}
+        inputs.update({rel[s]: recorded[rel[s]] for s in carried})
         force = True  # republish with the union
     counted = dict(zip(wanted, cluster_counts([layout.assignments(k, s) for s in wanted], k)))
     every = sorted({*carried, *wanted})
-    config = {"k": k, "sets": every}
-    with stage.publish(uri, stage="histograms", config=config, inputs=inputs, force=force) as out:
+    st = Stage(uri, stage="histograms", config={"k": k, "sets": every}, inputs=inputs, force=force)
+    with st.publish() as out:
         for s, counts in counted.items():
-            stage.write_json(out.file(f"{s}.json"),
-                             {"k": k, "counts": counts.tolist(), "n": int(counts.sum())})
+            write_json(out.file(f"{s}.json"), {"k": k, "counts": counts.tolist(), "n": int(counts.sum())})
         for s, hist in carried.items():
-            stage.write_json(out.file(f"{s}.json"), hist)
+            write_json(out.file(f"{s}.json"), hist)
         out.manifest.update(k=k, sets=every, rows={s: int(c.sum()) for s, c in counted.items()}
                             | {s: int(h["n"]) for s, h in carried.items()})
     return uri

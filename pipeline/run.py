@@ -3,9 +3,9 @@
     corpus → tokenizer → windows → embeddings → k-means (per K) → assignments → histograms
            → shards (generic, domain splits, nested train subsets) → SLM-is shards
 
-Each stage function checks its own artifact (``slm.stage.is_done`` with a fingerprint of its
-config and inputs) and publishes atomically (``slm.stage.publish``), so re-running skips what is
-done and resumes after a crash; ``force`` rebuilds every stage. One log line per stage says
+Each stage function opens with ``slm.stage.Stage`` (a fingerprint of its config and of its
+inputs, keyed run-relatively: done? else build and publish atomically), so re-running skips
+what is done, resumes after a crash and works on a moved run; ``force`` rebuilds every stage. One log line per stage says
 done/skipped, rows and seconds; Ray Data shows per-operator progress bars inside a stage.
 """
 
@@ -16,8 +16,16 @@ import re
 import time
 from typing import Any, Callable
 
+from slm.cluster.ray_env import ray_session
+from slm.config import dump_recipe
 from slm.configkit import ConfigError
 from slm.layout import SPLITS, RunLayout, domain_set, is_set, train_subset
+from slm.pipeline import embed, importance, kmeans
+from slm.pipeline.demo_corpus import build_demo_corpus, demo_corpus_sources
+from slm.pipeline.ingest import ingest_domain_split, ingest_generic
+from slm.pipeline.shards import build_shards, build_train_subset
+from slm.pipeline.tokenizer import build_tokenizer
+from slm.pipeline.windows import build_windows
 from slm.stage import filesystem, manifest
 
 log = logging.getLogger(__name__)
@@ -31,8 +39,6 @@ def corpus_sources(recipe) -> tuple[str, dict[str, str]]:
     cfg = recipe.corpus
     generic, domains = cfg.generic, dict(cfg.domains)
     if generic == "demo":
-        from slm.pipeline.demo_corpus import build_demo_corpus, demo_corpus_sources
-
         generic, demo_domains = demo_corpus_sources(build_demo_corpus())
         if not domains:
             unknown = [d for d in cfg.demo_domains if d not in demo_domains]
@@ -49,8 +55,6 @@ def corpus_sources(recipe) -> tuple[str, dict[str, str]]:
 
 def save_recipe(recipe, layout: RunLayout) -> None:
     """RUN/recipe.yaml: the recipe the run was (last) started with."""
-    from slm.config import dump_recipe
-
     fs, path = filesystem(layout.recipe)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
@@ -82,13 +86,6 @@ class _Stages:
 def run_pipeline(recipe, force: bool = False) -> dict[str, Any]:
     """Run every data stage of ``recipe`` (skipping completed ones unless ``force``).
     Returns ``{"run_dir", "stages": [{stage, uri, status, rows, seconds}], "sets": {...}}``."""
-    from slm.cluster.ray_env import ray_session
-    from slm.pipeline import embed, importance, kmeans
-    from slm.pipeline.ingest import ingest_domain_split, ingest_generic
-    from slm.pipeline.shards import build_shards, build_train_subset
-    from slm.pipeline.tokenizer import build_tokenizer
-    from slm.pipeline.windows import build_windows
-
     layout = RunLayout(recipe.run_dir)
     data = recipe.data
     ks = recipe.kmeans.ks()

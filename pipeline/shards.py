@@ -32,13 +32,18 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray.data
 
 from slm.configkit import ConfigError
 from slm.errors import InputError, StageError
+from slm.hashing import hash64
 from slm.layout import RunLayout, domain_set, train_subset
 from slm.pipeline.artifacts import count_rows, parquet_files, read_artifact, write_dataset
 from slm.pipeline.counters import fail, new_counter
-from slm.stage import filesystem, fingerprint, input_fingerprints, is_done, manifest, publish
+from slm.stage import Stage, filesystem, input_fingerprints, manifest
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,9 +53,6 @@ from slm.stage import filesystem, fingerprint, input_fingerprints, is_done, mani
 def _lookup(ids: np.ndarray, assign_uri: str, files: list[str], k: int, counter: Any,
             where: str) -> np.ndarray:
     """Cluster of each window id, read from the assignment rows in [min(ids), max(ids)]."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
     fs, _ = filesystem(assign_uri)
     lo, hi = int(ids.min()), int(ids.max())
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
@@ -79,8 +81,6 @@ class _JoinFile:
         self.counter = counter
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
-        import pyarrow.parquet as pq
-
         fs, _ = filesystem(self.windows_uri)
         for path in batch["path"]:
             table = pq.read_table(fs.open_input_file(str(path)), columns=["window_id", "input_ids"])
@@ -96,17 +96,15 @@ class _JoinFile:
 def build_shards(layout: RunLayout, set_name: str, ks: list[int], *, rows_per_file: int = 4096,
                  force: bool = False) -> str:
     """``data/shards/<set_name>``: windows joined with the assignments of every K."""
-    import ray.data
-
     uri = layout.shards(set_name)
     windows_uri = layout.windows(set_name)
     assign_uris = {k: layout.assignments(k, set_name) for k in sorted(set(ks))}
-    config = {"set": set_name, "ks": sorted(set(ks))}
-    inputs = input_fingerprints(windows_uri, *assign_uris.values())
-    if not force and is_done(uri, fingerprint({"config": config, "inputs": inputs})):
+    st = Stage(uri, stage="shards", config={"set": set_name, "ks": sorted(set(ks))},
+               inputs=input_fingerprints(layout, windows_uri, *assign_uris.values()), force=force)
+    if st.done:
         return uri
     counter = new_counter()
-    with publish(uri, stage="shards", config=config, inputs=inputs, force=force) as out:
+    with st.publish() as out:
         files = parquet_files(windows_uri)
         assigns = {k: (u, parquet_files(u)) for k, u in assign_uris.items()}
         ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=max(1, len(files)))
@@ -129,18 +127,8 @@ def build_shards(layout: RunLayout, set_name: str, ks: list[int], *, rows_per_fi
 # Nested domain train subsets
 # --------------------------------------------------------------------------------------------
 
-def permutation_rank(window_id: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded pseudo-random uint64 per window id (splitmix64): sorting by it is a seeded
-    permutation that does not depend on the rows' order."""
-    with np.errstate(over="ignore"):
-        z = window_id.astype(np.uint64) + np.uint64((0x9E3779B97F4A7C15 * (seed + 1)) % (1 << 64))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 def _add_rank(batch: pa.Table, seed: int) -> pa.Table:
-    rank = permutation_rank(batch.column("window_id").to_numpy(), seed)
+    rank = hash64(batch.column("window_id").to_numpy(), seed)  # a seeded permutation
     return batch.append_column("_rank", pa.array(rank, type=pa.uint64()))
 
 
@@ -148,8 +136,6 @@ def build_train_subset(layout: RunLayout, domain: str, tokens: int, seed: int, *
                        rows_per_file: int = 4096, force: bool = False) -> str:
     """``data/shards/domain-<d>-train-<tokens>``: the first ``tokens // seq_len`` windows of a
     seeded permutation of the domain's train shards."""
-    import ray.data
-
     src = layout.shards(domain_set(domain, "train"))
     uri = layout.shards(train_subset(domain, tokens))
     m = manifest(src)
@@ -165,11 +151,12 @@ def build_train_subset(layout: RunLayout, domain: str, tokens: int, seed: int, *
         raise InputError(f"domain '{domain}' has {have * seq_len} train tokens ({have} windows of "
                          f"{seq_len}) but data.domain_train_tokens asks for {tokens}; add domain "
                          "data or lower data.domain_train_tokens")
-    config = {"domain": domain, "tokens": tokens, "seed": seed, "windows": want}
-    inputs = input_fingerprints(src)
-    if not force and is_done(uri, fingerprint({"config": config, "inputs": inputs})):
+    st = Stage(uri, stage="train_subset",
+               config={"domain": domain, "tokens": tokens, "seed": seed, "windows": want},
+               inputs=input_fingerprints(layout, src), force=force)
+    if st.done:
         return uri
-    with publish(uri, stage="train_subset", config=config, inputs=inputs, force=force) as out:
+    with st.publish() as out:
         ds = read_artifact(src).map_batches(_add_rank, fn_kwargs={"seed": seed},
                                             batch_format="pyarrow",
                                             compute=ray.data.TaskPoolStrategy())

@@ -13,11 +13,15 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
-from slm.errors import InputError
+import transformers  # AutoTokenizer resolves lazily (it imports torch): only named tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from slm.errors import InputError, StageError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import read_artifact
 from slm.pipeline.config import TokenizerConfig
-from slm.stage import filesystem, fingerprint, input_fingerprints, is_done, is_remote, manifest, publish
+from slm.stage import Stage, copy_dir, filesystem, input_fingerprints, is_remote, join, manifest
 
 EOS = "<|endoftext|>"
 TRAIN_BATCH = 1_000  # documents per batch handed to the BPE trainer
@@ -34,9 +38,6 @@ def _corpus_texts(corpus_uri: str, limit: int) -> Iterator[list[str]]:
 
 def train_bpe(texts: Iterator[list[str]], vocab_size: int):
     """A byte-level BPE (GPT-2 style) trained from batches of texts; returns a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -51,10 +52,8 @@ def train_bpe(texts: Iterator[list[str]], vocab_size: int):
 
 def pretrained(name: str):
     """Any Hugging Face tokenizer by name or local path (fast only); InputError if unknown."""
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = transformers.AutoTokenizer.from_pretrained(name)
     except Exception as e:  # OSError / ValueError / hub errors: unknown or unreachable
         raise InputError(f"tokenizer.name '{name}' is not a local tokenizer directory nor a "
                          f"reachable Hugging Face tokenizer ({type(e).__name__}); give a path to "
@@ -77,17 +76,17 @@ def build_tokenizer(layout: RunLayout, cfg: TokenizerConfig, force: bool = False
         inputs: dict[str, str] = {}
     else:
         config = {"vocab_size": cfg.vocab_size, "train_docs": cfg.train_docs}
-        inputs = input_fingerprints(layout.corpus_generic())
-    uri = layout.tokenizer
-    if not force and is_done(uri, fingerprint({"config": config, "inputs": inputs})):
-        return uri
+        inputs = input_fingerprints(layout, layout.corpus_generic())
+    st = Stage(layout.tokenizer, stage="tokenizer", config=config, inputs=inputs, force=force)
+    if st.done:
+        return st.uri
     tok = pretrained(cfg.name) if cfg.name else \
         train_bpe(_corpus_texts(layout.corpus_generic(), cfg.train_docs), cfg.vocab_size)
-    with publish(uri, stage="tokenizer", config=config, inputs=inputs, force=force) as out:
+    with st.publish() as out:
         _save(tok, out)
         out.manifest.update({"vocab_size": len(tok), "eos_token": tok.eos_token,
                              "eos_token_id": tok.eos_token_id, "rows": len(tok)})
-    return uri
+    return st.uri
 
 
 def _save(tok, out) -> None:
@@ -97,50 +96,64 @@ def _save(tok, out) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as src, out.fs.open_output_stream(
-                    f"{out.path}/{name}") as dst:
-                dst.write(src.read())
+        copy_dir(tmp, out.uri)
 
 
 def local_copy(uri: str) -> str:
     """A local directory holding the artifact's files (itself when local; else a cached copy)."""
     if not is_remote(uri):
         return uri
-    fs, path = filesystem(uri)
     fp = (manifest(uri) or {}).get("fingerprint", "x")
     dest = os.path.join(tempfile.gettempdir(), f"slm-tokenizer-{fp}")
     if not os.path.exists(os.path.join(dest, "tokenizer.json")):
         tmp = dest + f".part-{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
-        from pyarrow.fs import FileSelector
-        for info in fs.get_file_info(FileSelector(path)):
-            with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, info.base_name), "wb") as dst:
-                dst.write(src.read())
+        copy_dir(uri, tmp)
         shutil.rmtree(dest, ignore_errors=True)
         os.rename(tmp, dest)
     return dest
 
 
-def load_tokenizer(layout_or_uri: RunLayout | str):
-    """The run's tokenizer as a ``transformers`` fast tokenizer."""
-    from transformers import PreTrainedTokenizerFast
+def load_tokenizer(uri: str) -> PreTrainedTokenizerFast:
+    """The tokenizer artifact at ``uri`` (local or object storage) as a fast tokenizer, with
+    EOS as its padding token so that batched generation works."""
+    tok = PreTrainedTokenizerFast.from_pretrained(local_copy(uri))
+    if tok.eos_token is None:
+        tok.eos_token = EOS
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
-    uri = layout_or_uri.tokenizer if isinstance(layout_or_uri, RunLayout) else layout_or_uri
-    if manifest(uri) is None:
-        raise InputError(f"no tokenizer at '{uri}'; run the data pipeline (slm data run) first")
-    return PreTrainedTokenizerFast.from_pretrained(local_copy(uri))
+
+def _core(uri: str) -> Tokenizer:
+    fs, path = filesystem(join(uri, "tokenizer.json"))
+    with fs.open_input_stream(path) as f:
+        return Tokenizer.from_str(f.read().decode("utf-8"))
 
 
-def load_fast_core(uri: str):
+def load_fast_core(uri: str) -> tuple[Tokenizer, int]:
     """The bare ``tokenizers.Tokenizer`` (Rust) and the EOS id: what a tokenization worker
-    needs, without importing transformers in every Ray worker."""
-    from tokenizers import Tokenizer
-
+    needs, read straight from the artifact (no local copy)."""
     m = manifest(uri)
     if m is None:
         raise InputError(f"no tokenizer at '{uri}'; run the tokenizer stage first")
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(f"{path}/tokenizer.json") as f:
-        tok = Tokenizer.from_str(f.read().decode("utf-8"))
-    return tok, int(m["eos_token_id"])
+    return _core(uri), int(m["eos_token_id"])
+
+
+def _require_done(layout: RunLayout, recipe_path: str) -> str:
+    uri = layout.tokenizer
+    if manifest(uri) is None:
+        raise StageError(f"tokenizer '{uri}' is missing (not done); build it with "
+                         f"`slm data run --recipe {recipe_path or layout.recipe}`")
+    return uri
+
+
+def run_tokenizer(layout: RunLayout, recipe_path: str = "") -> PreTrainedTokenizerFast:
+    """The run's tokenizer (``RUN/data/tokenizer``); StageError naming the command that builds
+    it (with ``recipe_path``, default ``RUN/recipe.yaml``) when it is not done."""
+    return load_tokenizer(_require_done(layout, recipe_path))
+
+
+def run_vocab_size(layout: RunLayout, recipe_path: str = "") -> int:
+    """Vocabulary size of the run's tokenizer, added tokens included (reads tokenizer.json
+    only); StageError as ``run_tokenizer`` when it is not done."""
+    return _core(_require_done(layout, recipe_path)).get_vocab_size()

@@ -25,12 +25,16 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
 
 from slm.errors import InputError, StageError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import count_rows, parquet_files, write_dataset
 from slm.pipeline.counters import new_counter, report
-from slm.stage import filesystem, fingerprint, input_fingerprints, is_done, manifest, publish
+from slm.pipeline.tokenizer import load_fast_core
+from slm.stage import Stage, filesystem, input_fingerprints, manifest
 
 FILE_BITS, WINDOW_BITS, SET_BITS = 16, 24, 23
 TEXT_BATCH = 512  # documents tokenized per encode_batch call
@@ -53,8 +57,6 @@ def window_ids(set_name: str, file_index: int, first: int, n: int) -> np.ndarray
 
 @functools.lru_cache(maxsize=4)
 def _cached_core(tokenizer_uri: str):
-    from slm.pipeline.tokenizer import load_fast_core
-
     return load_fast_core(tokenizer_uri)
 
 
@@ -68,8 +70,6 @@ def _windows_table(ids: np.ndarray, tokens: np.ndarray, seq_len: int) -> pa.Tabl
 def tokenize_file(tok, eos_id: int, corpus_uri: str, path: str, file_index: int, set_name: str,
                   seq_len: int, counter: Any) -> Iterator[pa.Table]:
     """Windows of one corpus file, yielded per record batch (bounded memory)."""
-    import pyarrow.parquet as pq
-
     fs, _ = filesystem(corpus_uri)
     pf = pq.ParquetFile(fs.open_input_file(path))
     carry = np.zeros(0, dtype=np.int32)
@@ -108,8 +108,6 @@ class TokenizeActor:
     """Actor-pool form: each actor loads the tokenizer once in its constructor."""
 
     def __init__(self, tokenizer_uri: str, **kw: Any) -> None:
-        from slm.pipeline.tokenizer import load_fast_core
-
         self.tok, self.eos = load_fast_core(tokenizer_uri)
         self.kw = kw
 
@@ -122,8 +120,6 @@ class TokenizeActor:
 def windows_dataset(corpus_uri: str, tokenizer_uri: str, set_name: str, seq_len: int,
                     counter: Any = None, compute: str = DEFAULT_COMPUTE):
     """A Ray Dataset of the set's windows (one task per corpus file; nothing collected)."""
-    import ray.data
-
     files = parquet_files(corpus_uri)
     if not files:
         raise StageError(f"corpus artifact '{corpus_uri}' has no parquet files; re-run ingest")
@@ -143,15 +139,13 @@ def build_windows(layout: RunLayout, set_name: str, corpus_uri: str, seq_len: in
                   compute: str = DEFAULT_COMPUTE) -> str:
     """``data/windows/<set_name>`` from a corpus artifact (skipped when done). ``what`` names
     the corpus in errors (e.g. "domain 'law' valid split")."""
-    import ray
-
     uri = layout.windows(set_name)
-    config = {"set": set_name, "seq_len": seq_len}
-    inputs = input_fingerprints(corpus_uri, layout.tokenizer)
-    if not force and is_done(uri, fingerprint({"config": config, "inputs": inputs})):
+    st = Stage(uri, stage="windows", config={"set": set_name, "seq_len": seq_len},
+               inputs=input_fingerprints(layout, corpus_uri, layout.tokenizer), force=force)
+    if st.done:
         return uri
     counter = new_counter()
-    with publish(uri, stage="windows", config=config, inputs=inputs, force=force) as out:
+    with st.publish() as out:
         ds = windows_dataset(corpus_uri, layout.tokenizer, set_name, seq_len, counter, compute)
         write_dataset(ds, out, counter, max_rows_per_file=rows_per_file)
         totals = ray.get(counter.totals.remote())

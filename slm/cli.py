@@ -1,9 +1,10 @@
 """The `slm` command: a thin layer that parses arguments and calls the library.
 
-Every sub-command that works on a study takes ``--recipe NAME|PATH`` plus one ``--section.field``
-flag per recipe field (generated from the dataclasses), so a YAML recipe, the CLI and the Python
-API are the same config. Library imports happen inside the handlers: ``slm --help`` stays fast
-and never imports torch or Ray.
+Every sub-command that works on a study takes ``--recipe NAME|PATH`` (or ``--run RUN``: the
+recipe an existing run was started with, pointed at wherever the run is now) plus one
+``--section.field`` flag per recipe field (generated from the dataclasses), so a YAML recipe,
+the CLI and the Python API are the same config. The handlers import the library modules they
+call (each pulls in Ray, torch or Ray Serve): ``slm --help`` stays fast and never imports them.
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ import os
 import sys
 from typing import Callable
 
+from slm.config import Recipe, load_recipe, load_run_recipe, overrides_from_args
+from slm.configkit import add_flags
 from slm.errors import SlmError
 
-# Where a hub is unreachable the default embedding model must resolve offline (see
-# pipeline/embed.py); users with a hub keep whatever they set.
+# Rust tokenizer threads and the processes Ray forks do not mix (tokenizers warns and turns
+# them off in every fork); off from the start, unless the user set it.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _recipe(args):
-    from slm.config import load_recipe, overrides_from_args
-
+    if args.run:
+        return load_run_recipe(args.run, overrides_from_args(args))
     return load_recipe(args.recipe, overrides_from_args(args))
+
+
+def _recipe_path(args) -> str:
+    """How the user named the recipe (for messages that say which command to run)."""
+    return args.recipe if not args.run else f"{args.run.rstrip('/')}/recipe.yaml"
 
 
 # --------------------------------------------------------------------------------------------
@@ -32,7 +40,7 @@ def _recipe(args):
 # --------------------------------------------------------------------------------------------
 
 def cmd_data_demo(args) -> int:
-    from slm.pipeline.demo_corpus import build_demo_corpus
+    from slm.pipeline.demo_corpus import build_demo_corpus  # lazy: the pipeline imports Ray
 
     m = build_demo_corpus(args.out or None, force=args.force)
     print(f"demo corpus ready: {m['path']}")
@@ -41,7 +49,7 @@ def cmd_data_demo(args) -> int:
 
 def cmd_data_run(args) -> int:
     recipe = _recipe(args)
-    from slm.pipeline.run import run_pipeline
+    from slm.pipeline.run import run_pipeline  # lazy: imports Ray
 
     run_pipeline(recipe, force=args.force)
     return 0
@@ -49,25 +57,24 @@ def cmd_data_run(args) -> int:
 
 def cmd_pretrain(args) -> int:
     recipe = _recipe(args)
-    from slm.models.pretrain import pretrain
+    from slm.models.pretrain import pretrain  # lazy: imports Ray Train, torch
 
     families = args.family or recipe.pretrain.families
     for fam in families:
-        pretrain(recipe, fam, recipe_path=args.recipe)
+        pretrain(recipe, fam, recipe_path=_recipe_path(args))
     return 0
 
 
 def cmd_specialize(args) -> int:
-    from slm.tune.add_domain import specialize_new_domain
+    from slm.tune.add_domain import specialize_new_domain  # lazy: imports Ray, torch
 
-    specialize_new_domain(args.run, args.domain, name=args.name, methods=args.method,
-                          text_column=args.text_column)
+    specialize_new_domain(args.run, args.domain, name=args.name, methods=args.method)
     return 0
 
 
 def cmd_sweep(args) -> int:
     recipe = _recipe(args)
-    from slm.tune.sweep import run_sweep
+    from slm.tune.sweep import run_sweep  # lazy: imports Ray Tune, torch
 
     run_sweep(recipe)
     return 0
@@ -75,7 +82,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_report(args) -> int:
     recipe = _recipe(args)
-    from slm.tune.report import write_report
+    from slm.tune.report import write_report  # lazy: imports matplotlib, pandas
 
     path = write_report(recipe, extra_results=args.results)
     print(f"report: {path}")
@@ -83,7 +90,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from slm.tune.planner import plan, format_plan
+    from slm.tune.planner import format_plan, plan  # lazy: reads results with pandas
 
     result = plan(pretrain_budget=args.pretrain_budget, specialize_budget=args.specialize_budget,
                   inference_budget=args.inference_budget, domains=args.domains,
@@ -94,14 +101,14 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     recipe = _recipe(args)
-    from slm.tune.study import run_study
+    from slm.tune.study import run_study  # lazy: imports Ray, torch
 
     run_study(recipe, force=args.force)
     return 0
 
 
 def cmd_export(args) -> int:
-    from slm.deploy.export import export_model
+    from slm.deploy.export import export_model  # lazy: imports torch, transformers
 
     path = export_model(args.run, args.domain, method=args.method, out=args.out)
     print(f"exported: {path}")
@@ -109,14 +116,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from slm.deploy.serve import serve
+    from slm.deploy.serve import serve  # lazy: imports Ray Serve, torch
 
     serve(args.run, domains=args.domain, host=args.host, port=args.port, blocking=True)
     return 0
 
 
 def cmd_submit(args) -> int:
-    from slm.cluster.submit import submit
+    from slm.cluster.submit import submit  # lazy: imports Ray's job client
 
     return submit(args.entrypoint, address=args.address, follow=args.follow,
                   num_cpus=args.entrypoint_num_cpus, num_gpus=args.entrypoint_num_gpus,
@@ -128,11 +135,12 @@ def cmd_submit(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 def _with_recipe(p: argparse.ArgumentParser) -> None:
-    from slm.config import Recipe
-    from slm.configkit import add_flags
-
     p.add_argument("--recipe", default="demo",
                    help="built-in recipe (demo, paper, study) or a YAML path (default: demo)")
+    p.add_argument("--run", default="",
+                   help="an existing run directory: use the recipe it was started with "
+                        "(RUN/recipe.yaml), with run_dir = RUN wherever the run is now "
+                        "(instead of --recipe)")
     add_flags(p, Recipe)
 
 
@@ -178,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", required=True, help="domain data: a directory or file of text/jsonl/parquet")
     p.add_argument("--name", default="", help="domain name (default: the directory name)")
     p.add_argument("--method", action="append", help="methods (default: the run's sweep methods)")
-    p.add_argument("--text-column", default="", help="text column of parquet/jsonl files")
 
     add("sweep", cmd_sweep, "Ray Tune sweep of specialization: domains × methods × budgets × sizes × seeds")
     p = add("report", cmd_report, "write the HTML report (tables and figures) of a run")

@@ -8,7 +8,7 @@ Dataclasses ↔ YAML recipes ↔ ``--section.field`` CLI flags; the machinery is
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,9 @@ import yaml
 from slm.cluster.config import ClusterConfig
 from slm.configkit import (ConfigError, add_flags, apply_overrides, from_dict, overrides_from_args,  # noqa: F401
                            to_dict, validate)
+from slm.errors import InputError
+from slm.layout import RunLayout
+from slm.stage import exists, filesystem
 from slm.models.config import PretrainConfig
 from slm.pipeline.config import CorpusConfig, DataConfig, EmbedConfig, KMeansConfig, TokenizerConfig
 from slm.tune.config import SpecializeConfig, SweepConfig
@@ -66,20 +69,40 @@ def recipe_path(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str = "demo", overrides: dict[str, Any] | None = None) -> Recipe:
     """Load a recipe (built-in name or YAML path), apply dotted overrides, validate it."""
     path = recipe_path(name_or_path)
+    return resolve_paths(_parse(path.read_text(encoding="utf-8"), str(path), overrides))
+
+
+def _parse(text: str, where: str, overrides: dict[str, Any] | None) -> Recipe:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe '{path}' is not valid YAML: {e}") from None
+        raise ConfigError(f"recipe '{where}' is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe '{path}' must be a YAML mapping of sections")
+        raise ConfigError(f"recipe '{where}' must be a YAML mapping of sections")
     try:
         recipe = from_dict(Recipe, data)
         if overrides:
             recipe = apply_overrides(recipe, overrides)
         validate(recipe)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    return resolve_paths(recipe)
+        raise ConfigError(f"{where}: {e}") from None
+    return recipe
+
+
+def load_run_recipe(run: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """The recipe a run was started with (``RUN/recipe.yaml``), pointed at ``run`` wherever
+    the run directory is now (moved, copied, opened through a relative path)."""
+    layout = RunLayout(run)
+    if not exists(run):
+        raise InputError(f"run '{run}' does not exist; pass the run directory of a finished "
+                         "pretraining run (--run RUN, e.g. runs/demo)")
+    if not exists(layout.recipe):
+        raise InputError(f"'{run}' is not an slm run directory (no recipe.yaml); pass the run "
+                         "directory that `slm run` / `slm data run` created")
+    fs, path = filesystem(layout.recipe)
+    with fs.open_input_stream(path) as f:
+        recipe = _parse(f.read().decode("utf-8"), layout.recipe, overrides)
+    return resolve_paths(replace(recipe, run_dir=run))
 
 
 def _absolute(path: str) -> str:
@@ -93,8 +116,6 @@ def resolve_paths(recipe: Recipe) -> Recipe:
     """The recipe with its local paths absolute, resolved against the caller's working
     directory. Ray Tune runs trials in their own directories, so a relative ``run_dir`` read
     inside a trial would point elsewhere; idempotent."""
-    from dataclasses import replace
-
     corpus = replace(recipe.corpus, generic=_absolute(recipe.corpus.generic),
                      domains={d: _absolute(p) for d, p in recipe.corpus.domains.items()})
     cluster = replace(recipe.cluster, storage=_absolute(recipe.cluster.storage))

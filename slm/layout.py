@@ -16,8 +16,8 @@
         final/                             its published model (HF directory)
         costs.json                         its measured costs (mix, is: also summed one level up)
       specialize/<sweep>/                  one sweep:
-        tune/                              the Ray Tune experiment
-        grid.json                          the grid it was started with
+        tune/<phase>/                      the Ray Tune experiments: teachers, then the grid
+        grid.json                          the trials each phase was started with
         trials/<key>/                      one finished trial: HF model, training.json, row.json
         results.parquet, results.csv       every finished trial's row
       models/<domain>/<method>/            Hugging Face directories (the products)
@@ -36,9 +36,10 @@ Window/shard set names: ``generic``, ``domain-<d>-<split>`` (split: train, valid
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
-from slm.stage import is_remote, join
+from slm.stage import is_remote, join, subdirs
 
 SPLITS = ("train", "valid", "test")
 
@@ -76,6 +77,10 @@ class RunLayout:
     def recipe(self) -> str:
         return self.path("recipe.yaml")
 
+    @property
+    def data(self) -> str:
+        return self.path("data")
+
     def corpus_generic(self) -> str:
         return self.path("data/corpus/generic")
 
@@ -95,14 +100,20 @@ class RunLayout:
     def kmeans(self, k: int) -> str:
         return self.path(f"data/kmeans-k{k}")
 
+    def kmeans_ks(self) -> list[int]:
+        """The k of every k-means artifact directory in the run, sorted (a listing)."""
+        return sorted(int(m.group(1)) for n in subdirs(self.data)
+                      if (m := re.fullmatch(r"kmeans-k(\d+)", n)))
+
     def assignments(self, k: int, name: str) -> str:
         return self.path(f"data/assign-k{k}", name)
 
     def histograms(self, k: int) -> str:
         return self.path(f"data/histograms-k{k}")
 
-    def shards(self, name: str) -> str:
-        return self.path("data/shards", name)
+    def shards(self, name: str = "") -> str:
+        """A shard set ('' = the folder of every shard set)."""
+        return self.path("data/shards", name) if name else self.path("data/shards")
 
     def sources(self, domain: str, split: str = "") -> str:
         return self.path("data/sources", domain, split) if split else self.path("data/sources", domain)
@@ -117,8 +128,9 @@ class RunLayout:
     def pretrain_costs(self, family: str, sub: str = "") -> str:
         return join(self.pretrain(family, sub), COSTS)
 
-    def sweep(self, name: str) -> str:
-        return self.path("specialize", name)
+    def sweep(self, name: str = "") -> str:
+        """A sweep's folder ('' = the folder of every sweep)."""
+        return self.path("specialize", name) if name else self.path("specialize")
 
     def sweep_tune(self, name: str) -> str:
         return join(self.sweep(name), "tune")
@@ -138,8 +150,9 @@ class RunLayout:
     def models(self, domain: str = "") -> str:
         return self.path("models", domain) if domain else self.path("models")
 
-    def export(self, domain: str) -> str:
-        return self.path("export", domain)
+    def export(self, domain: str = "") -> str:
+        """`slm export`'s default output for ``domain`` ('' = the folder of every export)."""
+        return self.path("export", domain) if domain else self.path("export")
 
     @property
     def report(self) -> str:

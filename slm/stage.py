@@ -12,15 +12,25 @@ A crash (or a full disk) mid-stage leaves no manifest, so the artifact is not do
 run redoes it, clearing the leftovers. A done artifact whose recorded fingerprint (config +
 inputs) differs from the current one is *stale*: we refuse to reuse it silently.
 
-    with publish(run.path("data/tokenizer"), stage="tokenizer", config=cfg_dict) as out:
-        tok.save(out.local_dir)          # or write to out.uri through out.fs
-        out.manifest["vocab_size"] = ...
+A stage opens with ``Stage`` (fingerprint → done? → build in a staging location → publish):
+
+    st = Stage(layout.windows(name), stage="windows", config={"seq_len": 1024},
+               inputs=input_fingerprints(layout, layout.corpus_generic(), layout.tokenizer))
+    if st.done:                          # published with this fingerprint: nothing to do
+        return st.uri
+    with st.publish() as out:            # nothing is visible until the block exits normally
+        write_files(out.path, out.fs)    # or out.local_dir for libraries that want a directory
+        out.manifest["rows"] = ...
+
+Input fingerprints are keyed by the inputs' paths *relative to the run*, so a run opened
+through another path (relative, absolute, moved, copied) has the same fingerprints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import platform
@@ -28,11 +38,14 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 import pyarrow.fs as pafs
 
 from slm.errors import StageError
+
+if TYPE_CHECKING:  # slm.layout imports this module
+    from slm.layout import RunLayout
 
 MANIFEST = "manifest.json"
 
@@ -81,6 +94,20 @@ def write_json(uri: str, obj: Any) -> None:
         f.write(data)
 
 
+def subdirs(uri: str) -> list[str]:
+    """Names of the sub-directories of ``uri``, sorted ([] when it does not exist)."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a directory's files from ``src`` to ``dst``, each a local path or a URI."""
+    sfs, spath = filesystem(src)
+    dfs, dpath = filesystem(dst)
+    pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs)
+
+
 def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-able object (config, input manifests)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode("utf-8")
@@ -90,7 +117,6 @@ def fingerprint(obj: Any) -> str:
 def versions() -> dict[str, str]:
     """Versions of the packages that shape an artifact (recorded in every manifest)."""
     out = {"python": platform.python_version()}
-    import importlib.metadata as md
     for pkg in ("slm", "ray", "torch", "deepspeed", "transformers", "tokenizers",
                 "sentence-transformers", "pyarrow", "scikit-learn"):
         try:
@@ -129,15 +155,40 @@ def is_done(uri: str, fp: str | None = None) -> bool:
     return True
 
 
-def input_fingerprints(*uris: str) -> dict[str, str]:
-    """Fingerprints of the input artifacts (from their manifests), to record and compare."""
+def input_fingerprints(run: RunLayout, *uris: str) -> dict[str, str]:
+    """Fingerprints of the input artifacts (from their manifests), keyed by their run-relative
+    paths (``run.relative``), to record and compare."""
     out = {}
     for u in uris:
         m = manifest(u)
         if m is None:
             raise StageError(f"input artifact '{u}' is not done; run its stage first")
-        out[u] = m.get("fingerprint", "")
+        out[run.relative(u)] = m.get("fingerprint", "")
     return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The opening of one stage (see module doc): ``done`` when ``uri`` is published with this
+    config and these inputs (StageError when it was built from others), else ``publish()``."""
+
+    uri: str
+    stage: str
+    config: Any = None
+    inputs: dict[str, str] = field(default_factory=dict)  # from input_fingerprints (+ extras)
+    force: bool = False  # rebuild even when done
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint({"config": self.config, "inputs": self.inputs})
+
+    @property
+    def done(self) -> bool:
+        return not self.force and is_done(self.uri, self.fingerprint)
+
+    def publish(self) -> ContextManager[Staging]:
+        return publish(self.uri, stage=self.stage, config=self.config, inputs=self.inputs,
+                       force=self.force)
 
 
 @dataclass

@@ -7,14 +7,14 @@ import os
 
 import pytest
 
+from slm.cluster.config import ClusterConfig
+from slm.cluster.ray_env import ray_session
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded local Ray for the whole test session (starting Ray costs ~10 s)."""
-    from slm.cluster.config import ClusterConfig
-    from slm.cluster.ray_env import ray_session
-
     with ray_session(ClusterConfig(num_cpus=2)):
         yield

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from corpus_files import paragraphs, write_domain, write_jsonl, write_parquet, write_text
 
 from slm.config import load_recipe
 from slm.configkit import ConfigError
@@ -18,6 +17,7 @@ from slm.errors import InputError, StageError
 from slm.layout import RunLayout
 from slm.pipeline.config import CorpusConfig, TokenizerConfig
 from slm.pipeline.ingest import ingest_domain, ingest_generic
+from slm.pipeline.sample_corpus import paragraphs, write_domain, write_jsonl, write_parquet, write_text
 from slm.pipeline.tokenizer import build_tokenizer
 from slm.pipeline.windows import build_windows
 from slm.stage import manifest

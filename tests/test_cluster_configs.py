@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 LAUNCHER = sorted((CLUSTER / "launcher").glob("*.yaml"))
@@ -20,8 +21,6 @@ KUBERAY = [CLUSTER / "kuberay" / "raycluster.yaml", CLUSTER / "kuberay" / "rayjo
 
 def _ray_validate(config: dict) -> dict:
     """What `ray up` does before it talks to the cloud: fill defaults, validate the schema."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     config = prepare_config(copy.deepcopy(config))
     validate_config(config)
     return config

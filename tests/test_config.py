@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from slm.config import BUILTIN_RECIPES, Recipe, dump_recipe, load_recipe
+from slm.cli import build_parser
+from slm.config import BUILTIN_RECIPES, Recipe, dump_recipe, load_recipe, overrides_from_args
 from slm.configkit import ConfigError, apply_overrides, from_dict, iter_leaf_fields
 
 
@@ -77,9 +78,6 @@ def test_every_leaf_field_is_a_cli_flag_with_help():
 
 
 def test_cli_flag_overrides_reach_the_recipe(tmp_path):
-    from slm.cli import build_parser
-    from slm.config import overrides_from_args
-
     args = build_parser().parse_args(["sweep", "--kmeans.k_is", "64", "--sweep.seeds", "[0, 1, 2]"])
     r = load_recipe(args.recipe, overrides_from_args(args))
     assert r.kmeans.k_is == 64 and r.sweep.seeds == [0, 1, 2]

@@ -15,6 +15,7 @@ import pytest
 from slm.errors import InputError, StageError
 from slm.pipeline import demo_corpus as dc
 from slm.pipeline import demo_text as dt
+from slm.stage import manifest
 
 SPLITS = ("train", "valid", "test")
 
@@ -95,7 +96,7 @@ def test_doc_ids_are_text_hashes(corpus):
 
 
 def test_manifest_records_packages_and_counts(corpus):
-    m = dc.stage.manifest(corpus["path"])
+    m = manifest(corpus["path"])
     assert m["version"] == dc.CORPUS_VERSION and m["path"] == corpus["path"]
     assert m["build_seconds"] > 0
     cache = dc.default_deb_cache()

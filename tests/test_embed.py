@@ -8,14 +8,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.data
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from slm import stage
 from slm.errors import InputError
 from slm.layout import RunLayout
-from slm.pipeline.artifacts import parquet_files
+from slm.pipeline.artifacts import arrow_to_vectors, parquet_files
 from slm.pipeline.config import EmbedConfig
-from slm.pipeline.embed import (arrow_to_vectors, embed_texts, embed_windows, load_model,
-                                offline_model_dir, resolve_model)
+from slm.pipeline.embed import embed_texts, embed_windows, load_model, offline_model_dir, resolve_model
 
 SEQ = 32
 TOPICS = {
@@ -40,9 +42,6 @@ def documents() -> list[str]:
 def build_run(root: str) -> tuple[RunLayout, object, np.ndarray]:
     """A run with a tiny byte-level BPE (trained here) and generic windows cut from it as
     design.md says: documents + EOS, concatenated, cut into SEQ-token windows."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     layout = RunLayout(root)
     docs = documents()
     bpe = Tokenizer(models.BPE())
@@ -102,8 +101,6 @@ def test_embed_windows_matches_bare_sentence_transformers(ray_local, tmp_path, b
 
 
 def test_embedder_on_any_text_dataset_keeps_other_columns(ray_local, bare_model):
-    import ray.data
-
     texts = documents()[:40]
     ds = ray.data.from_items([{"doc": i, "text": t} for i, t in enumerate(texts)])
     out = embed_texts(ds, EmbedConfig(batch_size=8), output_column="vec").to_pandas()

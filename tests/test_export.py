@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
+from tiny_run import build_tiny_run
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny_run import build_tiny_run  # noqa: E402
-
-from slm.cli import main  # noqa: E402
-from slm.deploy.export import export_model  # noqa: E402
-from slm.errors import InputError  # noqa: E402
+from slm.cli import main
+from slm.deploy.export import export_model, model_card
+from slm.errors import InputError
+from slm.layout import RunLayout
+from slm.tune.methods import get_method
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,6 @@ def tiny(tmp_path_factory):
 
 
 def test_export_loads_with_auto_classes_and_matches_logits(tiny, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = str(tmp_path / "code-export")
     assert main(["export", "--run", tiny["root"], "--domain", "code", "--out", out]) == 0
     for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md",
@@ -62,3 +60,12 @@ def test_export_errors_name_the_fix(tiny, capsys):
         export_model(tiny["root"], "code", method="mix")
     assert main(["export", "--run", tiny["root"], "--domain", "nope"]) == 2
     assert "error: no specialized models for domain 'nope'" in capsys.readouterr().err
+
+
+def test_model_card_describes_the_method_from_the_registry():
+    card = model_card("code", "d", {"data": {"train": "/elsewhere/run/data/shards/x"}}, {},
+                      RunLayout("/elsewhere/run"))
+    assert get_method("d").description in card and "distilled from the fine-tuned LLM" in card
+    assert "domain data only" not in card and "SLM-d" in card
+    assert "- train: data/shards/x" in card and "/elsewhere" not in card  # run-relative
+    assert "see the slm documentation" in model_card("code", "no-such-method", {}, {})

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 
-from corpus_files import paragraphs, read_rows, write_domain, write_jsonl, write_parquet, write_text
 
 from slm.layout import RunLayout
+from slm.pipeline.artifacts import read_rows
 from slm.pipeline.config import CorpusConfig
 from slm.pipeline.ingest import ingest_domain, ingest_generic, ingest_source
+from slm.pipeline.sample_corpus import paragraphs, write_domain, write_jsonl, write_parquet, write_text
 from slm.stage import manifest
 
 

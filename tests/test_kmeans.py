@@ -14,9 +14,8 @@ from sklearn.cluster import KMeans
 from slm import stage
 from slm.errors import InputError, SlmError
 from slm.layout import RunLayout
+from slm.pipeline.artifacts import parquet_files, vectors_to_arrow
 from slm.pipeline.config import KMeansConfig
-from slm.pipeline.artifacts import parquet_files
-from slm.pipeline.embed import vectors_to_arrow
 from slm.pipeline.kmeans import assign, fit_kmeans, histograms, load_centroids, read_histogram
 
 DIM = 32

@@ -8,11 +8,12 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import yaml
-from corpus_files import paragraphs, read_rows, write_domain, write_jsonl, write_parquet
 
 from slm.config import Recipe, load_recipe
 from slm.layout import RunLayout, domain_set, is_set, train_subset
+from slm.pipeline.artifacts import read_rows
 from slm.pipeline.run import run_pipeline
+from slm.pipeline.sample_corpus import paragraphs, write_domain, write_jsonl, write_parquet
 from slm.stage import manifest
 
 SEQ = 32

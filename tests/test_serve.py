@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
+from ray import serve
+from tiny_run import build_tiny_run
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny_run import build_tiny_run  # noqa: E402
-
-from slm.deploy.export import export_model  # noqa: E402
-from slm.deploy.serve import ServeOptions, exported_domains, start  # noqa: E402
-from slm.errors import InputError  # noqa: E402
+from slm.deploy.export import export_model
+from slm.deploy.serve import ServeOptions, exported_domains, start
+from slm.errors import InputError
 
 TIMEOUT = 60  # seconds per request
 
@@ -30,8 +30,6 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory):
-    from ray import serve
-
     tiny = build_tiny_run(str(tmp_path_factory.mktemp("run")))
     for d in ("code", "legal"):
         export_model(tiny["root"], d)
@@ -56,9 +54,6 @@ def _post(url: str, body) -> tuple[int, dict]:
 
 
 def _local_greedy(root: str, domain: str, prompt: str, n: int) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = os.path.join(root, "export", domain)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()

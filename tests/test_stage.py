@@ -7,7 +7,8 @@ import os
 import pytest
 
 from slm.errors import StageError
-from slm.stage import MANIFEST, is_done, manifest, publish
+from slm.layout import RunLayout
+from slm.stage import MANIFEST, Stage, fingerprint, input_fingerprints, is_done, manifest, publish
 
 
 def test_publish_writes_manifest_and_renames(tmp_path):
@@ -48,7 +49,6 @@ def test_stale_artifact_is_refused(tmp_path):
     uri = str(tmp_path / "art")
     with publish(uri, stage="t", config={"k": 8}):
         pass
-    from slm.stage import fingerprint
     assert is_done(uri, fingerprint({"config": {"k": 8}, "inputs": {}}))
     with pytest.raises(StageError, match="different config"):
         is_done(uri, fingerprint({"config": {"k": 16}, "inputs": {}}))
@@ -81,3 +81,33 @@ def test_write_failure_becomes_stage_error_and_nothing_is_published(tmp_path):
         with publish(uri, stage="t", config={}) as out:
             raise OSError(28, "No space left on device")
     assert not os.path.exists(uri)
+
+
+def test_stage_opening_skips_done_and_refuses_other_inputs(tmp_path):
+    layout = RunLayout(str(tmp_path / "run"))
+    with publish(layout.tokenizer, stage="tokenizer", config={"v": 1}):
+        pass
+    inputs = input_fingerprints(layout, layout.tokenizer)
+    assert list(inputs) == ["data/tokenizer"]  # keyed run-relatively
+    st = Stage(layout.windows("generic"), stage="windows", config={"seq": 8}, inputs=inputs)
+    assert not st.done
+    with st.publish() as out:
+        out.manifest["rows"] = 3
+    assert st.done and manifest(st.uri)["inputs"] == inputs and manifest(st.uri)["rows"] == 3
+    assert Stage(st.uri, stage="windows", config={"seq": 8}, inputs=inputs, force=True).done is False
+    with pytest.raises(StageError, match="different config or inputs"):
+        _ = Stage(st.uri, stage="windows", config={"seq": 16}, inputs=inputs).done
+
+
+def test_fingerprints_do_not_depend_on_how_the_run_is_opened(tmp_path, monkeypatch):
+    layout = RunLayout(str(tmp_path / "runs" / "r"))
+    with publish(layout.tokenizer, stage="tokenizer", config={"v": 1}):
+        pass
+    monkeypatch.chdir(tmp_path)
+    relative = RunLayout("runs/r")
+    assert input_fingerprints(relative, relative.tokenizer) == \
+        input_fingerprints(layout, layout.tokenizer)
+    os.rename(tmp_path / "runs" / "r", tmp_path / "moved")
+    moved = RunLayout(str(tmp_path / "moved"))
+    assert input_fingerprints(moved, moved.tokenizer) == {"data/tokenizer": fingerprint(
+        {"config": {"v": 1}, "inputs": {}})}

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from corpus_files import paragraphs, read_rows, write_parquet
+from transformers import AutoTokenizer
 
 from slm.errors import InputError
 from slm.layout import RunLayout, domain_set, train_subset
+from slm.pipeline.artifacts import read_rows
 from slm.pipeline.config import CorpusConfig, TokenizerConfig
 from slm.pipeline.ingest import ingest_generic, ingest_source
+from slm.pipeline.sample_corpus import paragraphs, write_parquet
 from slm.pipeline.shards import build_shards, build_train_subset
-from slm.pipeline.tokenizer import EOS, build_tokenizer, load_tokenizer
+from slm.pipeline.tokenizer import EOS, build_tokenizer, run_tokenizer
 from slm.pipeline.windows import build_windows
 from slm.stage import manifest, publish
 
@@ -34,8 +37,6 @@ def run(tmp_path_factory, ray_local):
 
 
 def test_bpe_tokenizer_is_a_transformers_fast_tokenizer(run):
-    from transformers import AutoTokenizer
-
     layout, texts = run
     tok = AutoTokenizer.from_pretrained(layout.tokenizer)
     assert tok.is_fast and len(tok) == VOCAB == manifest(layout.tokenizer)["vocab_size"]
@@ -43,7 +44,7 @@ def test_bpe_tokenizer_is_a_transformers_fast_tokenizer(run):
     ids = tok(texts[0], add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == texts[0]  # byte-level: lossless
     assert len(ids) < len(texts[0].encode()) / 1.5  # merges learned: well under one token per byte
-    assert load_tokenizer(layout).eos_token_id == tok.eos_token_id
+    assert run_tokenizer(layout).eos_token_id == tok.eos_token_id
 
 
 def test_named_tokenizer_by_path(run, tmp_path):
@@ -51,7 +52,7 @@ def test_named_tokenizer_by_path(run, tmp_path):
     other = RunLayout(str(tmp_path / "run2"))
     build_tokenizer(other, TokenizerConfig(name=layout.tokenizer))
     assert manifest(other.tokenizer)["vocab_size"] == VOCAB
-    a, b = load_tokenizer(layout), load_tokenizer(other)
+    a, b = run_tokenizer(layout), run_tokenizer(other)
     assert a("hello windows")["input_ids"] == b("hello windows")["input_ids"]
 
 
@@ -65,7 +66,7 @@ def test_windows_are_the_eos_joined_token_stream(run):
     assert ids.shape[1] == SEQ
 
     # The corpus artifact is one file: its documents in order, each + EOS, cut into windows.
-    tok = load_tokenizer(layout)
+    tok = run_tokenizer(layout)
     corpus = read_rows(layout.corpus_generic()).column("text").to_pylist()
     assert sorted(corpus) == sorted(texts)
     stream = []
@@ -100,7 +101,6 @@ def _write_assignments(layout: RunLayout, k: int, set_name: str) -> dict[int, in
     ids = read_rows(layout.windows(set_name)).column("window_id").to_numpy()[::-1]
     clusters = (ids % k).astype(np.int32)
     with publish(layout.assignments(k, set_name), stage="assign", config={"k": k}) as out:
-        import pyarrow.parquet as pq
         half = len(ids) // 2
         for i, sl in enumerate((slice(0, half), slice(half, None))):
             pq.write_table(pa.table({"window_id": ids[sl], "cluster": clusters[sl],

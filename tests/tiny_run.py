@@ -9,14 +9,26 @@ where the run layout says.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
+import json.encoder
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
+from sklearn.cluster import KMeans
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from slm.layout import RunLayout, domain_set
+from slm.pipeline.embed import load_model
+from slm.pipeline.kmeans import CENTROIDS_FILE, save_centroids
+from slm.stage import publish, write_json
 
 K = 4
 DOMAINS = ("code", "legal")
@@ -37,11 +49,7 @@ def _chunks(text: str, size: int = 400) -> list[str]:
 
 def domain_texts() -> dict[str, dict[str, list[str]]]:
     """{domain: {"train": [...], "test": [...]}} from real files of this machine."""
-    import argparse
-    import json as json_mod
-    import textwrap
-
-    code_train = _chunks(inspect.getsource(textwrap) + inspect.getsource(json_mod.encoder))
+    code_train = _chunks(inspect.getsource(textwrap) + inspect.getsource(json.encoder))
     # held-out code: argparse source from a function definition on (its docstrings are prose)
     code_test = [c[c.index("    def "):] for c in _chunks(inspect.getsource(argparse))
                  if "    def " in c][10:14]
@@ -53,22 +61,20 @@ def domain_texts() -> dict[str, dict[str, list[str]]]:
 
 
 def _train_tokenizer(texts: list[str], out: str):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
+    """The run's tokenizer artifact (published with its manifest, as the pipeline does)."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=512, min_frequency=2,
                             special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    tok.save_pretrained(out)
+    with publish(out, stage="tokenizer", config={"vocab_size": 512}) as st:
+        tok.save_pretrained(st.local_dir)
+        st.manifest.update({"vocab_size": len(tok), "eos_token": tok.eos_token,
+                            "eos_token_id": tok.eos_token_id})
     return tok
 
 
 def _train_specialist(tok, texts: list[str], test: list[str], seed: int, out: str, domain: str):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
@@ -100,22 +106,8 @@ def _train_specialist(tok, texts: list[str], test: list[str], seed: int, out: st
     return model
 
 
-def _embedder():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    from slm.pipeline.embed import resolve_model
-
-    return SentenceTransformer(resolve_model("all-MiniLM-L6-v2"), device="cpu")
-
-
 def build_tiny_run(root: str) -> dict:
     """Write the run under ``root``; return {"texts", "models" (in-memory), "root"}."""
-    from safetensors.numpy import save_file
-    from sklearn.cluster import KMeans
-
-    from slm.layout import RunLayout
-
     layout = RunLayout(root)
     texts = domain_texts()
     tok = _train_tokenizer([t for d in DOMAINS for t in texts[d]["train"]], layout.tokenizer)
@@ -124,18 +116,17 @@ def build_tiny_run(root: str) -> dict:
         out = layout.model(d, "slm")
         os.makedirs(out, exist_ok=True)
         models[d] = _train_specialist(tok, texts[d]["train"], texts[d]["test"], seed, out, d)
-    emb = _embedder()
+    emb = load_model("all-MiniLM-L6-v2", device="cpu")
     vecs = {d: emb.encode(texts[d]["train"], normalize_embeddings=True) for d in DOMAINS}
     allv = np.concatenate([vecs[d] for d in DOMAINS]).astype(np.float32)
     km = KMeans(n_clusters=K, n_init=3, random_state=0).fit(allv)
-    os.makedirs(layout.kmeans(K), exist_ok=True)
-    save_file({"centroids": km.cluster_centers_.astype(np.float32)},
-              os.path.join(layout.kmeans(K), "centroids.safetensors"))
-    os.makedirs(layout.histograms(K), exist_ok=True)
-    for d in DOMAINS:
-        counts = np.bincount(km.predict(vecs[d]), minlength=K)
-        Path(layout.histograms(K), f"domain-{d}-train.json").write_text(
-            json.dumps({"k": K, "counts": counts.tolist(), "n": int(counts.sum())}))
+    with publish(layout.kmeans(K), stage="kmeans", config={"k": K}) as st:
+        save_centroids(st.file(CENTROIDS_FILE), km.cluster_centers_, np.zeros(K, np.float32))
+    with publish(layout.histograms(K), stage="histograms", config={"k": K}) as st:
+        for d in DOMAINS:
+            counts = np.bincount(km.predict(vecs[d]), minlength=K)
+            write_json(st.file(f"{domain_set(d, 'train')}.json"),
+                       {"k": K, "counts": counts.tolist(), "n": int(counts.sum())})
     Path(layout.recipe).write_text(yaml.safe_dump({
         "name": "tiny", "run_dir": root, "embed": {"model": "all-MiniLM-L6-v2"},
         "kmeans": {"k_is": K, "k_mix": 2, "k_pn": 2}}))

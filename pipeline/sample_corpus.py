@@ -1,5 +1,8 @@
-"""Small real corpora for the data-pipeline tests: paragraphs of the licence texts every Debian
-system ships (/usr/share/common-licenses), written as parquet, JSON lines and text files."""
+"""A small real corpus from any Debian/Ubuntu machine: paragraphs of the licence texts every
+system ships (/usr/share/common-licenses), written as the files a recipe's ``corpus`` section
+reads (parquet, JSON lines, text files, a domain directory with train/valid/test). For the
+benchmarks and the tests; no download.
+"""
 
 from __future__ import annotations
 
@@ -66,10 +69,3 @@ def write_domain(root: str, name: str, n_train: int, n_valid: int, n_test: int,
     for i, t in enumerate(texts[n_train + n_valid:]):
         write_text(os.path.join(d, "test", f"doc{i:03d}.txt"), [t])
     return d
-
-
-def read_rows(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """All rows of a (small, test) artifact, in file order."""
-    from slm.pipeline.artifacts import parquet_files
-
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in parquet_files(uri)])
