@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from slm.errors import StageError
+from slm.hashing import sha256_file
 from slm.layout import COSTS
 from slm.stage import filesystem, join
 
@@ -41,14 +42,6 @@ def step_dir_name(step: int) -> str:
     return f"step={step:08d}"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save(engine, directory: str, *, rank: int, world_size: int, signature: dict[str, Any],
          state: dict[str, Any]) -> None:
     """Every rank: write DeepSpeed's shards into ``directory`` (a local temp dir), then this
@@ -61,7 +54,7 @@ def save(engine, directory: str, *, rank: int, world_size: int, signature: dict[
             rel = os.path.relpath(full, directory)
             if rel.startswith("slm-rank") or rel == RECORD:
                 continue
-            files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+            files[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
     with open(os.path.join(directory, f"slm-rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "files": files}, f, sort_keys=True)
     if rank == 0:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
-import hashlib
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import tarfile
 import tempfile
 
 from slm.errors import InputError, StageError
+from slm.hashing import sha256_file
 
 def _tool(name: str) -> str:
     exe = shutil.which(name)
@@ -48,14 +48,6 @@ def resolve_package(spec: str) -> dict[str, str]:
         f"Debian package '{spec}' is not in this machine's apt package lists. Run `apt-get "
         "update` as root (`sudo apt-get update`) so apt knows the archive, check that the Debian "
         "mirror in /etc/apt/sources.list(.d) is reachable, then re-run `slm data demo`")
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_debs(records: list[dict[str, str]], deb_cache: str) -> dict[str, str]:

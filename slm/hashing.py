@@ -7,6 +7,8 @@ the nested domain subsets and the importance resampling all draw from it.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -26,3 +28,12 @@ def hash64(ids: np.ndarray, seed: int) -> np.ndarray:
 def hash_uniform(ids: np.ndarray, seed: int) -> np.ndarray:
     """A deterministic uniform [0, 1) number per id (the top 53 bits of ``hash64``)."""
     return (hash64(ids, seed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def sha256_file(path: str) -> str:
+    """sha256 hex digest of a local file, read in 1 MiB blocks (integrity markers, manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -25,7 +25,7 @@ from slm.tune.grid import Trial, check_methods, size_params, teacher_trials
 from slm.tune.methods import METHODS, FromFamily, Method, get_method, method_names, register
 from slm.tune.planner import plan, rank_paper
 from slm.tune.report import write_report
-from slm.tune.results import RESULT_COLUMNS, check_results
+from slm.tune.results import check_results
 from slm.tune.sweep import sweep_phases
 
 # A variant of SLM that serves the large model and starts from it; one pretrained per domain;

@@ -78,7 +78,7 @@ def test_unwritable_parent_is_a_clear_error(tmp_path):
 def test_write_failure_becomes_stage_error_and_nothing_is_published(tmp_path):
     uri = str(tmp_path / "art")
     with pytest.raises(StageError, match="Nothing was published"):
-        with publish(uri, stage="t", config={}) as out:
+        with publish(uri, stage="t", config={}):
             raise OSError(28, "No space left on device")
     assert not os.path.exists(uri)
 

@@ -100,7 +100,7 @@ def run_domains(layout: RunLayout) -> list[str]:
     """Domains with published train/valid/test shards in the run, sorted."""
     prefix, _, suffix = domain_set("\0", "test").partition("\0")  # the name around the domain
     out = []
-    for n in subdirs(layout.path("data/shards")):
+    for n in subdirs(layout.shards()):
         if n.startswith(prefix) and n.endswith(suffix):
             d = n[len(prefix):-len(suffix)]
             if all(manifest(layout.shards(domain_set(d, s))) is not None for s in SPLITS):

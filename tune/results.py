@@ -93,7 +93,7 @@ def find_results(run: str) -> list[str]:
     if not is_remote(run):  # the sweep name is the pattern; the run's own path is escaped
         return sorted(glob.glob(RunLayout(glob.escape(run)).results("*")))
     layout = RunLayout(run)
-    fs, path = filesystem(layout.path("specialize"))
+    fs, path = filesystem(layout.sweep())
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     return sorted(uri for uri in (layout.results(i.base_name) for i in fs.get_file_info(pafs.FileSelector(path))
