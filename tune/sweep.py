@@ -28,7 +28,6 @@ Products: for each (domain, method) the trial with the lowest domain valid loss 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from typing import Any
@@ -42,6 +41,7 @@ from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session
 from slm.config import resolve_paths
 from slm.errors import StageError
 from slm.layout import TRIAL_ROW, RunLayout
+from slm.models.launch import storage_path
 from slm.stage import MANIFEST, exists, filesystem, is_remote, join, manifest, publish, read_json, write_json
 
 from .grid import Trial, sweep_trials, teacher_trials, trial_done, trial_uri
@@ -91,7 +91,7 @@ def _tuner(recipe, phase: str, trials: list[Trial]):
     # bounded by max_concurrent_trials, not by the driver's resources.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_fn, recipe=recipe),
                                         TRIAL_DRIVER_RESOURCES)
-    storage = _abs(layout.sweep_tune(sw.name))
+    storage = storage_path(layout.sweep_tune(sw.name))
     exp = join(storage, phase)
     marker = layout.sweep_grid(sw.name)
     phases = read_json(marker).get("phases", {}) if exists(marker) else {}
@@ -141,10 +141,6 @@ def _concurrency(recipe) -> int:
         log.warning("sweep.max_concurrent = %d but the cluster fits %d trial(s) at once; "
                     "running %d", sw.max_concurrent, fits, fits)
     return min(sw.max_concurrent, fits) if sw.max_concurrent else fits
-
-
-def _abs(uri: str) -> str:
-    return uri if is_remote(uri) else os.path.abspath(uri)
 
 
 # --------------------------------------------------------------------------------------------
