@@ -18,16 +18,26 @@ from typing import Callable
 from slm.config import Recipe, load_recipe, load_run_recipe, overrides_from_args
 from slm.configkit import add_flags
 from slm.errors import SlmError
+from slm.stage import check_storage, storage_failure
 
 # Rust tokenizer threads and the processes Ray forks do not mix (tokenizers warns and turns
 # them off in every fork); off from the start, unless the user set it.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _recipe(args):
+def _recipe(args, write: bool = True):
+    """The command's recipe, its run directory (and ``cluster.storage``) on object storage
+    checked first (``check_storage``: reachable, bucket, credentials, and with ``write`` a
+    probe object), so that a bad endpoint, bucket or permission fails before any work."""
     if args.run:
-        return load_run_recipe(args.run, overrides_from_args(args))
-    return load_recipe(args.recipe, overrides_from_args(args))
+        check_storage(args.run, write=write)
+        recipe = load_run_recipe(args.run, overrides_from_args(args))
+    else:
+        recipe = load_recipe(args.recipe, overrides_from_args(args))
+        check_storage(recipe.run_dir, write=write)
+    if recipe.cluster.storage:
+        check_storage(recipe.cluster.storage, write=write)
+    return recipe
 
 
 def _recipe_path(args) -> str:
@@ -66,6 +76,8 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_specialize(args) -> int:
+    check_storage(args.run, write=True)
+    check_storage(args.domain, write=False)
     from slm.tune.add_domain import specialize_new_domain  # lazy: imports Ray, torch
 
     specialize_new_domain(args.run, args.domain, name=args.name, methods=args.method)
@@ -90,6 +102,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    for uri in (args.run, args.results):
+        if uri:
+            check_storage(uri, write=False)
     from slm.tune.planner import format_plan, plan  # lazy: reads results with pandas
 
     result = plan(pretrain_budget=args.pretrain_budget, specialize_budget=args.specialize_budget,
@@ -108,6 +123,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_export(args) -> int:
+    check_storage(args.run, write=not args.out)  # the default output is RUN/export/<domain>
+    if args.out:
+        check_storage(args.out, write=True)
     from slm.deploy.export import export_model  # lazy: imports torch, transformers
 
     path = export_model(args.run, args.domain, method=args.method, out=args.out)
@@ -116,6 +134,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    check_storage(args.run, write=False)
     from slm.deploy.serve import serve  # lazy: imports Ray Serve, torch
 
     serve(args.run, domains=args.domain, host=args.host, port=args.port, blocking=True)
@@ -237,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args) or 0)
     except SlmError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # object storage failing mid-command (endpoint down, access revoked)
+        err = storage_failure(e)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -29,12 +29,15 @@ through another path (relative, absolute, moved, copied) has the same fingerprin
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata as md
 import json
 import os
 import platform
+import re
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -66,11 +69,22 @@ def join(uri: str, *parts: str) -> str:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) for a local path or s3:// / gs:// URI."""
+    """(pyarrow filesystem, path inside it) for a local path or s3:// / gs:// URI.
+
+    ``s3://`` gets an ``S3FileSystem`` with bounded connect timeout and retries (so an
+    unreachable endpoint fails in seconds, not minutes), the endpoint of ``AWS_ENDPOINT_URL_S3``
+    / ``AWS_ENDPOINT_URL`` (as boto3 reads them) and, like ``from_uri``, the bucket's region
+    resolved when no endpoint is set; one filesystem per bucket and environment (cached).
+    Credentials come from the usual AWS chain (environment, ~/.aws, instance metadata)."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
     try:
+        if uri.startswith("s3://") and "?" not in uri:
+            path = uri.removeprefix("s3://").rstrip("/")
+            return _s3_filesystem(path.split("/", 1)[0], *_s3_environment()), path
         return pafs.FileSystem.from_uri(uri)
+    except OSError as e:
+        raise storage_error(e, uri) from None
     except Exception as e:  # pragma: no cover - depends on cloud credentials
         raise StageError(f"cannot open '{uri}': {e}. Check the URI scheme and the credentials "
                          "(AWS_*/GOOGLE_APPLICATION_CREDENTIALS) on every node") from None
@@ -106,6 +120,42 @@ def copy_dir(src: str, dst: str) -> None:
     sfs, spath = filesystem(src)
     dfs, dpath = filesystem(dst)
     pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs)
+
+
+def listing(uri: str) -> list[tuple[str, int]]:
+    """(relative path, size) of every file under ``uri``, sorted ([] when it does not exist)."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    root = path.rstrip("/") + "/"
+    return sorted((i.path[len(root):], i.size) for i in infos if i.type == pafs.FileType.File)
+
+
+def local_dir(uri: str, kind: str = "artifact") -> str:
+    """A node-local directory holding the files of the directory ``uri``, for libraries that
+    open local paths only (``from_pretrained``, safetensors): ``uri`` itself when it is local,
+    else a copy in this node's temp dir, keyed by the artifact's manifest fingerprint (or its
+    URI and file listing when it has none), downloaded once per node and published there by a
+    rename (concurrent readers on one node never see a partial copy). ``kind`` names the
+    cache directory (``slm-<kind>-<key>``), for people reading /tmp."""
+    if not is_remote(uri):
+        return os.path.abspath(uri.removeprefix("file://"))
+    m = manifest(uri) if exists(join(uri, MANIFEST)) else None
+    key = fingerprint({"uri": uri, "fp": m["fingerprint"]} if m and m.get("fingerprint")
+                      else {"uri": uri, "files": listing(uri)})
+    dest = os.path.join(tempfile.gettempdir(), f"slm-{kind}-{key}")
+    if not os.path.isdir(dest):
+        tmp = f"{dest}.part-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        os.makedirs(tmp, exist_ok=True)  # pyarrow's copy_files does not create the root
+        try:
+            copy_dir(uri, tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise storage_error(e, uri) from None
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process on this node published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def fingerprint(obj: Any) -> str:
@@ -285,3 +335,150 @@ def wrap_os_error(e: OSError, uri: str) -> StageError:
     """A write failure (disk full, permission) as a user-facing error; nothing was published."""
     return StageError(f"writing '{uri}' failed: {e.strerror or e}. Nothing was published; free "
                       "space or choose another run_dir, then re-run (completed stages are kept)")
+
+
+# --------------------------------------------------------------------------------------------
+# Object storage: the S3 client, a preflight, and its errors as one line each
+# --------------------------------------------------------------------------------------------
+
+S3_CONNECT_TIMEOUT = 3.0   # seconds per connection attempt
+S3_REQUEST_TIMEOUT = 30.0  # seconds without progress on a request (where the SDK honours it)
+S3_MAX_ATTEMPTS = 3        # per request; AWS_MAX_ATTEMPTS overrides it, as for boto3
+
+
+def _s3_environment() -> tuple[str, str, str, str, str, int]:
+    """What an S3 client is built from: (endpoint, region, access key id, a digest of the secret
+    key and session token, profile, max attempts); also the filesystem cache key."""
+    env = os.environ
+    secret = hashlib.sha256(f"{env.get('AWS_SECRET_ACCESS_KEY', '')}\0"
+                            f"{env.get('AWS_SESSION_TOKEN', '')}".encode()).hexdigest()
+    try:
+        attempts = max(1, int(env.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)))
+    except ValueError:
+        attempts = S3_MAX_ATTEMPTS
+    return (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "",
+            env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "",
+            env.get("AWS_ACCESS_KEY_ID", ""), secret, env.get("AWS_PROFILE", ""), attempts)
+
+
+@functools.lru_cache(maxsize=64)
+def _s3_filesystem(bucket: str, endpoint: str, region: str, key_id: str, secret: str,
+                   profile: str, attempts: int) -> pafs.S3FileSystem:
+    if not endpoint and bucket:  # AWS itself: the bucket's region, as from_uri resolves it
+        region = pafs.resolve_s3_region(bucket)
+    return pafs.S3FileSystem(endpoint_override=endpoint or None, region=region or None,
+                             connect_timeout=S3_CONNECT_TIMEOUT, request_timeout=S3_REQUEST_TIMEOUT,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+
+
+def storage_endpoint(uri: str) -> str:
+    """Who serves ``uri``, for messages: the endpoint URL, or the cloud service."""
+    if uri.startswith("s3://"):
+        endpoint = _s3_environment()[0]
+        return endpoint or "AWS S3"
+    if uri.startswith(("gs://", "gcs://")):
+        return "Google Cloud Storage"
+    return uri.split("://", 1)[0]
+
+
+_UNREACHABLE = ("NETWORK_CONNECTION", "curlCode: 7", "curlCode: 28", "curlCode: 6",
+                "Couldn't connect", "Could not connect", "Connection refused",
+                "Could not resolve host", "Timeout was reached", "EndpointConnectionError")
+_NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket", "The specified bucket does not exist")
+_NO_BUCKET_RE = re.compile(r"Bucket '[^']+' not found")  # pyarrow's region lookup
+_BAD_CREDENTIALS = ("SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch", "INVALID_ACCESS_KEY_ID",
+                    "InvalidAccessKeyId", "InvalidClientTokenId", "EXPIRED_TOKEN",
+                    "ExpiredToken", "NoCredentialsError", "Unable to locate credentials")
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "Access Denied", "403 Forbidden")
+
+
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[-1].split("/", 1)[0]
+
+
+def storage_error(e: BaseException, uri: str, action: str = "read") -> StageError:
+    """An object-storage failure (pyarrow ``OSError`` text, or boto3/fsspec errors) on ``uri``
+    as one line naming the URI, the endpoint and the fix. ``action``: "read" or "write" (what
+    the caller was doing, for access-denied errors)."""
+    err = storage_failure(e, uri, action)
+    if err is not None:
+        return err
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return StageError(f"object storage error on '{uri}' at {storage_endpoint(uri)}: {first}")
+
+
+def storage_failure(e: BaseException, uri: str | None = None, action: str = "read") -> StageError | None:
+    """``storage_error`` for the failures it recognises (unreachable endpoint, no such bucket,
+    rejected credentials, access denied); None for any other error. ``uri`` defaults to the
+    bucket named in a pyarrow message."""
+    text = f"{type(e).__name__}: {e}"
+    if uri is None:
+        m = re.search(r"in bucket '([^']+)'", text) or re.search(r"bucket '([^']+)'", text)
+        if m is None:
+            return None
+        uri = f"s3://{m.group(1)}"
+    endpoint = storage_endpoint(uri)
+    code = re.search(r"AWS Error ([A-Z_]+)", text)
+    why = code.group(1) if code else type(e).__name__
+    if any(s in text for s in _UNREACHABLE):
+        return StageError(
+            f"cannot reach the object store at {endpoint} for '{uri}' (connection failed: {why}). "
+            "Start the server or fix AWS_ENDPOINT_URL and the network so that every node reaches "
+            "it, then re-run (completed stages are kept)")
+    if any(s in text for s in _NO_BUCKET) or _NO_BUCKET_RE.search(text):
+        return _no_bucket(uri)
+    if any(s in text for s in _BAD_CREDENTIALS):
+        return StageError(
+            f"the object store at {endpoint} rejected the credentials for '{uri}' ({why}). Set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) to a valid key pair for "
+            "this endpoint, on every node")
+    if any(s in text for s in _DENIED):
+        if action == "write":
+            return StageError(
+                f"cannot write to '{uri}': access denied by {endpoint} (permission). Use "
+                "credentials allowed to put and delete objects under it (s3:PutObject, "
+                "s3:DeleteObject), or choose another run_dir")
+        return StageError(
+            f"cannot read '{uri}': access denied by {endpoint} (permission). Use credentials "
+            "allowed to list and read it (s3:ListBucket, s3:GetObject)")
+    return None
+
+
+def _no_bucket(uri: str) -> StageError:
+    bucket = _bucket(uri)
+    return StageError(f"bucket '{bucket}' does not exist at {storage_endpoint(uri)} (for '{uri}'). "
+                      f"Create it (e.g. `aws s3 mb s3://{bucket}`, with --endpoint-url for an "
+                      "S3-compatible store) or choose a run_dir in an existing bucket")
+
+
+def check_storage(uri: str, write: bool = True) -> None:
+    """Preflight for a command that uses ``uri`` on object storage (a no-op for local paths):
+    reach the bucket, list ``uri`` and, with ``write``, put and delete a small probe object
+    under it, so that a wrong endpoint, bucket, credentials or permission fails at once, with
+    one line naming the URI, the endpoint and the fix (a StageError), before any work."""
+    if not is_remote(uri):
+        return
+    fs, path = filesystem(uri)
+    # One listing of the prefix: it needs only s3:ListBucket (HeadBucket is refused to users
+    # whose listing is limited to a prefix), answers NoSuchBucket for a missing bucket (with
+    # allow_not_found pyarrow would hide it) and carries the error code a HEAD cannot.
+    try:
+        fs.get_file_info(pafs.FileSelector(path, allow_not_found=False))
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # not written yet, or a file: the bucket answered
+    except OSError as e:
+        raise storage_error(e, uri, "read") from None
+    if not write:
+        return
+    probe = f"{path}/.slm-write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open_output_stream(probe) as f:
+            f.write(b"slm write probe\n")
+    except OSError as e:
+        raise storage_error(e, uri, "write") from None
+    try:
+        fs.delete_file(probe)
+    except OSError as e:
+        raise StageError(f"{storage_error(e, uri, 'write')} (the probe object "
+                         f"'{uri.split('://', 1)[0]}://{probe}' "
+                         "it wrote may be left behind)") from None
