@@ -30,6 +30,7 @@ class DataSection:
     """What the run reads and in which order (models/train.py explains the data order)."""
 
     name: str = _help("what the run trains on, recorded in the checkpoint signature (e.g. generic, is-k4-alpha)", default="")
+    fingerprint: str = _help("content fingerprint of what the run is built from (its shard sets' manifests; for specialization also the starting model and teacher): part of the checkpoint signature, so changed data never resumes old checkpoints", default="")
     micro_batch: int = _help("windows per worker per micro-step", default=8)
     grad_accum: int = _help("micro-steps per optimizer step", default=1)
     shuffle_window: int = _help("rows permuted together per epoch (rounded down to a multiple of the global batch)", default=16384)
@@ -162,12 +163,13 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def pretraining_config(train: TrainConfig, model: FamilySpec, *, steps: int, seed: int, data: str,
-                       run_name: str, storage: str, logger: str = "tensorboard") -> TrainLoopConfig:
+                       run_name: str, storage: str, logger: str = "tensorboard",
+                       data_fingerprint: str = "") -> TrainLoopConfig:
     """The loop config of a pretraining run from the recipe's ``pretrain.train`` section."""
     return TrainLoopConfig(
         model=model, seed=int(seed),
-        data=DataSection(name=data, micro_batch=train.micro_batch, grad_accum=train.grad_accum,
-                         shuffle_window=train.shuffle_window),
+        data=DataSection(name=data, fingerprint=data_fingerprint, micro_batch=train.micro_batch,
+                         grad_accum=train.grad_accum, shuffle_window=train.shuffle_window),
         optim=OptimSection(lr=train.lr, weight_decay=train.weight_decay, clip=train.clip,
                            warmup=train.warmup, min_lr_ratio=train.min_lr_ratio),
         schedule=ScheduleSection(steps=int(steps), eval_every=train.eval_every,

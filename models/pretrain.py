@@ -24,6 +24,7 @@ driving its own TorchTrainer (Train-in-Tune), at most ``scaling.parallel_experts
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,9 +35,9 @@ from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session
 from slm.config import resolve_paths
 from slm.configkit import ConfigError, validate
 from slm.errors import StageError, reraise_user_error
-from slm.layout import RunLayout, domain_set, expert_name, is_set
+from slm.layout import RunLayout, domain_set, expert_name, is_set, train_root
 from slm.pipeline.tokenizer import run_vocab_size
-from slm.stage import join, read_json, write_json
+from slm.stage import fingerprint, input_fingerprints, join, manifest, read_json, write_json
 
 from .config import FAMILY_INFO, FamilyInfo
 from .data import ShardSet, check_cluster_ids, open_shards, shard_dataset, valid_dataset
@@ -75,15 +76,52 @@ class _Family:
 
     def location(self, sub: str) -> tuple[str, str]:
         """(Ray Train storage, run name) of one run: the parent and name of its directory, in
-        the run directory or mirrored under cluster.storage."""
+        the run directory or under ``<cluster.storage>/<run id>`` (slm.layout ``train_root``)."""
         parent, name = self.layout.relative(self.layout.pretrain(self.info.name, sub)).rsplit("/", 1)
-        return join(self.recipe.cluster.storage or self.layout.root, parent), name
+        return join(train_root(self.layout, self.recipe.cluster.storage), parent), name
+
+    def sources(self, sub: str) -> list[str]:
+        """The shard sets one run is built from (what its data fingerprint covers)."""
+        if self.info.runs == "per_domain":
+            return [self.layout.shards(is_set(sub, self.recipe.kmeans.k_is)),
+                    self.layout.shards(domain_set(sub, "valid"))]
+        return [self.layout.shards("generic")]
+
+    def data_fingerprint(self, sub: str, data: str) -> str:
+        """Content fingerprint of one run's data: its shard sets' manifest fingerprints (which
+        chain back to the corpus, tokenizer and k-means), keyed run-relative, and the rows it
+        selects (``data``)."""
+        return fingerprint({"data": data, "inputs": input_fingerprints(self.layout, *self.sources(sub))})
+
+    def final_config(self, sub: str, data: str) -> dict[str, Any]:
+        """What a published ``final/`` is built from (its manifest's fingerprinted config)."""
+        r, f = self.recipe, self.info.name
+        return {"family": self.model().to_dict(), "train": asdict(r.pretrain.train),
+                "steps": r.pretrain.steps[f], "seed": r.seed, "data": data,
+                "data_fingerprint": self.data_fingerprint(sub, data)}
+
+    def done(self, sub: str, data: str) -> bool:
+        """A run published from this very config and data is not retrained; one published from
+        another config or data is refused, naming what differs (never silently reused)."""
+        if not run_done(self.layout, self.info.name, sub):
+            return False
+        final = self.layout.pretrain_final(self.info.name, sub)
+        found = (manifest(final) or {}).get("config") or {}
+        want = json.loads(json.dumps(self.final_config(sub, data), default=str))  # as stored
+        diffs = sorted(k for k in set(found) | set(want) if k != "recipe" and found.get(k) != want.get(k))
+        if diffs:
+            raise StageError(
+                f"pretrained model '{final}' was built from another config or data (differs in: "
+                f"{', '.join(diffs)}). Use another run_dir, or restore the recipe it was built "
+                "with; its checkpoints are kept under the run's Train storage")
+        return True
 
     def spec(self, sub: str, data: str) -> RunSpec:
         r, p = self.recipe, self.recipe.pretrain
         storage, name = self.location(sub)
         loop = pretraining_config(p.train, self.model(), steps=p.steps[self.info.name], seed=r.seed,
-                                  data=data, run_name=name, storage=storage, logger=p.logger)
+                                  data=data, run_name=name, storage=storage, logger=p.logger,
+                                  data_fingerprint=self.data_fingerprint(sub, data))
         return RunSpec(loop, p.scaling)
 
     def shards(self, name: str, need: list[str]) -> ShardSet:
@@ -99,9 +137,7 @@ class _Family:
             return {"finished": False, "checkpoint": out["checkpoint"]}
         f = self.info.name
         costs = publish_final(out["checkpoint"], self.layout, f, sub, stage=f"pretrain-{spec.name}",
-                              config={"recipe": r.name, "family": spec.loop.model.to_dict(),
-                                      "train": asdict(r.pretrain.train), "steps": r.pretrain.steps[f],
-                                      "seed": r.seed, "data": data})
+                              config={"recipe": r.name, **self.final_config(sub, data)})
         return {"finished": True, "final": self.layout.pretrain_final(f, sub), "costs": costs}
 
     def sum_runs(self, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -173,7 +209,7 @@ def _train_experts(job: _Family) -> dict[str, Any]:
     layout, f, k = job.layout, job.info.name, job.recipe.kmeans.k_mix
     col = _expert_column(job)
     check_cluster_ids(job.shards("generic", [col]), col, k)
-    todo = [i for i in range(k) if not run_done(layout, f, expert_name(i))]
+    todo = [i for i in range(k) if not job.done(expert_name(i), _expert_data(col, i))]
     for i in todo:  # fail fast on a foreign/corrupted checkpoint, before any trial starts
         check_resumable(job.spec(expert_name(i), _expert_data(col, i)))
     if todo:
@@ -212,7 +248,7 @@ def _train_domains(job: _Family, domains: list[str]) -> dict[str, Any]:
     k = r.kmeans.k_is
     parts, runs = {}, {}
     for d in domains:
-        if not run_done(layout, f, d):
+        if not job.done(d, is_set(d, k)):
             train_shards, valid_shards = job.shards(is_set(d, k), []), job.shards(domain_set(d, "valid"), [])
             kw = dict(seed=r.seed, split="all", fraction=r.pretrain.valid_fraction)
             out = job.train(d, is_set(d, k), shard_dataset(train_shards, **kw),
@@ -242,10 +278,10 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
     recipe_path = recipe_path or recipe.name
     layout, info = RunLayout(recipe.run_dir), FAMILY_INFO[family]
     one_run = info.runs == "one"
-    if one_run and run_done(layout, family):  # finished: nothing to start
+    job = _Family(recipe, info, recipe_path, run_vocab_size(layout, recipe_path))
+    if one_run and job.done("", "generic"):  # finished from this config and data: nothing to start
         return {"family": family, "runs": {family: layout.pretrain_final(family)},
                 "costs": read_json(layout.pretrain_costs(family))}
-    job = _Family(recipe, info, recipe_path, run_vocab_size(layout, recipe_path))
     if one_run:  # checks that need no Ray, before starting it
         route = job.model().route_column
         shards = job.shards("generic", [route] if route else [])

@@ -2,6 +2,7 @@
 
     RUN/
       recipe.yaml                          the recipe the run was started with
+      run.json                             the run's identity (a random id, made once)
       data/corpus/generic/                 ingested documents (doc_id, text)
       data/corpus/domains/<d>/<split>/
       data/tokenizer/                      HF fast tokenizer
@@ -19,10 +20,20 @@
         tune/<phase>/                      the Ray Tune experiments: teachers, then the grid
         grid.json                          the trials each phase was started with
         trials/<key>/                      one finished trial: HF model, training.json, row.json
+        work/<key>/                        a running trial's work: its fine-tuning's Ray Train
+                                           storage (run-<e>/ray/), best model (run-<e>/best/) and
+                                           written starting models (init-*/); removed once the
+                                           trial is published
         results.parquet, results.csv       every finished trial's row
       models/<domain>/<method>/            Hugging Face directories (the products)
       export/<domain>/                     `slm export`'s default output
       report/                              index.html + PNG figures
+
+Ray Train/Tune storage of a training run is ``RUN/pretrain/...`` (a trial's work:
+``RUN/specialize/<sweep>/work/<key>/``) itself, or, when the recipe sets ``cluster.storage``,
+the same run-relative path under ``<storage>/<run id>/`` (``train_root``): scoped by the
+run's identity, so two runs on one storage never resume each other's checkpoints, and a run
+copied elsewhere (local → s3) keeps its id and its checkpoints.
 
 ``<sub>`` is ``expert-<i>`` for SLM-mix's experts and the domain for SLM-is. Every path written
 into a manifest, results table, report or model card is stored *relative to the run*
@@ -37,9 +48,12 @@ from __future__ import annotations
 
 import os
 import re
+import time
+import uuid
 from dataclasses import dataclass
 
-from slm.stage import is_remote, join, subdirs
+from slm.errors import StageError
+from slm.stage import exists, is_remote, join, read_json, subdirs, write_json
 
 SPLITS = ("train", "valid", "test")
 
@@ -47,6 +61,7 @@ FINAL = "final"                 # a training run's published model
 COSTS = "costs.json"            # a training run's (or family's) measured costs
 TRIAL_ROW = "row.json"          # a trial's row of the results table
 TRIAL_TRAINING = "training.json"  # a trial's training record (row + data, teacher, history)
+IDENTITY = "run.json"           # the run's identity
 
 
 def expert_name(i: int) -> str:
@@ -76,6 +91,10 @@ class RunLayout:
     @property
     def recipe(self) -> str:
         return self.path("recipe.yaml")
+
+    @property
+    def identity(self) -> str:
+        return self.path(IDENTITY)
 
     @property
     def data(self) -> str:
@@ -141,6 +160,11 @@ class RunLayout:
     def trial(self, sweep: str, key: str) -> str:
         return join(self.sweep(sweep), "trials", key)
 
+    def trial_work(self, sweep: str, key: str) -> str:
+        """A running trial's work directory (see the module doc); under ``train_root`` at the
+        same run-relative path when the recipe sets ``cluster.storage``."""
+        return join(self.sweep(sweep), "work", key)
+
     def results(self, sweep: str, fmt: str = "parquet") -> str:
         return join(self.sweep(sweep), f"results.{fmt}")
 
@@ -184,3 +208,24 @@ class RunLayout:
         if is_remote(rel) or os.path.isabs(rel):
             return rel
         return self.path(rel)
+
+
+def run_id(layout: RunLayout) -> str:
+    """The run's identity: a random id written to ``RUN/run.json`` the first time it is asked
+    for, and read back afterwards (so it travels with the run when it is copied or moved)."""
+    uri = layout.identity
+    if exists(uri):
+        try:
+            return str(read_json(uri)["run_id"])
+        except (KeyError, ValueError, OSError) as e:
+            raise StageError(f"'{uri}' is unreadable ({e}); it names the run's checkpoints under "
+                             "cluster.storage: restore it from a copy of the run") from None
+    rid = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    write_json(uri, {"run_id": rid, "created": time.time()})
+    return rid
+
+
+def train_root(layout: RunLayout, storage: str) -> str:
+    """Where this run's Ray Train/Tune storage lives: the run directory itself, or
+    ``<storage>/<run id>`` when the recipe names a shared ``cluster.storage``."""
+    return join(storage, run_id(layout)) if storage else layout.root
