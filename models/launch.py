@@ -1,7 +1,8 @@
 """The launcher of one training run, shared by pretraining (models/pretrain.py) and
 specialization (tune/finetune.py): a Ray Train ``TorchTrainer`` running the Trainer
 (models/train.py) with deterministic name and storage, so a re-submitted run resumes; and the
-publication of a finished run's model and costs.
+publication of a finished run's model and costs. Each worker reads only its part of the train
+rows (models/data.py explains the plan; models/train.py the order).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from slm.stage import exists, filesystem, is_remote, join, manifest, publish, re
 
 from . import checkpoint as ckpt
 from .config import ScalingConfig
+from .data import ShardPlan, train_stream_name
 from .families import build_family
 from .loop_config import TrainLoopConfig
 from .train import signature, train_loop_per_worker
@@ -66,10 +68,27 @@ def storage_path(storage: str) -> str:
     return storage if is_remote(storage) else os.path.abspath(storage)
 
 
-def run_training(spec: RunSpec, train_ds, valid_ds, callbacks: list | None = None) -> dict[str, Any]:
-    """Run (or resume) one training run to its last step (or ``schedule.stop_at``). Returns
-    ``{"checkpoint": uri, "metrics": {...}, "finished": bool}``. ``callbacks``: Ray Train
-    callbacks (a Tune trial passes TuneReportCallback to forward the reports)."""
+def train_datasets(train: ShardPlan, valid_ds, world: int) -> dict[str, Any]:
+    """The datasets a TorchTrainer of ``world`` workers gets: each rank's own part of the train
+    rows (``train_stream_name(r)``; models/data.py) and the one materialized ``valid`` set."""
+    return {train_stream_name(r): ds for r, ds in enumerate(train.rank_streams(world))} | {"valid": valid_ds}
+
+
+def data_config() -> ray.train.DataConfig:
+    """Nothing is split by Ray (each rank iterates only its own train stream, and all of
+    ``valid``), and every stream keeps its order (deterministic batches), whatever the
+    DataContext of the process that launches the run (a Tune trial's, say)."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
+
+
+def run_training(spec: RunSpec, train: ShardPlan, valid_ds, callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) one training run to its last step (or ``schedule.stop_at``) on the rows
+    of the ``train`` plan (models/data.py ``shard_dataset``; cut here into one part per worker)
+    and the materialized ``valid_ds`` (``valid_dataset``). Returns ``{"checkpoint": uri,
+    "metrics": {...}, "finished": bool}``. ``callbacks``: Ray Train callbacks (a Tune trial
+    passes TuneReportCallback to forward the reports)."""
     check_resumable(spec)
     sc = spec.scaling
     resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {})
@@ -83,10 +102,8 @@ def run_training(spec: RunSpec, train_ds, valid_ds, callbacks: list | None = Non
             callbacks=callbacks or None,
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.loop.checkpointing.keep)),
-        datasets={"train": train_ds, "valid": valid_ds},
-        # Not split: every worker reads the same ordered stream and takes its rank's slice of
-        # each global batch (deterministic order; see models/train.py).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        datasets=train_datasets(train, valid_ds, sc.num_workers),
+        dataset_config=data_config(),
     )
     try:
         result = trainer.fit()

@@ -9,16 +9,20 @@ the family's loss or SLM-d's distillation. A family differs only by its ``Family
 process group: gloo on CPU, NCCL on GPU): AdamW, linear warm-up + cosine decay, gradient clipping
 and accumulation (DeepSpeed's), checkpoints through ``ray.train.report`` and exact resume.
 
-Data order (why a resumed run sees the same batches): every worker iterates the *whole*
-``train`` dataset (it is not split; the driver fixes its row order: files in an order seeded by
-``seed``), cuts it into windows of ``shuffle_window`` rows, permutes each window with an RNG
-seeded by (seed, epoch, window index), and cuts the result into global batches of
-``micro_batch × grad_accum × world_size`` rows. Rank r takes the r-th contiguous slice of each
-global batch, micro-batch m of it is global micro-batch ``r·grad_accum + m``. The order is a
-function of (seed, epoch) only, so the data position is two integers (epoch, global batches
-done in it) and the same rows make a step whatever the world size: 2 workers × accumulation 1
-see exactly what 1 worker × accumulation 2 sees. Reading the whole stream on every worker costs
-I/O of tokens (cheap next to the model's FLOPs) and buys that determinism.
+Data order (why a re-run or a resumed run sees the same batches): each worker reads only its
+share. The driver cuts the kept rows of the train shards, in a row-group order seeded by ``seed``,
+into ``world_size`` equal contiguous parts, and rank r's Ray Dataset reads only part r
+(models/data.py ``ShardPlan``; equal parts, so every rank runs the same number of steps per
+epoch). Each rank cuts its stream into windows of ``shuffle_window / world_size`` rows (rounded
+down to a multiple of its batch of ``micro_batch × grad_accum`` rows), permutes each window with
+an RNG seeded by (seed, epoch, rank, window index), and cuts the result into its batches (the
+last partial one of the epoch is dropped); micro-batch m of rank r is global micro-batch
+``r·grad_accum + m``. The order is a function of (seed, epoch, world size), so the data position
+is two integers (epoch, batches done in it), the same for every rank. What stays
+world-size-independent: the held-out rows, the set of rows an epoch trains on (less fewer than
+``world_size`` trailing rows) and their order before the cut into parts; which rows make a step
+does depend on the world size (a checkpoint resumes only at the world size it was written with:
+``signature``). Tokens arrive as int32 and become int64 on the device.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import deepspeed
 import numpy as np
@@ -35,8 +39,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slm.errors import InputError
+from slm.stage import local_dir
 
 from . import checkpoint as ckpt
+from .data import train_stream_name
 from .families import LMFamily, build_family
 from .flops import device_peak_flops, mfu
 from .hooks import hooks_for, loss_hook
@@ -64,25 +70,23 @@ def micro_seed(seed: int, step: int, global_micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, global_micro]).generate_state(1)[0])
 
 
-def global_batches(shard, *, seed: int, epoch: int, global_rows: int, window_rows: int,
-                   skip: int, route_column: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """Global batches of one epoch in the (seed, epoch) order, after skipping ``skip`` of them.
-
-    Each window of ``window_rows`` rows (a multiple of ``global_rows``) is permuted with its own
-    seeded RNG; the last partial global batch of the epoch is dropped."""
+def rank_batches(windows: Iterable[dict[str, torch.Tensor]], *, seed: int, epoch: int, rank: int,
+                 batch_rows: int, skip: int, columns: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's batches of one epoch in the (seed, epoch, rank) order, after skipping ``skip``
+    of them. ``windows``: the rank's stream in windows of a multiple of ``batch_rows`` rows (the
+    last one shorter); each is permuted with its own seeded RNG; the last partial batch of the
+    epoch is dropped."""
     index = 0
-    columns = ["input_ids"] + (["cluster"] if route_column else [])
-    for w, rows in enumerate(shard.iter_torch_batches(batch_size=window_rows, prefetch_batches=1,
-                                                      dtypes=torch.long, drop_last=False)):
-        n_full = len(rows["input_ids"]) // global_rows
+    for w, rows in enumerate(windows):
+        n_full = len(rows["input_ids"]) // batch_rows
         if index + n_full <= skip:  # a whole window before the resume point: no work needed
             index += n_full
             continue
-        perm = torch.from_numpy(np.random.default_rng([seed, epoch, w]).permutation(len(rows["input_ids"])))
+        perm = torch.from_numpy(np.random.default_rng([seed, epoch, rank, w]).permutation(len(rows["input_ids"])))
         data = {c: rows[c][perm] for c in columns}
         for b in range(n_full):
             if index >= skip:
-                yield {c: v[b * global_rows:(b + 1) * global_rows] for c, v in data.items()}
+                yield {c: v[b * batch_rows:(b + 1) * batch_rows] for c, v in data.items()}
             index += 1
 
 
@@ -104,7 +108,8 @@ def signature(cfg: TrainLoopConfig, family: LMFamily, world_size: int, precision
     """What a checkpoint must share with this run to be resumed (see checkpoint.py)."""
     d, o = cfg.data, cfg.optim
     return {**family.shape(), "seq_len": family.spec.seq_len, "seed": cfg.seed,
-            "steps": cfg.schedule.steps, "data": d.name, "lr": o.lr,
+            "steps": cfg.schedule.steps, "data": d.name, "data_fingerprint": d.fingerprint,
+            "lr": o.lr,
             "warmup": o.warmup, "min_lr_ratio": o.min_lr_ratio,
             "weight_decay": o.weight_decay, "clip": o.clip,
             "global_batch": d.micro_batch * d.grad_accum * world_size,
@@ -114,8 +119,9 @@ def signature(cfg: TrainLoopConfig, family: LMFamily, world_size: int, precision
 
 
 def load_init(model: torch.nn.Module, directory: str) -> torch.nn.Module:
-    """Load a saved HF model's weights into the freshly built ``model`` (strict: same shape)."""
-    init = AutoModelForCausalLM.from_pretrained(directory)
+    """Load a saved HF model's weights into the freshly built ``model`` (strict: same shape).
+    ``directory`` may be a URI (read through this node's cached copy, slm.stage ``local_dir``)."""
+    init = AutoModelForCausalLM.from_pretrained(local_dir(directory, "init"))
     try:
         model.load_state_dict(init.state_dict(), strict=True)
     except RuntimeError as e:
@@ -132,37 +138,53 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 class RankData:
-    """This rank's view of the run's datasets: the (seed, epoch) order of global batches, its
-    micro-batch slices of each, and the held-out batches."""
+    """This rank's view of the run's datasets: its own part of the train rows (its Dataset,
+    ``train_stream_name(rank)``) in the (seed, epoch, rank) order, and the held-out batches
+    (every rank iterates all of them and evaluates its slice of each global batch)."""
 
     def __init__(self, cfg: TrainLoopConfig, rank: int, world: int, routed: bool, device: torch.device):
         d = cfg.data
         self.seed, self.rank, self.routed, self.device = cfg.seed, rank, routed, device
         self.micro, self.accum = d.micro_batch, d.grad_accum
-        self.global_rows = d.micro_batch * d.grad_accum * world
-        self.window_rows = max(d.shuffle_window // self.global_rows, 1) * self.global_rows
-        self.train = ray.train.get_dataset_shard("train")
+        self.rank_rows = d.micro_batch * d.grad_accum
+        self.global_rows = self.rank_rows * world
+        # shuffle_window rows over all ranks: each permutes its share
+        self.window_rows = max(d.shuffle_window // self.global_rows, 1) * self.rank_rows
+        self.columns = ["input_ids"] + (["cluster"] if routed else [])
+        self.train = ray.train.get_dataset_shard(train_stream_name(rank))
         self.valid = ray.train.get_dataset_shard("valid")
+        self.read_bytes = 0  # bytes this rank's train feed read (this attempt)
+
+    def windows(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rank's train stream in windows of ``window_rows`` (int32 tokens, on the CPU)."""
+        for rows in self.train.iter_torch_batches(batch_size=self.window_rows, prefetch_batches=1,
+                                                  drop_last=False):
+            self.read_bytes += int(rows.pop("read_bytes").sum())
+            yield rows
 
     def epoch(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
-        return global_batches(self.train, seed=self.seed, epoch=epoch, global_rows=self.global_rows,
-                              window_rows=self.window_rows, skip=skip, route_column=self.routed)
+        return rank_batches(self.windows(), seed=self.seed, epoch=epoch, rank=self.rank,
+                            batch_rows=self.rank_rows, skip=skip, columns=self.columns)
 
     def valid_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         # every held-out window counts (small domain valid splits): the last, partial global
         # batch leaves some ranks' micro-batches short or empty
-        return self.valid.iter_torch_batches(batch_size=self.global_rows, dtypes=torch.long,
-                                             drop_last=False)
+        return self.valid.iter_torch_batches(batch_size=self.global_rows, drop_last=False)
 
     def rows(self, batch: dict[str, torch.Tensor], lo: int, hi: int):
-        ids = batch["input_ids"][lo:hi].to(self.device)
-        return ids, (batch["cluster"][lo:hi].to(self.device) if self.routed else None)
+        ids = batch["input_ids"][lo:hi].to(self.device).long()
+        return ids, (batch["cluster"][lo:hi].to(self.device).long() if self.routed else None)
 
-    def micro_batches(self, batch: dict[str, torch.Tensor]):
-        """(global micro index, input_ids, cluster) of this rank's slice of a global batch."""
+    def micro_batches(self, batch: dict[str, torch.Tensor], first: int = 0):
+        """(global micro index, input_ids, cluster) of this rank's micro-batches: rows ``first``
+        on of ``batch`` (0 for its own train batch; its slice of a global valid batch)."""
         for m in range(self.accum):
-            lo = (self.rank * self.accum + m) * self.micro
+            lo = first + m * self.micro
             yield (self.rank * self.accum + m, *self.rows(batch, lo, lo + self.micro))
+
+    def valid_micro_batches(self, batch: dict[str, torch.Tensor]):
+        """This rank's slice of a global valid batch."""
+        return self.micro_batches(batch, self.rank * self.rank_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +252,9 @@ class Trainer:
                 state = ckpt.load(self.engine, d, self.signature)
             self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             self.costs = Costs.from_json(state["costs"])
+            if self.rank == 0:  # the driver's log says where a restarted worker group went on
+                print(f"resumed run '{self.cfg.logging.run_name}' from its checkpoint at step "
+                      f"{self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})", flush=True)
         self.start_step = self.step
         self._batches = self.data.epoch(self.epoch, self.batch_in_epoch)
 
@@ -246,13 +271,17 @@ class Trainer:
             loss_sum += float(loss.detach())
             flops += self.loss.flops(ids, cl)
         lr = self.scheduler.get_last_lr()[0]
-        mean_loss, flops = all_reduce_sum([loss_sum / self.data.accum, flops])
+        read = [0.0] * self.world  # each rank's feed bytes so far, in its own slot
+        read[self.rank] = float(self.data.read_bytes)
+        mean_loss, flops, *read = all_reduce_sum([loss_sum / self.data.accum, flops, *read])
         self.batch_in_epoch += 1
         seconds = time.perf_counter() - t0
         tokens = self.data.global_rows * batch["input_ids"].shape[1]
         self.step_cost = (tokens, seconds, flops)
         return {"train/loss": mean_loss / self.world, "train/lr": lr, "perf/step_seconds": seconds,
-                "perf/tokens_per_s": tokens / seconds, "perf/mfu": mfu(flops, seconds, self.world, self.peak)}
+                "perf/tokens_per_s": tokens / seconds, "perf/mfu": mfu(flops, seconds, self.world, self.peak),
+                "data/read_bytes": sum(read), "data/read_bytes_worker_max": max(read),
+                "data/read_bytes_worker_min": min(read)}
 
     # ---- what the hooks use --------------------------------------------------------------------
 
@@ -265,7 +294,8 @@ class Trainer:
                 return t0, batch
             if self.batch_in_epoch == 0:
                 raise InputError(f"the training data of run '{self.cfg.logging.run_name}' holds "
-                                 f"fewer than one global batch ({self.data.global_rows} rows); add "
+                                 f"fewer than one global batch ({self.data.global_rows} rows: "
+                                 f"{self.data.rank_rows} for each of {self.world} workers); add "
                                  "data or lower pretrain.train.micro_batch / grad_accum / num_workers")
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._batches = self.data.epoch(self.epoch, 0)
@@ -276,7 +306,7 @@ class Trainer:
         sums = [0.0, 0.0]
         with torch.no_grad():
             for batch in self.data.valid_batches():
-                for _, ids, cl in self.data.micro_batches(batch):
+                for _, ids, cl in self.data.valid_micro_batches(batch):
                     empty = ids.shape[0] == 0
                     if empty:  # still run a forward: ZeRO-3 gathers weights collectively
                         ids, cl = self.data.rows(batch, 0, 1)
