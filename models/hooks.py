@@ -27,6 +27,8 @@ import ray.train
 import torch
 from transformers import AutoModelForCausalLM
 
+from slm.stage import local_dir
+
 from . import checkpoint as ckpt
 from .flops import inference_flops_per_token
 from .loop_config import DistillationSection, TrainLoopConfig
@@ -69,12 +71,13 @@ class FamilyLoss:
 
 class Distillation(FamilyLoss):
     """SLM-d: ``kd_loss`` against the teacher's next-token distributions (the teacher runs even
-    at weight 0, and its forward FLOPs count as the run's)."""
+    at weight 0, and its forward FLOPs count as the run's). The teacher directory may be a URI:
+    this worker reads it through its node's cached copy (slm.stage ``local_dir``)."""
 
     def __init__(self, family, cfg: DistillationSection, device: torch.device):
         super().__init__(family)
         self.cfg = cfg
-        self.teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher).to(device).eval()
+        self.teacher = AutoModelForCausalLM.from_pretrained(local_dir(cfg.teacher, "teacher")).to(device).eval()
         self.teacher_flops_per_token = inference_flops_per_token(self.teacher.config, family.spec.seq_len)
 
     def __call__(self, model, ids: torch.Tensor, cluster: torch.Tensor | None) -> torch.Tensor:

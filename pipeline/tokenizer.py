@@ -8,8 +8,6 @@ Training streams the corpus artifact batch by batch into ``tokenizers``' trainer
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from typing import Any, Iterator
 
@@ -21,7 +19,7 @@ from slm.errors import InputError, StageError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import read_artifact
 from slm.pipeline.config import TokenizerConfig
-from slm.stage import Stage, copy_dir, filesystem, input_fingerprints, is_remote, join, manifest
+from slm.stage import Stage, copy_dir, filesystem, input_fingerprints, is_remote, join, local_dir, manifest
 
 EOS = "<|endoftext|>"
 TRAIN_BATCH = 1_000  # documents per batch handed to the BPE trainer
@@ -100,17 +98,8 @@ def _save(tok, out) -> None:
 
 
 def local_copy(uri: str) -> str:
-    """A local directory holding the artifact's files (itself when local; else a cached copy)."""
-    if not is_remote(uri):
-        return uri
-    fp = (manifest(uri) or {}).get("fingerprint", "x")
-    dest = os.path.join(tempfile.gettempdir(), f"slm-tokenizer-{fp}")
-    if not os.path.exists(os.path.join(dest, "tokenizer.json")):
-        tmp = dest + f".part-{os.getpid()}"
-        copy_dir(uri, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.rename(tmp, dest)
-    return dest
+    """A local directory holding the tokenizer's files (itself when local; else a cached copy)."""
+    return local_dir(uri, "tokenizer")
 
 
 def load_tokenizer(uri: str) -> PreTrainedTokenizerFast:

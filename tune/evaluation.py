@@ -1,8 +1,10 @@
 """Evaluating a model on a published shard (driver/trial side; domain valid/test shards are
-small): the test loss of a specialized model, the valid losses that pick an expert."""
+small): the test loss of a specialized model, the valid losses that pick an expert; and loading
+and saving the HF models evaluated (local paths or object-storage URIs)."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from slm.errors import InputError, StageError
 from slm.models.losses import lm_loss
 from slm.pipeline.artifacts import parquet_files
-from slm.stage import filesystem, manifest
+from slm.stage import Staging, copy_dir, filesystem, is_remote, local_dir, manifest
 
 
 def shard_batches(uri: str, batch_size: int, max_batches: int = 0) -> Iterator[torch.Tensor]:
@@ -49,6 +51,18 @@ def evaluate(model, uri: str, batch_size: int = 8, max_batches: int = 0) -> floa
     return total / count
 
 
-def load_lm(path: str):
-    """A published HF causal LM (local path or the local side of a URI)."""
-    return AutoModelForCausalLM.from_pretrained(filesystem(path)[1])
+def load_lm(uri: str):
+    """An HF causal LM directory (local path, or a URI: read through this node's cached copy,
+    slm.stage ``local_dir``)."""
+    return AutoModelForCausalLM.from_pretrained(local_dir(uri, "model"))
+
+
+def save_model(model, out: Staging) -> None:
+    """``save_pretrained`` (safetensors) into a staging directory: in place when it is local, else
+    into a node-local scratch directory copied to the store."""
+    if not is_remote(out.uri):
+        model.save_pretrained(out.local_dir, safe_serialization=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="slm-save-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_dir(tmp, out.uri)

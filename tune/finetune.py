@@ -5,46 +5,60 @@ The loop config differs from pretraining's only in values: ``init_from`` (start 
 pretrained HF directory), ``patience`` (early stopping on the domain valid split; the exported
 model is the best-valid one) and, for SLM-d, ``distillation`` (the teacher and the KD loss). It
 runs as a Ray Train ``TorchTrainer`` with one worker (Train-in-Tune inside a sweep trial: the
-worker holds the trial's CPUs/GPU).
+worker holds the trial's CPUs/GPU), which may run on another node than the trial: its Ray Train
+storage and everything it reads (the starting model, the teacher) are on storage every node
+reads (the trial's work directory, tune/grid.py ``trial_workdir``; the run's artifacts), and the
+worker reads model directories through its node's cached copy (slm.stage ``local_dir``).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 from typing import Any
 
-import pyarrow.fs as pafs
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from slm.errors import StageError
 from slm.layout import RunLayout
 from slm.models.config import ScalingConfig
 from slm.models.data import open_shards, shard_dataset, valid_dataset
 from slm.models.families import FamilySpec
-from slm.models.launch import RunSpec, export_of, run_training
+from slm.models.launch import RunSpec, check_resumable, export_of, run_training, storage_path
 from slm.models.loop_config import (CheckpointSection, DataSection, DistillationSection, EngineSection,
                                     LoggingSection, OptimSection, ScheduleSection, TrainLoopConfig)
 from slm.pipeline.artifacts import count_rows
-from slm.stage import filesystem
+from slm.stage import copy_dir, fingerprint, input_fingerprints, join, manifest, publish, read_json, remove
+
+log = logging.getLogger(__name__)
 
 # Specialization checkpoints only at the end: the run is short, and the best model is kept in
 # memory by the loop; a crashed trial is re-run as a whole.
 _NO_MID_CHECKPOINTS = 10**9
 
 
+def data_fingerprint(layout: RunLayout, sets: dict[str, str], init_dir: str, teacher: str) -> str:
+    """Content fingerprint of what a fine-tuning run is built from: the manifest fingerprints of
+    its train/valid shard sets (keyed run-relative) and of its starting model and teacher (when
+    they have a manifest), so its checkpoint is never resumed for changed data or models."""
+    models = {role: (manifest(uri) or {}).get("fingerprint", "")
+              for role, uri in (("init", init_dir), ("teacher", teacher)) if uri}
+    shards = input_fingerprints(layout, *(layout.shards(sets[s]) for s in ("train", "valid")))
+    return fingerprint({"shards": shards, **models})
+
+
 def loop_config(recipe, init_dir: str, *, steps: int, lr: float, seed: int, teacher: str,
-                run_name: str, storage: str) -> TrainLoopConfig:
+                run_name: str, storage: str, data_fingerprint: str = "") -> TrainLoopConfig:
     """The loop's config for a specialization run: the pretraining settings the recipe keeps
-    (``pretrain.train``), the specialization ones (``specialize``), and the model of ``init_dir``."""
-    with open(os.path.join(init_dir, "config.json"), encoding="utf-8") as f:
-        hf = json.load(f)
+    (``pretrain.train``), the specialization ones (``specialize``), and the model of ``init_dir``
+    (a local path or URI)."""
+    hf = read_json(join(init_dir, "config.json"))
     t, spec = recipe.pretrain.train, recipe.specialize
     return TrainLoopConfig(
         model=FamilySpec(family="slm", size=_size_of(hf), vocab_size=int(hf["vocab_size"]),
                          seq_len=recipe.data.seq_len),
         seed=int(seed),
-        data=DataSection(name=run_name, micro_batch=spec.micro_batch, grad_accum=1,
-                         shuffle_window=t.shuffle_window),
+        data=DataSection(name=run_name, fingerprint=data_fingerprint, micro_batch=spec.micro_batch,
+                         grad_accum=1, shuffle_window=t.shuffle_window),
         optim=OptimSection(lr=lr, weight_decay=0.0, clip=spec.clip, warmup=spec.warmup,
                            min_lr_ratio=t.min_lr_ratio),
         schedule=ScheduleSection(steps=int(steps), eval_every=spec.eval_every,
@@ -68,16 +82,24 @@ def _size_of(hf: dict[str, Any]) -> tuple[int, int, int, int]:
 def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: float, seed: int,
               teacher: str, workdir: str, name: str, in_tune: bool = False) -> dict[str, Any]:
     """Fine-tune the HF model in ``init_dir`` on the shard set ``sets['train']`` with early
-    stopping on ``sets['valid']`` (set names, see slm.layout); with a ``teacher`` (a local HF
-    directory), by distillation. Returns {model_dir (local HF dir of the best-valid model),
-    valid_loss, best_step, steps_run, flops, device_seconds, history}."""
-    os.makedirs(workdir, exist_ok=True)
+    stopping on ``sets['valid']`` (set names, see slm.layout); with a ``teacher`` (an HF
+    directory), by distillation. ``init_dir``, ``teacher`` and ``workdir`` are local paths or
+    URIs on storage every node reads; the run's Ray Train storage is ``<workdir>/ray`` (a re-run
+    resumes a finished run there, unless it is from another config or data: then it starts
+    afresh). Returns {model_dir (``<workdir>/best``, the best-valid model, published), valid_loss,
+    best_step, steps_run, flops, device_seconds, history}."""
     sw = recipe.sweep
+    layout = RunLayout(recipe.run_dir)
     loop = loop_config(recipe, init_dir, steps=steps, lr=lr, seed=seed, teacher=teacher,
-                       run_name=name, storage=os.path.join(workdir, "ray"))
+                       run_name=name, storage=storage_path(join(workdir, "ray")),
+                       data_fingerprint=data_fingerprint(layout, sets, init_dir, teacher))
     spec = RunSpec(loop, ScalingConfig(num_workers=1, use_gpu=sw.gpus_per_trial > 0,
                                        cpus_per_worker=sw.cpus_per_trial, max_failures=0))
-    layout = RunLayout(recipe.run_dir)
+    try:
+        check_resumable(spec)
+    except StageError as e:  # the trial's own leftover work, from another config or data
+        log.warning("discarding the trial's earlier work '%s': %s", spec.run_uri, e)
+        remove(spec.run_uri)
     train_sh, valid_sh = (open_shards(layout, sets[s], recipe.name, [], recipe.data.seq_len)
                           for s in ("train", "valid"))
     kw = dict(seed=int(seed), split="all", fraction=recipe.pretrain.valid_fraction)
@@ -87,12 +109,13 @@ def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: fl
     callbacks = [TuneReportCallback()] if in_tune else []
     out = run_training(spec, shard_dataset(train_sh, **kw), valid, callbacks=callbacks)
     export, costs = export_of(out["checkpoint"])
-    local = os.path.join(workdir, "best")
-    fs, src = filesystem(export)
-    os.makedirs(local, exist_ok=True)  # pyarrow copies a directory's files, not the directory
-    pafs.copy_files(src, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    # published with its costs (measured per attempt): a node's cached copy of an earlier
+    # attempt's model (slm.stage local_dir) is never taken for this one
+    best = join(workdir, "best")
+    with publish(best, stage="fine-tune", config={"run": name, "costs": costs}, force=True) as st:
+        copy_dir(export, st.uri)
     m = out["metrics"]
-    return {"model_dir": local, "valid_loss": float(m["valid/best_loss"]),
+    return {"model_dir": best, "valid_loss": float(m["valid/best_loss"]),
             "best_step": int(m["valid/best_step"]), "steps_run": int(m["step"]),
             "flops": float(costs["flops"]), "device_seconds": float(costs["device_seconds"]),
             "history": costs.get("valid_history", [])}

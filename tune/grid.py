@@ -13,9 +13,9 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from slm.configkit import ConfigError, to_dict
-from slm.layout import SPLITS, RunLayout, domain_set
+from slm.layout import SPLITS, RunLayout, domain_set, train_root
 from slm.models.lm import lm_config, lm_param_count
-from slm.stage import Stage, filesystem, manifest, subdirs
+from slm.stage import Stage, join, local_dir, manifest, subdirs
 
 from .methods import get_method
 
@@ -49,6 +49,16 @@ class Trial:
 
 def trial_uri(recipe, trial: Trial, sweep: str | None = None) -> str:
     return RunLayout(recipe.run_dir).trial(sweep or recipe.sweep.name, trial.key())
+
+
+def trial_workdir(recipe, trial: Trial) -> str:
+    """Where the trial works while it runs (its fine-tuning's Ray Train storage, best model and
+    written starting models; ``RunLayout.trial_work``): on the run's Train storage
+    (slm.layout ``train_root``: the run itself, or ``<cluster.storage>/<run id>``), which every
+    node reads, since the trial's Train worker may run on another node than the trial."""
+    layout = RunLayout(recipe.run_dir)
+    rel = layout.relative(layout.trial_work(recipe.sweep.name, trial.key()))
+    return join(train_root(layout, recipe.cluster.storage), rel)
 
 
 def trial_config(recipe, trial: Trial) -> dict[str, Any]:
@@ -113,7 +123,7 @@ def vocab_size(recipe) -> int:
     tok = RunLayout(recipe.run_dir).tokenizer
     if manifest(tok) is None:
         return recipe.tokenizer.vocab_size
-    return len(PreTrainedTokenizerFast.from_pretrained(filesystem(tok)[1]))
+    return len(PreTrainedTokenizerFast.from_pretrained(local_dir(tok, "tokenizer")))
 
 
 def size_params(recipe, size: str) -> int:

@@ -252,12 +252,16 @@ def load_report_inputs(recipe, extra_results: Iterable[str] = ()) -> tuple[pd.Da
 
 
 def shown_path(layout: RunLayout, path: str) -> str:
-    """A path as the report shows it: relative to the run directory (never a machine path)."""
+    """A path as the report shows it: relative to the run directory (never a machine path).
+    A URI outside the run is shown as it is; a local path outside a local run relative to the
+    run, outside a run on object storage by its file name (another node has no such path)."""
     if not path:
         return path
     rel = layout.relative(path)
     if is_remote(rel) or not os.path.isabs(rel):
         return rel
+    if is_remote(layout.root):
+        return os.path.basename(rel.rstrip("/"))
     return os.path.relpath(rel, os.path.abspath(layout.root))
 
 

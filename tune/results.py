@@ -9,21 +9,19 @@ rows hold (trial, base_lr, expert_selection, teacher, wall_seconds, finished_at)
 
 from __future__ import annotations
 
-import glob
 import io
-import os
+import uuid
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from slm.errors import InputError
 from slm.layout import RunLayout
-from slm.stage import exists, filesystem, is_remote
+from slm.stage import exists, filesystem, is_remote, subdirs
 
 from .methods import method_names
 
@@ -72,16 +70,18 @@ def _schema(cols: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
 
 
 def _atomic_write(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` so that a reader sees the old file or the new one: an object
+    store replaces a key atomically; on disk, a temp file is renamed onto it."""
     fs, path = filesystem(uri)
-    if is_remote(uri):  # object stores replace a key atomically
+    if is_remote(uri):
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
         f.write(data)
-    os.replace(tmp, path)
+    fs.move(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,15 +89,10 @@ def _atomic_write(uri: str, data: bytes) -> None:
 # --------------------------------------------------------------------------------------------
 
 def find_results(run: str) -> list[str]:
-    """Every sweep's results.parquet of the run (``RunLayout.results``), sorted."""
-    if not is_remote(run):  # the sweep name is the pattern; the run's own path is escaped
-        return sorted(glob.glob(RunLayout(glob.escape(run)).results("*")))
+    """Every sweep's results.parquet of the run (``RunLayout.results``, local or object
+    storage), sorted by sweep name."""
     layout = RunLayout(run)
-    fs, path = filesystem(layout.sweep())
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    return sorted(uri for uri in (layout.results(i.base_name) for i in fs.get_file_info(pafs.FileSelector(path))
-                                  if i.type == pafs.FileType.Directory) if exists(uri))
+    return [uri for uri in (layout.results(name) for name in subdirs(layout.sweep())) if exists(uri)]
 
 
 def read_results(path: str) -> pd.DataFrame:

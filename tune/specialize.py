@@ -12,14 +12,17 @@ expert_selection=all; the best one is kept), the teacher's fine-tuning (SLM-d), 
 pretraining its model was built with (tune/costs.py ``pretrain_split``). A method with a
 teacher only looks its teacher trial up: the sweep trains teachers first (tune/sweep.py).
 Paths in the row and in training.json are relative to the run directory.
+
+A trial's Train worker may run on another node than the trial itself, so nothing it reads is
+node-local: its starting models, its fine-tuning's Ray Train storage and best model are in the
+trial's work directory on the run's Train storage (tune/grid.py ``trial_workdir``), removed once
+the trial is published; models are read through the node's cached copy (slm.stage ``local_dir``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -31,12 +34,12 @@ from slm.layout import TRIAL_ROW, TRIAL_TRAINING, RunLayout, domain_set, train_s
 from slm.models.config import FAMILY_INFO
 from slm.models.flops import inference_flops_per_token
 from slm.models.lm import lm_config, lm_param_count
-from slm.stage import MANIFEST, filesystem, is_remote, join, manifest, read_json, write_json
+from slm.stage import MANIFEST, filesystem, join, manifest, read_json, remove, write_json
 
 from .costs import load_pretrain_costs, pretrain_split
-from .evaluation import evaluate, load_lm
+from .evaluation import evaluate, load_lm, save_model
 from .finetune import fine_tune
-from .grid import Trial, small_data_lr, teacher_of, trial_done, trial_stage, trial_uri
+from .grid import Trial, small_data_lr, teacher_of, trial_done, trial_stage, trial_uri, trial_workdir
 from .methods import Method, Start, get_method
 from .starts import StartContext
 
@@ -78,7 +81,7 @@ def _fine_tune_starts(recipe, trial: Trial, starts: list[Start], sets: dict[str,
     for start in starts:
         run = fine_tune(recipe, start.path, {k: sets[k] for k in ("train", "valid")},
                         steps=trial.budget_steps, lr=lr, seed=trial.seed, teacher=teacher,
-                        workdir=os.path.join(work, f"run-{max(start.expert, 0)}"),
+                        workdir=join(work, f"run-{max(start.expert, 0)}"),
                         name=f"{recipe.sweep.name}-{trial.key()}-e{start.expert}", in_tune=in_tune)
         run["expert"] = start.expert
         if best is None:
@@ -109,55 +112,44 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
     teacher_uri, teacher_row, teacher_key = teacher_model(recipe, trial)
     pretrain = method_pretrain_costs(layout, method, trial.domain)
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix=f"slm-spec-{trial.key()}-") as work:
-        best = _fine_tune_starts(recipe, trial, StartContext(recipe, work).starts(trial), sets, lr,
-                                 filesystem(teacher_uri)[1] if teacher_uri else "", work, in_tune)
-        model = load_lm(best["model_dir"])
-        test_loss = evaluate(model, layout.shards(sets["test"]), spec.micro_batch)
-        config = lm_config(method.served_preset(recipe.pretrain), model.config.vocab_size,
-                           recipe.data.seq_len)
-        row = {
-            "recipe": recipe.name, "domain": trial.domain, "method": trial.method,
-            "budget_steps": trial.budget_steps, "domain_tokens": trial.domain_tokens,
-            "seed": trial.seed, "lr": lr, "expert": int(best["expert"]),
-            "valid_loss": float(best["valid_loss"]), "test_loss": float(test_loss),
-            "test_ppl": float(math.exp(min(test_loss, 50.0))),
-            "steps_run": int(best["steps_run"]), "best_step": int(best["best_step"]),
-            "spec_flops": float(best["flops"]) + float(teacher_row.get("spec_flops", 0.0)),
-            "spec_device_seconds": float(best["device_seconds"]) + float(teacher_row.get("spec_device_seconds", 0.0)),
-            **pretrain,
-            "inference_params": int(lm_param_count(config)),
-            "inference_flops_per_token": float(inference_flops_per_token(config)),
-            "model_path": layout.relative(out_uri), "trial": trial.key(), "base_lr": trial.lr,
-            "expert_selection": spec.expert_selection if method.expert_selection else "",
-            "teacher": teacher_key,
-            "wall_seconds": round(time.time() - t0, 3), "finished_at": time.time(),
-        }
-        training = {**row, "data": {k: layout.relative(layout.shards(v)) for k, v in sets.items()},
-                    "teacher": layout.relative(teacher_uri) if teacher_uri else "",
-                    "kd_weight": spec.kd_weight if method.teacher else 0.0,
-                    "kd_temperature": spec.kd_temperature, "history": best.get("history", [])}
-        with trial_stage(recipe, trial, out_uri).publish() as out:
-            _save_model(model, out, work)
-            _copy_tokenizer(layout.tokenizer, out)
-            write_json(out.file(TRIAL_TRAINING), training)
-            write_json(out.file(TRIAL_ROW), row)
-            out.manifest.update({"trial": trial.key(), "valid_loss": row["valid_loss"]})
+    work = trial_workdir(recipe, trial)
+    best = _fine_tune_starts(recipe, trial, StartContext(recipe, work).starts(trial), sets, lr,
+                             teacher_uri, work, in_tune)
+    model = load_lm(best["model_dir"])
+    test_loss = evaluate(model, layout.shards(sets["test"]), spec.micro_batch)
+    config = lm_config(method.served_preset(recipe.pretrain), model.config.vocab_size,
+                       recipe.data.seq_len)
+    row = {
+        "recipe": recipe.name, "domain": trial.domain, "method": trial.method,
+        "budget_steps": trial.budget_steps, "domain_tokens": trial.domain_tokens,
+        "seed": trial.seed, "lr": lr, "expert": int(best["expert"]),
+        "valid_loss": float(best["valid_loss"]), "test_loss": float(test_loss),
+        "test_ppl": float(math.exp(min(test_loss, 50.0))),
+        "steps_run": int(best["steps_run"]), "best_step": int(best["best_step"]),
+        "spec_flops": float(best["flops"]) + float(teacher_row.get("spec_flops", 0.0)),
+        "spec_device_seconds": float(best["device_seconds"]) + float(teacher_row.get("spec_device_seconds", 0.0)),
+        **pretrain,
+        "inference_params": int(lm_param_count(config)),
+        "inference_flops_per_token": float(inference_flops_per_token(config)),
+        "model_path": layout.relative(out_uri), "trial": trial.key(), "base_lr": trial.lr,
+        "expert_selection": spec.expert_selection if method.expert_selection else "",
+        "teacher": teacher_key,
+        "wall_seconds": round(time.time() - t0, 3), "finished_at": time.time(),
+    }
+    training = {**row, "data": {k: layout.relative(layout.shards(v)) for k, v in sets.items()},
+                "teacher": layout.relative(teacher_uri) if teacher_uri else "",
+                "kd_weight": spec.kd_weight if method.teacher else 0.0,
+                "kd_temperature": spec.kd_temperature, "history": best.get("history", [])}
+    with trial_stage(recipe, trial, out_uri).publish() as out:
+        save_model(model, out)
+        _copy_tokenizer(layout.tokenizer, out)
+        write_json(out.file(TRIAL_TRAINING), training)
+        write_json(out.file(TRIAL_ROW), row)
+        out.manifest.update({"trial": trial.key(), "valid_loss": row["valid_loss"]})
+    remove(work)  # published: the trial's work is not needed any more
     log.info("specialized %s: valid %.4f test ppl %.2f (%d steps, best %d)", trial.key(),
              row["valid_loss"], row["test_ppl"], row["steps_run"], row["best_step"])
     return row
-
-
-def _save_model(model, out, work: str) -> None:
-    """save_pretrained (safetensors) into the staging directory, local or object storage."""
-    if not is_remote(out.uri):
-        model.save_pretrained(out.local_dir, safe_serialization=True)
-        return
-    local = os.path.join(work, "save")
-    model.save_pretrained(local, safe_serialization=True)
-    for name in os.listdir(local):
-        pafs.copy_files(os.path.join(local, name), join(out.path, name),
-                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=out.fs)
 
 
 def _copy_tokenizer(tok_uri: str, out) -> None:

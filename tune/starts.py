@@ -3,13 +3,16 @@
 a mixture, a materialised expert of a projected network, or a fresh model.
 
 Per-expert families have ``kmeans.k_mix`` experts; routed families route over ``kmeans.k_pn``
-clusters (models/config.py FamilyInfo).
+clusters (models/config.py FamilyInfo). A start is a model directory (local path or URI) that
+the trial's Train worker reads, on whatever node it runs: a published pretrained model of the
+run, or one the trial writes into its work directory on the run's Train storage
+(``grid.trial_workdir``), never into the trial's own temp dir.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,9 +23,9 @@ from slm.models.config import FAMILY_INFO
 from slm.models.lm import lm_config, make_lm
 from slm.models.projected import ProjectedLM
 from slm.pipeline.artifacts import parquet_files
-from slm.stage import exists, filesystem, manifest
+from slm.stage import Stage, exists, filesystem, join, local_dir, manifest
 
-from .evaluation import evaluate, load_lm
+from .evaluation import evaluate, load_lm, save_model
 from .grid import Trial, vocab_size
 from .methods import Start, get_method
 
@@ -64,13 +67,24 @@ def top_cluster(layout: RunLayout, k: int, set_name: str) -> int:
 
 
 class StartContext:
-    """What the start strategies of one trial may use: the run, and a local scratch directory
-    for the models it has to write (a materialised expert, a fresh model)."""
+    """What the start strategies of one trial may use: the run, and the trial's work directory
+    (local path or URI on the run's Train storage) for the models it has to write (a
+    materialised expert, a fresh model)."""
 
     def __init__(self, recipe, workdir: str):
         self.recipe = recipe
         self.layout = RunLayout(recipe.run_dir)
         self.workdir = workdir
+
+    def written(self, name: str, config: dict, build: Callable[[], object]) -> str:
+        """The starting model ``build()`` makes, published as ``<workdir>/<name>`` with
+        ``config`` (its manifest's fingerprint, which the fine-tuning's checkpoint signature
+        covers); reused when it is already there from the same config (a re-run trial)."""
+        st = Stage(join(self.workdir, name), stage="start", config=config, force=True)
+        if (manifest(st.uri) or {}).get("fingerprint") != st.fingerprint:
+            with st.publish() as out:
+                save_model(build(), out)
+        return st.uri
 
     def starts(self, trial: Trial) -> list[Start]:
         """The trial's starting model(s), as its method's ``start`` strategy says."""
@@ -99,15 +113,19 @@ class StartContext:
         """The routed family's expert of the train subset's most frequent cluster, written as
         a plain small model."""
         i = top_cluster(self.layout, self.recipe.kmeans.k_pn, train_subset(trial.domain, trial.domain_tokens))
-        net = ProjectedLM.from_pretrained(filesystem(pretrain_final(self.layout, family))[1])
-        d = os.path.join(self.workdir, f"init-{family}-{expert_name(i)}")
-        net.materialize(i).save_pretrained(d)
+        final = pretrain_final(self.layout, family)
+        config = {"family": family, "expert": i, "source": self.layout.relative(final),
+                  "source_fingerprint": (manifest(final) or {}).get("fingerprint", "")}
+        d = self.written(f"init-{family}-{expert_name(i)}", config,
+                         lambda: ProjectedLM.from_pretrained(local_dir(final, "model")).materialize(i))
         return Start(d, i)
 
     def fresh(self, trial: Trial) -> Start:
         """A new model of the method's served size, initialised with the trial's seed."""
         r = self.recipe
         size = get_method(trial.method).served_preset(r.pretrain)
-        d = os.path.join(self.workdir, f"init-{trial.method}")
-        make_lm(lm_config(size, vocab_size(r), r.data.seq_len), seed=trial.seed).save_pretrained(d)
-        return Start(d)
+        config = {"preset": size, "vocab_size": vocab_size(r), "seq_len": r.data.seq_len,
+                  "seed": trial.seed}
+        return Start(self.written(f"init-{trial.method}", config,
+                                  lambda: make_lm(lm_config(size, config["vocab_size"], r.data.seq_len),
+                                                  seed=trial.seed)))
