@@ -8,8 +8,10 @@ with the training data, method, budgets, costs and test perplexity, so that
     AutoModelForCausalLM.from_pretrained(out); AutoTokenizer.from_pretrained(out)
 
 followed by ``generate`` work as is. The run is read through ``slm.stage``'s filesystem (a
-local path or an object-storage URI, opened through any path); the output is published
-atomically (slm.stage.publish) and names run paths relative to the run.
+local path or an object-storage URI, opened through any path; the model's files through
+``local_dir``, a node-local copy for a remote run). The output, a local directory or an
+object-storage URI (built in a local temp dir, then copied), is published atomically
+(slm.stage.publish) and names run paths relative to the run.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from typing import Any, Iterator
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from slm.errors import InputError
+from slm.hashing import sha256_file
 from slm.layout import TRIAL_TRAINING, RunLayout
 from slm.pipeline.tokenizer import run_tokenizer
-from slm.stage import copy_dir, exists, is_remote, join, publish, read_json, subdirs
+from slm.stage import Staging, copy_dir, exists, is_remote, join, local_dir, publish, read_json, subdirs
 from slm.tune.methods import METHODS
 
 MODEL_FILES = ("config.json", "model.safetensors")
@@ -202,14 +205,16 @@ def model_card(domain: str, method: str, info: dict[str, Any], config: dict[str,
 # --------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _local(uri: str) -> Iterator[str]:
-    """A local directory with the files of ``uri`` (itself, or a temporary copy)."""
-    if not is_remote(uri):
-        yield uri
+def _build_dir(st: Staging) -> Iterator[str]:
+    """A local directory to write the export into: the staging directory itself for a local
+    output; for object storage a temporary one, copied into the staging location on success
+    (before ``publish`` writes the manifest, so a reader never sees a partial export)."""
+    if not is_remote(st.uri):
+        yield st.local_dir
         return
     with tempfile.TemporaryDirectory(prefix="slm-export-") as tmp:
-        copy_dir(uri, tmp)
         yield tmp
+        copy_dir(tmp, st.uri)
 
 
 def export_model(run: str, domain: str, method: str = "", out: str = "", force: bool = True) -> str:
@@ -221,18 +226,22 @@ def export_model(run: str, domain: str, method: str = "", out: str = "", force: 
     info = _training(src)
     config = _read_json(join(src, "config.json"))
     tok = run_tokenizer(layout)
-    with _local(src) as local_src:
-        model = AutoModelForCausalLM.from_pretrained(local_src)  # fails here, not at the user's
-        if model.config.vocab_size < len(tok):
-            raise InputError(f"model '{src}' has vocab_size {model.config.vocab_size} but the "
-                             f"run's tokenizer has {len(tok)} tokens; the model was not trained "
-                             "with this run's tokenizer")
-        gen = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                               bos_token_id=tok.bos_token_id if tok.bos_token_id is not None
-                               else tok.eos_token_id, max_new_tokens=64, do_sample=False)
-        with publish(out, stage="export", force=force,
-                     config={"domain": domain, "method": method, "source": layout.relative(src)}) as st:
-            d = st.local_dir
+    local_src = local_dir(src, "model")  # the model's files on this node (from_pretrained)
+    model = AutoModelForCausalLM.from_pretrained(local_src)  # fails here, not at the user's
+    if model.config.vocab_size < len(tok):
+        raise InputError(f"model '{src}' has vocab_size {model.config.vocab_size} but the "
+                         f"run's tokenizer has {len(tok)} tokens; the model was not trained "
+                         "with this run's tokenizer")
+    gen = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id if tok.bos_token_id is not None
+                           else tok.eos_token_id, max_new_tokens=64, do_sample=False)
+    # the weights' hash is an input: a re-export of other weights to the same place is another
+    # artifact (readers' node-local caches, slm.stage.local_dir, are keyed by it)
+    weights = {layout.relative(join(src, MODEL_FILES[1])):
+               sha256_file(os.path.join(local_src, MODEL_FILES[1]))}
+    with publish(out, stage="export", force=force, inputs=weights,
+                 config={"domain": domain, "method": method, "source": layout.relative(src)}) as st:
+        with _build_dir(st) as d:
             for f in MODEL_FILES:  # the trained weights, byte for byte
                 shutil.copy2(os.path.join(local_src, f), os.path.join(d, f))
             if info:  # run paths in it relative to the run, as in every output of a run

@@ -5,6 +5,10 @@ One deployment per domain (``Specialist``: the exported HF directory, batched ge
 specialist; one naming none is embedded with the run's embedding model and routed to the
 specialist of its nearest cluster (deploy/routing.py). The HTTP schema is in deploy/API.md.
 Every bad request gets a 4xx JSON error and the replicas keep serving.
+
+Replicas may run on other nodes than the driver: they are handed the run's URIs
+(``replica_uri``) and open model directories with ``slm.stage.local_dir`` on their own node
+(a node-local cached download for a run on object storage).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +35,7 @@ from slm.deploy.routing import load_router
 from slm.errors import InputError
 from slm.layout import RunLayout
 from slm.pipeline.embed import load_model
-from slm.stage import is_done, join, manifest, read_json, subdirs
+from slm.stage import is_done, is_remote, join, local_dir, manifest, read_json, subdirs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,13 @@ def embed_model_name(run: str, override: str = "") -> str:
 # Deployments
 # --------------------------------------------------------------------------------------------
 
+def replica_uri(uri: str) -> str:
+    """What a replica is given for a run path: an object-storage URI as it is (each replica
+    reads it on its own node), a local path made absolute (a replica's working directory is
+    not the driver's; a local run is on the replicas' machine or a shared mount)."""
+    return uri if is_remote(uri) else local_dir(uri)
+
+
 class Specialist:
     """One domain's model: batched generation over concurrent requests."""
 
@@ -97,14 +107,21 @@ class Specialist:
             torch.set_num_threads(torch_threads)
         self.domain = domain
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tok = AutoTokenizer.from_pretrained(path)
+        self.uri = path
+        self.local_path = local_dir(path, "model")  # this node's copy of the exported model
+        self.tok = AutoTokenizer.from_pretrained(self.local_path)
         self.tok.padding_side = "left"  # decoder-only: pad on the left so generation continues
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(self.local_path).to(self.device).eval()
         self.method = (manifest(path) or {}).get("method", "")
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_s)
+
+    def source(self) -> dict:
+        """Where this replica's model comes from: the export's URI and the local directory it
+        was loaded from (operators, tests)."""
+        return {"uri": self.uri, "local_path": self.local_path}
 
     async def generate(self, prompt: str, max_new_tokens: int, temperature: float) -> dict:
         return await self._batched(prompt, max_new_tokens, temperature)
@@ -150,7 +167,7 @@ class Router:
                  opts: dict):
         self.handles = specialists
         self.opts = ServeOptions(**opts)
-        self.tok = AutoTokenizer.from_pretrained(next(iter(paths.values())))
+        self.tok = AutoTokenizer.from_pretrained(local_dir(next(iter(paths.values())), "model"))
         self.context = {}
         for d, p in paths.items():
             cfg = read_json(join(p, "config.json"))
@@ -267,11 +284,11 @@ def build_app(run: str, domains: list[str] | None = None, opts: ServeOptions | N
             autoscaling_config={"min_replicas": 1, "max_replicas": opts.max_replicas,
                                 "target_ongoing_requests": opts.max_batch_size},
             max_ongoing_requests=4 * opts.max_batch_size)
-        specialists[d] = dep.bind(d, os.path.abspath(p), opts.torch_threads, opts.max_batch_size,
+        specialists[d] = dep.bind(d, replica_uri(p), opts.torch_threads, opts.max_batch_size,
                                   opts.batch_wait_s)
     router = ray_serve.deployment(Router, name="router",
-                              ray_actor_options={"num_cpus": min(opts.num_cpus, 1.0)})
-    return router.bind(specialists, os.path.abspath(run), {d: os.path.abspath(p) for d, p in paths.items()},
+                                  ray_actor_options={"num_cpus": min(opts.num_cpus, 1.0)})
+    return router.bind(specialists, replica_uri(run), {d: replica_uri(p) for d, p in paths.items()},
                        embed_model, asdict(opts))
 
 

@@ -230,6 +230,16 @@ def embed_texts(ds, cfg: EmbedConfig, text_column: str = "text",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.pool_size))
 
 
+def _shown_model(resolved: str) -> str:
+    """The resolved model as a manifest records it: a Hub id as it is; a local directory (a
+    path of the node that ran the stage, which no other node has) by what it is."""
+    if not is_local_model(resolved):
+        return resolved
+    if resolved == offline_model_dir():
+        return f"package {OFFLINE_PACKAGE}"
+    return f"local directory {os.path.basename(resolved.rstrip('/'))}"
+
+
 def embed_windows(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: bool = False) -> str:
     """Stage: embed ``data/windows/<set>`` into ``data/embeddings/<set>``; returns its URI.
     Skips when already done with the same config and inputs."""
@@ -255,7 +265,7 @@ def embed_windows(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: boo
             raise StageError(f"embedding '{set_name}' wrote {written} rows for {rows} windows; "
                              "re-run the stage")
         dim = len(first_value(out.uri, "embedding"))
-        out.manifest.update(model=cfg.model, resolved_model=model, dim=dim, rows=rows,
+        out.manifest.update(model=cfg.model, resolved_model=_shown_model(model), dim=dim, rows=rows,
                             embed_seconds=round(seconds, 3),
                             texts_per_s=round(rows / max(seconds, 1e-9), 2))
     log.info("embedded %d windows of %s in %.1fs", rows, set_name, seconds)
