@@ -1,0 +1,135 @@
+"""The data pipeline with its run_dir on a local S3 server vs on local disk, same corpus.
+
+A real S3-compatible server (``slm.cluster.local.S3Server``: moto_server on 127.0.0.1) holds one
+bucket; its AWS_* variables are put in the environment before Ray starts, so every Ray worker
+reaches it. The corpus is the tiny docstring corpus of tests/spec_run.py (``build_corpus``), on
+local disk in both cases; the recipe is tests/spec_run.py ``tiny_recipe_dict`` with only
+``run_dir`` changed (a fresh local directory, or a fresh ``s3://<bucket>/...`` prefix, per run).
+Every run is the whole ``slm.pipeline.run.run_pipeline`` (corpus, tokenizer, windows, MiniLM
+embeddings, k-means, assignments, histograms, shards, SLM-is shards) in the same process and the
+same embedded Ray; the order alternates (s3, local, local, s3, ...) and ``--warmup`` runs a
+local pipeline first that is not counted. Ratio = local seconds / S3 seconds (mean over runs).
+
+    .venv/bin/python bench/bench_pipeline_s3.py [--repeats 1 --warmup]
+Goal: ratio >= 0.8. Writes bench/results/pipeline_s3.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedding model is local
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "pipeline_s3.json")
+GOAL = 0.8
+BUCKET = "slm-bench"
+
+
+def run_once(base: str, paths: dict[str, str], run_dir: str) -> dict:
+    """One whole pipeline run with ``run_dir``; wall seconds and per-stage seconds."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from spec_run import tiny_recipe_dict
+
+    from slm.config import Recipe
+    from slm.configkit import from_dict, validate
+    from slm.pipeline.run import run_pipeline
+
+    recipe = from_dict(Recipe, tiny_recipe_dict(run_dir, paths))
+    validate(recipe)
+    t0 = time.time()
+    out = run_pipeline(recipe)
+    wall = time.time() - t0
+    assert all(s["status"] == "done" for s in out["stages"]), "a fresh run_dir skipped a stage"
+    return {"run_dir": run_dir, "seconds": round(wall, 2), "pipeline_seconds": out["seconds"],
+            "stage_seconds": round(sum(s["seconds"] for s in out["stages"]), 2),
+            "per_stage": {s["stage"]: round(s["seconds"], 2) for s in out["stages"]}}
+
+
+def machine() -> dict:
+    import pyarrow
+    import ray
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "ray": ray.__version__,
+            "pyarrow": pyarrow.__version__, "torch": torch.__version__,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "load_average_at_start": list(os.getloadavg())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=1, help="runs per side (order alternates)")
+    ap.add_argument("--warmup", action="store_true", help="one uncounted local run first")
+    ap.add_argument("--out", default=RESULTS)
+    a = ap.parse_args()
+    load0 = list(os.getloadavg())
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from spec_run import build_corpus
+
+    from slm.cluster.config import ClusterConfig
+    from slm.cluster.local import S3Server
+    from slm.cluster.ray_env import ray_session
+
+    base = tempfile.mkdtemp(prefix="slm-bench-s3-")
+    paths = build_corpus(Path(base) / "corpus")
+    corpus_bytes = sum(f.stat().st_size for f in (Path(base) / "corpus").rglob("*.txt"))
+    server = S3Server.start(os.path.join(base, "s3"))
+    runs: dict[str, list[dict]] = {"local": [], "s3": []}
+    warm = None
+    try:
+        server.create_bucket(BUCKET)
+        os.environ.update(server.env)  # before Ray starts: every worker reaches the server
+        with ray_session(ClusterConfig(num_cpus=2)):
+            if a.warmup:
+                warm = run_once(base, paths, os.path.join(base, "run-warmup"))
+            order = [side for i in range(a.repeats) for side in (("s3", "local") if i % 2 == 0 else ("local", "s3"))]
+            for i, side in enumerate(order):
+                run_dir = (f"s3://{BUCKET}/run-{i}" if side == "s3" else os.path.join(base, f"run-{i}"))
+                r = run_once(base, paths, run_dir)
+                r["order"] = i
+                runs[side].append(r)
+                print(f"run {i}: {side:5s} {r['seconds']:7.1f} s (stages {r['stage_seconds']:.1f} s)", flush=True)
+    finally:
+        server.stop()
+
+    mean = {k: sum(r["seconds"] for r in v) / len(v) for k, v in runs.items()}
+    ratio = mean["local"] / mean["s3"]
+    stages = sorted(runs["local"][0]["per_stage"])
+    per_stage = {s: {"local": round(sum(r["per_stage"][s] for r in runs["local"]) / len(runs["local"]), 2),
+                     "s3": round(sum(r["per_stage"][s] for r in runs["s3"]) / len(runs["s3"]), 2)}
+                 for s in stages}
+    slowest_s3 = sorted(per_stage, key=lambda s: per_stage[s]["local"] - per_stage[s]["s3"])[:5]
+    result = {
+        "bench": "pipeline_s3",
+        "goal": "local seconds / S3 seconds >= 0.8 (whole run_pipeline, same corpus, same embedded Ray)",
+        "ratio": round(ratio, 3), "pass": ratio >= GOAL,
+        "seconds": {"local_mean": round(mean["local"], 2), "s3_mean": round(mean["s3"], 2)},
+        "per_stage_mean": per_stage,
+        "largest_s3_penalties": {s: round(per_stage[s]["s3"] - per_stage[s]["local"], 2) for s in slowest_s3},
+        "runs": runs, "warmup_run": warm,
+        "sizes": {"corpus_bytes": corpus_bytes, "recipe": "tests/spec_run.py tiny_recipe_dict",
+                  "repeats": a.repeats, "stages": len(stages)},
+        "s3": {"server": "moto_server (slm.cluster.local.S3Server) on 127.0.0.1", "bucket": BUCKET},
+        "machine": {**machine(), "load_average_at_start": load0,
+                    "load_average_at_end": list(os.getloadavg())},
+    }
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print("largest S3 penalties (s):", ", ".join(f"{k} {v:+.1f}" for k, v in result["largest_s3_penalties"].items()))
+    print(f"SUMMARY local {mean['local']:.1f} s / S3 {mean['s3']:.1f} s = {ratio:.3f} "
+          f"(goal >= {GOAL}: {'PASS' if ratio >= GOAL else 'FAIL'}); wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
