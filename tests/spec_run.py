@@ -78,9 +78,17 @@ def tiny_recipe(base: Path, **sweep):
     from slm.config import Recipe
     from slm.configkit import from_dict, validate
 
-    paths = build_corpus(base / "corpus")
-    data = {
-        "name": "tiny", "run_dir": str(base / "run"), "seed": 0,
+    recipe = from_dict(Recipe, tiny_recipe_dict(str(base / "run"), build_corpus(base / "corpus"),
+                                                **sweep))
+    validate(recipe)
+    return recipe
+
+
+def tiny_recipe_dict(run_dir: str, paths: dict[str, str], **sweep) -> dict:
+    """The tiny recipe as a dict (a recipe file's content), on the corpus ``paths`` (local
+    paths or URIs, as ``build_corpus`` names them)."""
+    return {
+        "name": "tiny", "run_dir": run_dir, "seed": 0,
         "corpus": {"generic": paths["generic"],
                    "domains": {"numeric": paths["numeric"]}},
         "tokenizer": {"vocab_size": 512},
@@ -103,9 +111,6 @@ def tiny_recipe(base: Path, **sweep):
                   "cpus_per_trial": 1, **sweep},
         "cluster": {"num_cpus": 2},
     }
-    recipe = from_dict(Recipe, data)
-    validate(recipe)
-    return recipe
 
 
 def build_tiny_run(base: Path):
