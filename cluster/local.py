@@ -14,8 +14,8 @@ namespace (``unshare --mount --propagation private``) with a private tmpfs on ``
 the failure a real cluster has: a path one process wrote under ``/tmp`` (pytest's tmp_path, a
 trial's temp directory, Ray's session directory) does not exist for a process on another node,
 so any code that hands a node-local path across nodes fails in the tests instead of in a user's
-cluster. The repository and its venv stay visible (they are not under /tmp), as a container
-image would make them. Where ``unshare`` is not permitted (not root), the nodes get distinct
+cluster. The repository and its venv stay visible (when they are under /tmp, as in a CI clone,
+they are bound back into the private /tmp), as a container image would make them. Where ``unshare`` is not permitted (not root), the nodes get distinct
 ``--temp-dir`` directories only and ``private_tmp`` is False: the cluster still runs, the
 isolation is then not enforced (the tests that need it skip).
 
@@ -41,6 +41,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]  # this checkout (cluster/local.py → its root)
+
+
+def kept_under_tmp() -> list[str]:
+    """What a worker node's private /tmp must still show: this checkout and its venv, when they
+    live under /tmp (a CI clone there, say), as a container image would hold them."""
+    keep: list[str] = []
+    for p in sorted({str(REPO), sys.prefix}):
+        if p.startswith("/tmp/") and not any(p.startswith(k + "/") for k in keep):
+            keep.append(p)
+    return keep
+
+
+def private_tmp_script(keep: list[str]) -> str:
+    """The shell run in a worker node's own mount namespace before the raylet: a fresh tmpfs on
+    /tmp, with each ``keep`` directory bound back in from the machine's /tmp (through a bind of
+    the old /tmp on /mnt, unmounted before the raylet starts), then ``exec "$@"``."""
+    if not keep:
+        return 'mount -t tmpfs tmpfs /tmp && exec "$@"'
+    binds = "".join(f"mkdir -p '{k}' && mount --rbind '/mnt{k[len('/tmp'):]}' '{k}' && " for k in keep)
+    return ("mount --rbind /tmp /mnt && mount -t tmpfs tmpfs /tmp && " + binds
+            + 'umount -l /mnt && exec "$@"')
 
 # The ports a Ray node opens besides GCS and the dashboard: each gets a free one, because other
 # Rays on this machine may hold the defaults (a second dashboard agent on 52365 dies, and jobs
@@ -101,7 +123,7 @@ def private_tmp_supported() -> bool:
     if shutil.which("unshare") is None or os.geteuid() != 0:
         return False
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                            "mount -t tmpfs tmpfs /tmp && test ! -e /tmp/.slm-probe"],
+                            private_tmp_script(kept_under_tmp()), "sh", "test", "-x", sys.executable],
                            capture_output=True, timeout=20)
     return probe.returncode == 0
 
@@ -257,7 +279,7 @@ class LocalCluster:
         if self.private_tmp:
             # /tmp is a fresh tmpfs for this node only; its Ray session lives there too
             temp = "/tmp/ray"
-            script = "mount -t tmpfs tmpfs /tmp && exec \"$@\""
+            script = private_tmp_script(kept_under_tmp())
             cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
                    *ray_cmd, f"--temp-dir={temp}"]
         else:
