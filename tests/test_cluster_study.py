@@ -41,6 +41,9 @@ from slm.stage import copy_dir, exists, filesystem, manifest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 METHODS = ["slm", "llm", "is", "mix", "pn", "d", "nopt"]
+# the study fixture runs the whole tiny study on two 1-CPU nodes: 461 s on an idle machine,
+# over the suite's 900 s per test when the machine is shared
+pytestmark = pytest.mark.timeout(2400)
 
 
 def _ray_list(cluster, what: str, *filters: str) -> list[dict]:
