@@ -23,10 +23,8 @@ Writes bench/results/data_feed.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import tempfile
 import time
 
@@ -43,6 +41,8 @@ from slm.models.families import FamilySpec
 from slm.models.launch import RunSpec, run_training
 from slm.models.loop_config import pretraining_config
 from slm.models.synthetic import write_tokenizer
+
+from machine_info import machine  # bench/machine_info.py (the script's own folder is on sys.path)
 from slm.stage import publish
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "data_feed.json")
@@ -141,17 +141,6 @@ def train_run(root: str, a, world: int) -> dict:
             "pieces_per_worker": [len(p) for p in plan.parts(world)],
             "column_chunk_bytes_per_worker": chunk_bytes(plan, world, ["input_ids", "window_id"]),
             "stream_bytes_per_worker": stream_bytes(plan, world)}
-
-
-def machine() -> dict:
-    import pyarrow
-    import ray
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "ray": ray.__version__,
-            "pyarrow": pyarrow.__version__, "torch": torch.__version__,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def main() -> None:

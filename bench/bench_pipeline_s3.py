@@ -24,11 +24,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine_info import machine  # bench/machine_info.py (the script's own folder is on sys.path)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedding model is local
 
@@ -55,17 +56,6 @@ def run_once(base: str, paths: dict[str, str], run_dir: str) -> dict:
     return {"run_dir": run_dir, "seconds": round(wall, 2), "pipeline_seconds": out["seconds"],
             "stage_seconds": round(sum(s["seconds"] for s in out["stages"]), 2),
             "per_stage": {s["stage"]: round(s["seconds"], 2) for s in out["stages"]}}
-
-
-def machine() -> dict:
-    import pyarrow
-    import ray
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "ray": ray.__version__,
-            "pyarrow": pyarrow.__version__, "torch": torch.__version__,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def main() -> None:
