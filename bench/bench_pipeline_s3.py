@@ -53,7 +53,9 @@ def run_once(base: str, paths: dict[str, str], run_dir: str) -> dict:
     out = run_pipeline(recipe)
     wall = time.time() - t0
     assert all(s["status"] == "done" for s in out["stages"]), "a fresh run_dir skipped a stage"
-    return {"run_dir": run_dir, "seconds": round(wall, 2), "pipeline_seconds": out["seconds"],
+    # a local run_dir relative to the bench's temp dir: the JSON names no path of this machine
+    shown = run_dir if "://" in run_dir else os.path.relpath(run_dir, base)
+    return {"run_dir": shown, "seconds": round(wall, 2), "pipeline_seconds": out["seconds"],
             "stage_seconds": round(sum(s["seconds"] for s in out["stages"]), 2),
             "per_stage": {s["stage"]: round(s["seconds"], 2) for s in out["stages"]}}
 
