@@ -235,7 +235,8 @@ class LocalCluster:
     @classmethod
     def start(cls, state_dir: str, workers: dict[str, int] | None = None, head_cpus: int = 0,
               env: dict[str, str] | None = None, private_tmp: bool | None = None) -> "LocalCluster":
-        """Start a head and one worker node per ``{name: cpus}`` (default two of 1 CPU each).
+        """Start a head and one worker node per ``{name: cpus}`` (default two of 1 CPU each;
+        ``{}``: the head alone).
         ``env``: extra environment every node gets (e.g. the S3 server's AWS_* variables)."""
         os.makedirs(state_dir, exist_ok=True)
         token = secrets.token_hex(16)
@@ -246,7 +247,7 @@ class LocalCluster:
                       private_tmp=private_tmp_supported() if private_tmp is None else private_tmp)
         try:
             cluster._start_head(node_env, head_cpus)
-            for name, cpus in (workers or {"node-a": 1, "node-b": 1}).items():
+            for name, cpus in ({"node-a": 1, "node-b": 1} if workers is None else workers).items():
                 cluster._start_worker(node_env, name, cpus)
             cluster.wait_nodes(1 + len(cluster.workers))
         except BaseException:

@@ -7,82 +7,28 @@ fails (never `ray stop`, which would stop every Ray on the machine).
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from slm.cluster.local import LocalCluster
 from slm.cluster.submit import job_entrypoint, read_auth_token, working_dir_excludes
 from slm.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def token_cluster():
-    """A one-node Ray head with token auth; yields (dashboard address, token)."""
-    token = secrets.token_hex(16)
-    gcs, dash = _free_port(), _free_port()
-    # Every fixed default port gets a free one: other Rays on this machine hold the defaults
-    # (a second dashboard agent on 52365 dies and jobs then find "no available agent").
-    ports = {flag: _free_port() for flag in (
-        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-        "--metrics-export-port", "--ray-client-server-port", "--node-manager-port",
-        "--object-manager-port")}
-    temp = tempfile.mkdtemp(prefix="slmray-", dir="/tmp")
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    log = open(os.path.join(temp, "head.log"), "w")
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
-         *(f"{flag}={port}" for flag, port in ports.items())],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+def token_cluster(tmp_path_factory):
+    """A one-node Ray head with token auth (2 CPUs, slm.cluster.local); yields (dashboard
+    address, token). Killed by its process group at teardown, also when a test fails."""
+    cluster = LocalCluster.start(str(tmp_path_factory.mktemp("submit-head")), workers={}, head_cpus=2)
     try:
-        deadline = time.time() + 120
-        while True:  # up = the dashboard answers (401: it wants the token)
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("ray head did not start: "
-                                       + Path(temp, "head.log").read_text()[-2000:])
-                time.sleep(1)
-        yield address, token
+        yield cluster.dashboard, cluster.token
     finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        time.sleep(2)
-        try:  # whatever of the group outlived SIGTERM
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        cluster.stop()
 
 
 def _slm_submit(args: list[str], token: str | None, home: str, timeout: float = 240):
