@@ -139,7 +139,7 @@ def local_dir(uri: str, kind: str = "artifact") -> str:
     cache directory (``slm-<kind>-<key>``), for people reading /tmp."""
     if not is_remote(uri):
         return os.path.abspath(uri.removeprefix("file://"))
-    m = manifest(uri) if exists(join(uri, MANIFEST)) else None
+    m = manifest(uri)
     key = fingerprint({"uri": uri, "fp": m["fingerprint"]} if m and m.get("fingerprint")
                       else {"uri": uri, "files": listing(uri)})
     dest = os.path.join(tempfile.gettempdir(), f"slm-{kind}-{key}")
