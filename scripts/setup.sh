@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# torch is pinned in both commands: with the pin only in the first, resolving ".[all]" was
+# seen to replace the CPU build with a CUDA 2.14.1 build of several GB
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[all]"
+.venv/bin/python -m pip install -q -e ".[all]" "torch==2.13.0"
 # The demo corpus is built from Debian packages with `apt-get download` (no root needed), which
 # needs the package lists; refresh them once when we are root and they are missing.
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" ]; then

@@ -35,7 +35,7 @@ import yaml
 from spec_run import build_corpus, tiny_recipe_dict
 
 from slm.audit import node_local_paths
-from slm.layout import RunLayout
+from slm.layout import RunLayout, run_id
 from slm.stage import copy_dir, exists, filesystem, manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,8 @@ def _ray_list(cluster, what: str, *filters: str) -> list[dict]:
         args += ["--filter", f]
     out = subprocess.run(args, env={**os.environ, **cluster.client_env()}, capture_output=True,
                          text=True, timeout=120, check=True).stdout
-    return json.loads(out)
+    # an empty answer is this sentence, not "[]"
+    return [] if out.strip() == "No resource in the cluster" else json.loads(out)
 
 
 def _node_names(cluster) -> dict[str, str]:
@@ -166,6 +167,10 @@ def test_worker_node_killed_during_pretraining_resumes(study, local_cluster, s3_
     fault = f"{prefix}/fault-run"
     copy_dir(f"{run}/data", f"{fault}/data")
     _copy_file(f"{run}/recipe.yaml", f"{fault}/recipe.yaml")
+    bucket, key_prefix = fault.removeprefix("s3://").split("/", 1)
+    # the fault run's own checkpoints (its id made here, before the command reads it): the
+    # study's are under the same storage with another run id
+    storage_prefix = f"{key_prefix.rsplit('/', 1)[0]}/storage/{run_id(RunLayout(fault))}/"
     cmd = [str(BIN / "slm"), "pretrain", "--run", fault, "--family", "slm",
            "--pretrain.steps", "{slm: 200, llm: 30, is: 20, mix: 20, pn: 30}",
            "--pretrain.train.ckpt_every", "10",
@@ -174,8 +179,6 @@ def test_worker_node_killed_during_pretraining_resumes(study, local_cluster, s3_
                             stderr=subprocess.STDOUT, text=True)
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="test",
                       aws_secret_access_key="test", region_name="us-east-1")
-    bucket, key_prefix = fault.removeprefix("s3://").split("/", 1)
-    storage_prefix = f"{key_prefix.rsplit('/', 1)[0]}/storage/"
     killed = ""
     try:
         deadline = time.time() + 900
