@@ -217,12 +217,28 @@ def _build_dir(st: Staging) -> Iterator[str]:
         copy_dir(tmp, st.uri)
 
 
+def check_out(layout: RunLayout, out: str) -> None:
+    """An export goes outside the run or under ``RUN/export/<name>``, never over the run's own
+    artifacts (or the run itself)."""
+    if ".." in out.replace("\\", "/").split("/"):
+        raise InputError(f"--out '{out}' has a '..' component; give the export's directory plainly")
+    rel = layout.relative(out)
+    if rel == out and not is_remote(out) and not is_remote(layout.root):  # through a symlink?
+        real_root, real_out = os.path.realpath(layout.root), os.path.realpath(out)
+        if real_out == real_root or real_out.startswith(real_root + os.sep):
+            rel = os.path.relpath(real_out, real_root)
+    if rel != out and not (rel.startswith("export/") and rel.count("/") == 1):
+        raise InputError(f"--out '{out}' is inside the run '{layout.root}' (at '{rel}'): an export "
+                         f"goes outside the run, or to '{layout.path('export', '<domain>')}' (the default)")
+
+
 def export_model(run: str, domain: str, method: str = "", out: str = "", force: bool = True) -> str:
     """Write ``RUN/models/<domain>/<method>`` as a self-contained HF directory at ``out``
     (default ``RUN/export/<domain>``); return its path. ``method`` '' = lowest valid_loss."""
     layout = RunLayout(run)
-    method, src = choose_method(run, domain, method)
     out = out or layout.export(domain)
+    check_out(layout, out)
+    method, src = choose_method(run, domain, method)
     info = _training(src)
     config = _read_json(join(src, "config.json"))
     tok = run_tokenizer(layout)

@@ -52,7 +52,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from slm.errors import StageError
+from slm.errors import InputError, StageError
 from slm.stage import exists, is_remote, join, read_json, subdirs, write_json
 
 SPLITS = ("train", "valid", "test")
@@ -62,6 +62,20 @@ COSTS = "costs.json"            # a training run's (or family's) measured costs
 TRIAL_ROW = "row.json"          # a trial's row of the results table
 TRIAL_TRAINING = "training.json"  # a trial's training record (row + data, teacher, history)
 IDENTITY = "run.json"           # the run's identity
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def checked_name(kind: str, value: str) -> str:
+    """A domain, method, family, sweep or run name as one safe path component: letters, digits
+    and ``. _ + -``, starting with a letter or digit, no ``..`` — never a separator, a newline
+    or a control character, so a name can never point outside its place in the run."""
+    if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
+        raise InputError(f"{kind} name {value!r} is not a valid name: use letters, digits and "
+                         "'. _ + -' (starting with a letter or digit, at most 100 characters, "
+                         "no '..', no '/' or spaces)")
+    return value
 
 
 def expert_name(i: int) -> str:
@@ -104,17 +118,17 @@ class RunLayout:
         return self.path("data/corpus/generic")
 
     def corpus_domain(self, domain: str, split: str) -> str:
-        return self.path("data/corpus/domains", domain, split)
+        return self.path("data/corpus/domains", checked_name("domain", domain), split)
 
     @property
     def tokenizer(self) -> str:
         return self.path("data/tokenizer")
 
     def windows(self, name: str) -> str:
-        return self.path("data/windows", name)
+        return self.path("data/windows", checked_name("window set", name))
 
     def embeddings(self, name: str) -> str:
-        return self.path("data/embeddings", name)
+        return self.path("data/embeddings", checked_name("window set", name))
 
     def kmeans(self, k: int) -> str:
         return self.path(f"data/kmeans-k{k}")
@@ -132,14 +146,16 @@ class RunLayout:
 
     def shards(self, name: str = "") -> str:
         """A shard set ('' = the folder of every shard set)."""
-        return self.path("data/shards", name) if name else self.path("data/shards")
+        return self.path("data/shards", checked_name("shard set", name)) if name else self.path("data/shards")
 
     def sources(self, domain: str, split: str = "") -> str:
+        checked_name("domain", domain)
         return self.path("data/sources", domain, split) if split else self.path("data/sources", domain)
 
     def pretrain(self, family: str, sub: str = "") -> str:
         """A training run's directory (``sub``: a mix expert or an is domain)."""
-        return self.path("pretrain", family, sub) if sub else self.path("pretrain", family)
+        checked_name("family", family)
+        return self.path("pretrain", family, checked_name("sub-run", sub)) if sub else self.path("pretrain", family)
 
     def pretrain_final(self, family: str, sub: str = "") -> str:
         return join(self.pretrain(family, sub), FINAL)
@@ -149,7 +165,7 @@ class RunLayout:
 
     def sweep(self, name: str = "") -> str:
         """A sweep's folder ('' = the folder of every sweep)."""
-        return self.path("specialize", name) if name else self.path("specialize")
+        return self.path("specialize", checked_name("sweep", name)) if name else self.path("specialize")
 
     def sweep_tune(self, name: str) -> str:
         return join(self.sweep(name), "tune")
@@ -158,25 +174,25 @@ class RunLayout:
         return join(self.sweep(name), "grid.json")
 
     def trial(self, sweep: str, key: str) -> str:
-        return join(self.sweep(sweep), "trials", key)
+        return join(self.sweep(sweep), "trials", checked_name("trial", key))
 
     def trial_work(self, sweep: str, key: str) -> str:
         """A running trial's work directory (see the module doc); under ``train_root`` at the
         same run-relative path when the recipe sets ``cluster.storage``."""
-        return join(self.sweep(sweep), "work", key)
+        return join(self.sweep(sweep), "work", checked_name("trial", key))
 
     def results(self, sweep: str, fmt: str = "parquet") -> str:
         return join(self.sweep(sweep), f"results.{fmt}")
 
     def model(self, domain: str, method: str) -> str:
-        return self.path("models", domain, method)
+        return self.path("models", checked_name("domain", domain), checked_name("method", method))
 
     def models(self, domain: str = "") -> str:
-        return self.path("models", domain) if domain else self.path("models")
+        return self.path("models", checked_name("domain", domain)) if domain else self.path("models")
 
     def export(self, domain: str = "") -> str:
         """`slm export`'s default output for ``domain`` ('' = the folder of every export)."""
-        return self.path("export", domain) if domain else self.path("export")
+        return self.path("export", checked_name("domain", domain)) if domain else self.path("export")
 
     @property
     def report(self) -> str:

@@ -271,22 +271,59 @@ def remove(uri: str) -> None:
         fs.delete_file(path)
 
 
+PARTIAL = ".slm-partial"  # object storage: marks a stage's own unfinished output (no rename there)
+
+
+def _owned(uri: str, stage: str) -> bool:
+    """May publishing ``stage`` at ``uri`` replace what is there? Only nothing, an empty
+    directory, an artifact of the same stage (its manifest says so), or, on object storage, the
+    unfinished output of the same stage (its PARTIAL marker says so). Anything else is refused
+    with a StageError: slm never deletes what it did not create."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return False
+    fix = "move it away, or choose another output path"
+    if info.type != pafs.FileType.Directory:
+        raise StageError(f"'{uri}' is a file, not an slm artifact; refusing to replace it: {fix}")
+    m = manifest(uri)
+    if m is not None:
+        if m.get("stage") != stage:
+            raise StageError(f"'{uri}' holds a '{m.get('stage')}' artifact, not a '{stage}' one; "
+                             f"refusing to replace it: {fix}")
+        return True
+    entries = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]
+    if not entries:
+        return True
+    if PARTIAL in entries:
+        try:
+            if read_json(join(uri, PARTIAL)).get("stage") == stage:
+                return True
+        except (OSError, ValueError):
+            pass
+    shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+    raise StageError(f"'{uri}' exists and was not written by slm's '{stage}' stage (no "
+                     f"{MANIFEST}; it holds {shown}); slm does not delete what it did not "
+                     f"create: {fix}")
+
+
 @contextlib.contextmanager
 def publish(uri: str, *, stage: str, config: Any = None, inputs: dict[str, str] | None = None,
             force: bool = False) -> Iterator[Staging]:
     """Write an artifact atomically (see module doc). Yields a Staging; on normal exit the
     manifest (stage, fingerprint, config, inputs, versions, timings + what the stage added)
-    is written and the artifact published; on an exception nothing is published."""
+    is written and the artifact published; on an exception nothing is published. What is at
+    ``uri`` is replaced only when ``_owned`` says slm wrote it; locally the old artifact stays
+    until the new one is complete."""
     fp = fingerprint({"config": config, "inputs": inputs or {}})
     fs, final_path = filesystem(uri)
-    if force and exists(uri):
-        remove(uri)
-    elif is_done(uri, fp):  # callers normally check first; publishing twice is a bug
+    if not force and is_done(uri, fp):  # callers normally check first; publishing twice is a bug
         raise StageError(f"artifact '{uri}' is already done")
+    replace = _owned(uri, stage)
     t0 = time.time()
     if is_remote(uri):
-        if exists(uri):
-            remove(uri)  # leftovers of a crashed attempt: never mixed with new output
+        if replace:  # no rename on object storage: the old or unfinished output goes first
+            remove(uri)
         stage_uri, stage_path = uri, final_path
     else:
         parent = os.path.dirname(final_path)
@@ -298,12 +335,14 @@ def publish(uri: str, *, stage: str, config: Any = None, inputs: dict[str, str] 
         if not os.access(parent, os.W_OK):
             raise StageError(f"output directory '{parent}' is not writable. "
                              "Choose a writable run_dir (--run_dir PATH) or fix its permissions")
-        for leftover in os.listdir(parent):  # crashed attempts of this artifact
-            if leftover.startswith(os.path.basename(final_path) + ".tmp-"):
+        for leftover in os.listdir(parent):  # crashed attempts of this artifact (our names)
+            if re.fullmatch(re.escape(os.path.basename(final_path)) + r"\.(tmp|old)-[0-9a-f]{8}", leftover):
                 shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
         stage_path = f"{final_path}.tmp-{uuid.uuid4().hex[:8]}"
         stage_uri = stage_path
     fs.create_dir(stage_path, recursive=True)
+    if is_remote(uri):
+        write_json(join(stage_uri, PARTIAL), {"stage": stage, "started": t0})
     staging = Staging(uri=stage_uri, fs=fs, path=stage_path, final_uri=uri)
     try:
         yield staging
@@ -319,10 +358,14 @@ def publish(uri: str, *, stage: str, config: Any = None, inputs: dict[str, str] 
             **staging.manifest,
         }
         write_json(join(stage_uri, MANIFEST), record)
-        if not is_remote(uri):
-            if os.path.exists(final_path):  # an undone (manifest-less) earlier attempt
-                shutil.rmtree(final_path)
+        if is_remote(uri):
+            remove(join(stage_uri, PARTIAL))
+        else:
+            old = f"{final_path}.old-{uuid.uuid4().hex[:8]}"
+            if os.path.exists(final_path):  # checked by _owned: ours, or an empty directory
+                os.rename(final_path, old)
             os.rename(stage_path, final_path)
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         if not is_remote(uri):
             shutil.rmtree(stage_path, ignore_errors=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
 
+from slm.errors import StageError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import read_rows
 from slm.pipeline.config import CorpusConfig
@@ -62,16 +64,23 @@ def test_glob_limit_and_resume(tmp_path, ray_local):
 
 
 def test_half_written_artifact_is_not_done(tmp_path, ray_local):
+    """A crashed attempt's staging directory (ours: ``<out>.tmp-<id>``) is cleared and the
+    stage redone; files at the output itself with no manifest are not slm's (a local stage
+    writes only into its staging directory) and are refused, never deleted."""
     texts = paragraphs(5)
     write_parquet(str(tmp_path / "src.parquet"), texts)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "part-0.parquet").write_bytes(b"partial garbage from a crashed run")  # no manifest
     (tmp_path / "out.tmp-deadbeef").mkdir()                                    # crashed staging
     ingest_source(str(out), str(tmp_path / "src.parquet"), CorpusConfig(), what="generic corpus")
     assert sorted(read_rows(str(out)).column("text").to_pylist()) == sorted(texts)
-    assert not (out / "part-0.parquet").exists()
     assert not (tmp_path / "out.tmp-deadbeef").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "part-0.parquet").write_bytes(b"someone else's file")  # no manifest
+    with pytest.raises(StageError, match="does not delete what it did not create"):
+        ingest_source(str(foreign), str(tmp_path / "src.parquet"), CorpusConfig(), what="generic corpus")
+    assert (foreign / "part-0.parquet").read_bytes() == b"someone else's file"
 
 
 def test_domain_directory_files_and_subdirectories(tmp_path, ray_local):
