@@ -10,6 +10,7 @@ call (each pulls in Ray, torch or Ray Serve): ``slm --help`` stays fast and neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -18,6 +19,8 @@ from typing import Callable
 from slm.config import Recipe, load_recipe, load_run_recipe, overrides_from_args
 from slm.configkit import add_flags
 from slm.errors import SlmError
+from slm.layout import RunLayout
+from slm.runlock import run_lock
 from slm.stage import check_storage, storage_failure
 
 # Rust tokenizer threads and the processes Ray forks do not mix (tokenizers warns and turns
@@ -38,6 +41,11 @@ def _recipe(args, write: bool = True):
     if recipe.cluster.storage:
         check_storage(recipe.cluster.storage, write=write)
     return recipe
+
+
+def _writing(args, run: str):
+    """The run's lock (slm/runlock.py) for a command that writes it: one writer per run."""
+    return run_lock(run, " ".join(["slm", *args.argv])[:300])
 
 
 def _recipe_path(args) -> str:
@@ -61,7 +69,8 @@ def cmd_data_run(args) -> int:
     recipe = _recipe(args)
     from slm.pipeline.run import run_pipeline  # lazy: imports Ray
 
-    run_pipeline(recipe, force=args.force)
+    with _writing(args, recipe.run_dir):
+        run_pipeline(recipe, force=args.force)
     return 0
 
 
@@ -70,8 +79,9 @@ def cmd_pretrain(args) -> int:
     from slm.models.pretrain import pretrain  # lazy: imports Ray Train, torch
 
     families = args.family or recipe.pretrain.families
-    for fam in families:
-        pretrain(recipe, fam, recipe_path=_recipe_path(args))
+    with _writing(args, recipe.run_dir):
+        for fam in families:
+            pretrain(recipe, fam, recipe_path=_recipe_path(args))
     return 0
 
 
@@ -80,7 +90,8 @@ def cmd_specialize(args) -> int:
     check_storage(args.domain, write=False)
     from slm.tune.add_domain import specialize_new_domain  # lazy: imports Ray, torch
 
-    specialize_new_domain(args.run, args.domain, name=args.name, methods=args.method)
+    with _writing(args, args.run):
+        specialize_new_domain(args.run, args.domain, name=args.name, methods=args.method)
     return 0
 
 
@@ -88,7 +99,8 @@ def cmd_sweep(args) -> int:
     recipe = _recipe(args)
     from slm.tune.sweep import run_sweep  # lazy: imports Ray Tune, torch
 
-    run_sweep(recipe)
+    with _writing(args, recipe.run_dir):
+        run_sweep(recipe)
     return 0
 
 
@@ -96,7 +108,8 @@ def cmd_report(args) -> int:
     recipe = _recipe(args)
     from slm.tune.report import write_report  # lazy: imports matplotlib, pandas
 
-    path = write_report(recipe, extra_results=args.results)
+    with _writing(args, recipe.run_dir):
+        path = write_report(recipe, extra_results=args.results)
     print(f"report: {path}")
     return 0
 
@@ -118,7 +131,8 @@ def cmd_run(args) -> int:
     recipe = _recipe(args)
     from slm.tune.study import run_study  # lazy: imports Ray, torch
 
-    run_study(recipe, force=args.force)
+    with _writing(args, recipe.run_dir):
+        run_study(recipe, force=args.force)
     return 0
 
 
@@ -128,7 +142,9 @@ def cmd_export(args) -> int:
         check_storage(args.out, write=True)
     from slm.deploy.export import export_model  # lazy: imports torch, transformers
 
-    path = export_model(args.run, args.domain, method=args.method, out=args.out)
+    inside = not args.out or RunLayout(args.run).relative(args.out) != args.out
+    with _writing(args, args.run) if inside else contextlib.nullcontext():  # RUN/export/...
+        path = export_model(args.run, args.domain, method=args.method, out=args.out)
     print(f"exported: {path}")
     return 0
 
@@ -247,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # names a run lock's holder
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "fn", None):
