@@ -151,9 +151,12 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     check_storage(args.run, write=False)
-    from slm.deploy.serve import serve  # lazy: imports Ray Serve, torch
+    from slm.deploy.serve import ServeOptions, serve  # lazy: imports Ray Serve, torch
 
-    serve(args.run, domains=args.domain, host=args.host, port=args.port, blocking=True)
+    opts = ServeOptions(token_file=args.token_file, insecure_no_auth=args.insecure_no_auth,
+                        num_cpus=args.num_cpus, request_timeout_s=args.request_timeout,
+                        max_queued_requests=args.max_queued)
+    serve(args.run, domains=args.domain, host=args.host, port=args.port, blocking=True, opts=opts)
     return 0
 
 
@@ -248,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", action="append", help="domains to serve (default: all exported)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", default="",
+                   help="file holding the bearer token clients must send (required with a "
+                        "non-loopback --host)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow a non-loopback --host without --token-file")
+    p.add_argument("--num-cpus", type=float, default=-1.0,
+                   help="CPUs per specialist replica (default: fitted to the cluster's free "
+                        "CPUs, at most 1)")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds per request before a 504")
+    p.add_argument("--max-queued", type=int, default=64,
+                   help="generate requests held at once before a 503")
 
     p = add("submit", cmd_submit, "submit an slm command to a Ray cluster as a job "
             "(e.g. slm submit --address http://HEAD:8265 -- slm run)", recipe=False)
