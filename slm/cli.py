@@ -21,7 +21,7 @@ from slm.configkit import add_flags
 from slm.errors import SlmError
 from slm.layout import RunLayout
 from slm.runlock import run_lock
-from slm.stage import check_storage, storage_failure
+from slm.stage import check_storage, rebuild_hint, storage_failure
 
 # Rust tokenizer threads and the processes Ray forks do not mix (tokenizers warns and turns
 # them off in every fork); off from the start, unless the user set it.
@@ -60,7 +60,8 @@ def _recipe_path(args) -> str:
 def cmd_data_demo(args) -> int:
     from slm.pipeline.demo_corpus import build_demo_corpus  # lazy: the pipeline imports Ray
 
-    m = build_demo_corpus(args.out or None, force=args.force)
+    with rebuild_hint("pass --force"):  # --force rebuilds the demo corpus
+        m = build_demo_corpus(args.out or None, force=args.force)
     print(f"demo corpus ready: {m['path']}")
     return 0
 
@@ -69,7 +70,7 @@ def cmd_data_run(args) -> int:
     recipe = _recipe(args)
     from slm.pipeline.run import run_pipeline  # lazy: imports Ray
 
-    with _writing(args, recipe.run_dir):
+    with _writing(args, recipe.run_dir), rebuild_hint("pass --force"):  # --force: every data stage
         run_pipeline(recipe, force=args.force)
     return 0
 
@@ -165,7 +166,8 @@ def cmd_submit(args) -> int:
 
     return submit(args.entrypoint, address=args.address, follow=args.follow,
                   num_cpus=args.entrypoint_num_cpus, num_gpus=args.entrypoint_num_gpus,
-                  working_dir=args.working_dir)
+                  working_dir=args.working_dir, excludes=args.exclude,
+                  insecure_http=args.insecure_http)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entrypoint-num-cpus", type=float, default=0)
     p.add_argument("--entrypoint-num-gpus", type=float, default=0)
     p.add_argument("--working-dir", default="", help="project directory to ship (default: this checkout)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="do not ship files matching PATTERN (gitignore syntax; repeatable), on top "
+                        "of the defaults: .git, .venv, runs/, caches, .env*, .aws, .ssh, *.pem, "
+                        "*.key, token files")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="allow sending the Ray auth token over plain http to a non-loopback "
+                        "address (default: https, or http to 127.0.0.1/localhost only)")
     p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the command")
     return parser
 

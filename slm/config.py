@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from slm.cluster.config import ClusterConfig
-from slm.configkit import (ConfigError, add_flags, apply_overrides, from_dict, overrides_from_args,  # noqa: F401
-                           to_dict, validate)
+from slm.configkit import (ConfigError, add_flags, apply_overrides, from_dict, load_yaml,  # noqa: F401
+                           overrides_from_args, to_dict, validate)
 from slm.errors import InputError
 from slm.layout import RunLayout
 from slm.stage import exists, filesystem
@@ -54,7 +54,13 @@ BUILTIN_RECIPES = ("demo", "paper", "study")
 def recipe_path(name_or_path: str) -> Path:
     """A built-in recipe name (demo, paper, study) or a path to a YAML file."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.is_dir() and name_or_path not in BUILTIN_RECIPES:  # a folder 'demo' here: the built-in
+        run = (f"; it is a run directory: use `--run {p}` for the recipe it was started with"
+               if (p / "recipe.yaml").is_file() else "")
+        raise ConfigError(f"recipe '{p}' is a directory, not a YAML file{run}; pass a recipe "
+                          f"file (--recipe PATH.yaml) or a built-in recipe "
+                          f"({', '.join(BUILTIN_RECIPES)})")
+    if p.suffix in (".yaml", ".yml") or (p.exists() and not p.is_dir()):
         if not p.exists():
             raise ConfigError(f"recipe file '{p}' does not exist; pass a built-in recipe "
                               f"({', '.join(BUILTIN_RECIPES)}) or a path to a YAML file")
@@ -69,14 +75,20 @@ def recipe_path(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str = "demo", overrides: dict[str, Any] | None = None) -> Recipe:
     """Load a recipe (built-in name or YAML path), apply dotted overrides, validate it."""
     path = recipe_path(name_or_path)
-    return resolve_paths(_parse(path.read_text(encoding="utf-8"), str(path), overrides))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"recipe '{path}' is not UTF-8 text (byte {e.start}); save it as "
+                          "UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe '{path}': {e.strerror or e}; check the path and "
+                          "its permissions") from None
+    return resolve_paths(_parse(text, str(path), overrides))
 
 
 def _parse(text: str, where: str, overrides: dict[str, Any] | None) -> Recipe:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe '{where}' is not valid YAML: {e}") from None
+    data = load_yaml(text, f"recipe '{where}'",
+                     fix="fix the YAML syntax there (indentation, 'key: value', quotes)") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe '{where}' must be a YAML mapping of sections")
     try:

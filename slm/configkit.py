@@ -5,13 +5,15 @@ recipe is ``Recipe``. The same fields are:
   * read from YAML (``load_recipe``), with unknown fields rejected by name and a suggestion;
   * exposed as ``--section.field VALUE`` command-line flags (``add_flags`` / ``apply_flags``);
   * validated by each section's ``validate()`` (a ``ConfigError`` names the field and the fix).
-No config is ever executed: YAML is parsed with ``yaml.safe_load``.
+No config is ever executed: YAML is parsed with a ``yaml.SafeLoader`` that also refuses a key
+repeated in one mapping (``load_yaml``); a syntax error names the file or flag, line and fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import fields, is_dataclass
@@ -24,6 +26,61 @@ from slm.errors import SlmError
 
 class ConfigError(SlmError, ValueError):
     """A recipe or flag is wrong; the message names the field and says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# YAML
+# --------------------------------------------------------------------------------------------
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping (plain ``safe_load`` keeps the last silently)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose mappings refuse a repeated key (merge keys ``<<`` aside: a key
+    given explicitly next to a merge overrides the merged one, as YAML says)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base constructor reports an unhashable key
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key '{key}' at line {line} (first given at line {first[key]})",
+                        key_node.start_mark)
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (line, column) in a YAML error."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    if not what:
+        what = str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{what}".split())
+
+
+def load_yaml(text: str, where: str, fix: str = "fix the YAML syntax there") -> Any:
+    """Parse ``text`` safely (UniqueKeyLoader); a syntax error or a repeated key is a one-line
+    ConfigError naming ``where`` (a file, or a flag), the line and ``fix``."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{where} has a {e.problem}; keep only one of them (merge the two "
+                          "into one entry)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML ({_yaml_problem(e)}); {fix}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,9 +149,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            f = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}; give a "
+                              "number such as 0.001 (not inf or nan)")
+        return f
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -135,9 +196,21 @@ def validate(obj: Any, where: str = "") -> None:
             raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
-def positive(section: Any, *names: str, allow_zero: bool = False) -> None:
-    """Raise ConfigError when a numeric field is negative (or zero, unless ``allow_zero``)."""
+def finite(section: Any, *names: str) -> None:
+    """Raise ConfigError when a numeric field (or an item of a list field) is inf or NaN."""
     for name in names:
+        value = getattr(section, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"field '{name}' must be a finite number, got {value!r}; "
+                                  "set it to a number such as 0.001 (not inf or nan)")
+
+
+def positive(section: Any, *names: str, allow_zero: bool = False) -> None:
+    """Raise ConfigError when a numeric field is inf/NaN, negative, or zero (unless
+    ``allow_zero``)."""
+    for name in names:
+        finite(section, name)
         value = getattr(section, name)
         values = value if isinstance(value, list) else [value]
         for v in values:
@@ -187,7 +260,10 @@ def apply_overrides(recipe: Any, overrides: dict[str, Any]) -> Any:
     """Return a copy of ``recipe`` with dotted overrides applied (values parsed as YAML scalars)."""
     data = to_dict(recipe)
     for dotted, raw in overrides.items():
-        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        value = (load_yaml(raw, f"flag --{dotted} {raw!r}",
+                           fix="give a YAML value, e.g. --sweep.methods '[slm, slm-d]', or quote "
+                               "a string that holds ': ', '[' or '{' (\"'a: b'\")")
+                 if isinstance(raw, str) else raw)
         if isinstance(raw, str) and value is None:
             value = raw
         node = data

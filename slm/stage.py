@@ -29,6 +29,7 @@ through another path (relative, absolute, moved, copied) has the same fingerprin
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import importlib.metadata as md
@@ -191,17 +192,37 @@ def manifest(uri: str) -> dict[str, Any] | None:
         raise StageError(f"manifest '{m}' is unreadable ({e}); delete '{uri}' to rebuild it") from None
 
 
+# How the running command can rebuild a stale artifact besides deleting it, e.g. "pass --force"
+# (set with ``rebuild_hint`` only around the stages that the command's --force rebuilds).
+_REBUILD_HINT: contextvars.ContextVar[str] = contextvars.ContextVar("slm_rebuild_hint", default="")
+
+
+@contextlib.contextmanager
+def rebuild_hint(hint: str) -> Iterator[None]:
+    """Within the block, the stale-artifact error of ``is_done`` also offers ``hint`` (e.g.
+    "pass --force") as a fix. Only for code whose artifacts that fix really rebuilds."""
+    token = _REBUILD_HINT.set(hint)
+    try:
+        yield
+    finally:
+        _REBUILD_HINT.reset(token)
+
+
 def is_done(uri: str, fp: str | None = None) -> bool:
     """True when ``uri`` is a published artifact. With ``fp``, a done artifact built from
-    another config/inputs raises StageError instead of being reused silently."""
+    another config/inputs raises StageError instead of being reused silently; the error names
+    the fixes that always work (another run_dir, deleting the artifact) and the command's own
+    (``rebuild_hint``) where it has one."""
     m = manifest(uri)
     if m is None:
         return False
     if fp is not None and m.get("fingerprint") not in (None, fp):
+        hint = _REBUILD_HINT.get()
         raise StageError(
             f"artifact '{uri}' was built with a different config or inputs "
-            f"(fingerprint {m.get('fingerprint')} != {fp}). Use another run_dir, or pass --force "
-            "to rebuild it (and the stages after it).")
+            f"(fingerprint {m.get('fingerprint')} != {fp}). Use another run_dir, or delete "
+            f"'{uri}' (and the artifacts built from it) to rebuild it"
+            + (f", or {hint} to rebuild it (and the stages after it)." if hint else "."))
     return True
 
 

@@ -13,6 +13,7 @@ from slm.cluster.ray_env import ray_session
 from slm.models.config import FAMILY_INFO
 from slm.models.pretrain import pretrain
 from slm.pipeline.run import run_pipeline
+from slm.stage import rebuild_hint
 
 from .report import write_report
 from .sweep import run_sweep
@@ -27,7 +28,8 @@ def run_study(recipe, force: bool = False) -> str:
     # One Ray session for every step: starting Ray once saves ~10 s per step.
     with ray_session(recipe.cluster):
         t = time.time()
-        run_pipeline(recipe, force=force)
+        with rebuild_hint("pass --force"):  # `slm run --force` rebuilds the data stages only
+            run_pipeline(recipe, force=force)
         times["data"] = time.time() - t
         for family in recipe.pretrain.families:
             t = time.time()
