@@ -43,9 +43,10 @@ def _recipe(args, write: bool = True):
     return recipe
 
 
-def _writing(args, run: str):
-    """The run's lock (slm/runlock.py) for a command that writes it: one writer per run."""
-    return run_lock(run, " ".join(["slm", *args.argv])[:300])
+def _writing(args, run: str, create: bool = False):
+    """The run's lock (slm/runlock.py) for a command that writes it: one writer per run. Only
+    the commands that start a run (``create``) make its directory."""
+    return run_lock(run, " ".join(["slm", *args.argv])[:300], create=create and not args.run)
 
 
 def _recipe_path(args) -> str:
@@ -70,7 +71,7 @@ def cmd_data_run(args) -> int:
     recipe = _recipe(args)
     from slm.pipeline.run import run_pipeline  # lazy: imports Ray
 
-    with _writing(args, recipe.run_dir), rebuild_hint("pass --force"):  # --force: every data stage
+    with _writing(args, recipe.run_dir, create=True), rebuild_hint("pass --force"):  # --force: every data stage
         run_pipeline(recipe, force=args.force)
     return 0
 
@@ -132,7 +133,7 @@ def cmd_run(args) -> int:
     recipe = _recipe(args)
     from slm.tune.study import run_study  # lazy: imports Ray, torch
 
-    with _writing(args, recipe.run_dir):
+    with _writing(args, recipe.run_dir, create=True):
         run_study(recipe, force=args.force)
     return 0
 

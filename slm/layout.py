@@ -152,8 +152,11 @@ class RunLayout:
         checked_name("domain", domain)
         return self.path("data/sources", domain, split) if split else self.path("data/sources", domain)
 
-    def pretrain(self, family: str, sub: str = "") -> str:
-        """A training run's directory (``sub``: a mix expert or an is domain)."""
+    def pretrain(self, family: str = "", sub: str = "") -> str:
+        """A training run's directory (``sub``: a mix expert or an is domain; no family: the
+        folder of every training run)."""
+        if not family:
+            return self.path("pretrain")
         checked_name("family", family)
         return self.path("pretrain", family, checked_name("sub-run", sub)) if sub else self.path("pretrain", family)
 

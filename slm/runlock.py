@@ -72,9 +72,13 @@ def is_stale(h: dict[str, Any], now: float | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(run: str, command: str) -> Iterator[dict[str, Any]]:
-    """Hold the run's lock for the block; StageError naming the holder when another has it."""
-    if is_remote(run):
+def run_lock(run: str, command: str, create: bool = True) -> Iterator[dict[str, Any] | None]:
+    """Hold the run's lock for the block; StageError naming the holder when another has it.
+    ``create=False`` (a command on an existing run): a run that does not exist is left
+    uncreated and unlocked (yields None), for the command to report it missing."""
+    if not create and not exists(run):
+        yield None
+    elif is_remote(run):
         with _remote_lock(run, command) as h:
             yield h
     else:
