@@ -236,7 +236,7 @@ def load_report_inputs(recipe, extra_results: Iterable[str] = ()) -> tuple[pd.Da
     paths = own + extra
     if not paths:
         raise InputError(f"no results to report: nothing under "
-                         f"{RunLayout(recipe.run_dir).results('*')} and no "
+                         f"{RunLayout(recipe.run_dir).path('specialize', '*', 'results.parquet')} and no "
                          "--results given; run `slm sweep` first")
     tables = {p: read_results(p) for p in paths}
     found = check_one_recipe(tables)
