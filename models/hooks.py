@@ -27,7 +27,7 @@ import ray.train
 import torch
 from transformers import AutoModelForCausalLM
 
-from slm.stage import local_dir
+from slm.stage import join, local_dir
 
 from . import checkpoint as ckpt
 from .flops import inference_flops_per_token
@@ -213,6 +213,7 @@ class Checkpointer(Hook):
             tr.costs.checkpoint_seconds += time.perf_counter() - t0
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=ckpt.step_dir_name(tr.step))
+            tr.last_checkpoint = join(tr.cfg.logging.run_uri, ckpt.step_dir_name(tr.step))
         finally:
             shutil.rmtree(d, ignore_errors=True)
 

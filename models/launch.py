@@ -7,6 +7,7 @@ rows (models/data.py explains the plan; models/train.py the order).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from .data import ShardPlan, train_stream_name
 from .families import build_family
 from .loop_config import TrainLoopConfig
 from .train import signature, train_loop_per_worker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,16 +54,37 @@ class RunSpec:
 
 
 def check_resumable(spec: RunSpec) -> str | None:
-    """Before starting workers: the latest checkpoint of this run (if any) must be intact and
-    of this model/config. Returns its URI."""
-    latest = ckpt.latest(spec.run_uri)
-    if latest is None:
-        return None
-    record = ckpt.verify(latest)
+    """Before starting workers: the checkpoint this run resumes from (the newest one Ray Train
+    registered that is complete) must be of this model/config. Returns its URI (None: the run
+    starts afresh); raises StageError when registered checkpoints exist but none is complete."""
+    return _resume_point(spec)[0]
+
+
+def _resume_point(spec: RunSpec) -> tuple[str | None, list[tuple[str, str]]]:
+    """(checkpoint to resume from, the (URI, what is wrong) of newer torn ones)."""
+    uri, record, torn = ckpt.newest_complete(spec.run_uri)
+    if uri is None:
+        if torn:
+            raise StageError(f"{torn[0][1]}. No checkpoint of run '{spec.run_uri}' is complete: "
+                             "delete the run's directory to start it over")
+        return None, []
     expected = signature(spec.loop, build_family(spec.loop.model), spec.scaling.num_workers,
                          spec.precision())
-    ckpt.check_signature(record["signature"], expected, latest)
-    return latest
+    ckpt.check_signature(record["signature"], expected, uri)
+    return uri, torn
+
+
+def prepare_resume(spec: RunSpec) -> str | None:
+    """``check_resumable``, then make Ray Train resume from that checkpoint: the newer torn
+    ones (a crash during an upload, a lost file) are named in a warning and dropped from Ray's
+    record (``checkpoint.unregister``), since Ray would hand them to the workers."""
+    uri, torn = _resume_point(spec)
+    for bad, why in torn:
+        log.warning("run '%s': skipping torn checkpoint '%s' (%s); resuming from '%s'",
+                    spec.name, bad, why, uri)
+    if torn:
+        ckpt.unregister(spec.run_uri, [bad for bad, _ in torn])
+    return uri
 
 
 def storage_path(storage: str) -> str:
@@ -89,7 +113,7 @@ def run_training(spec: RunSpec, train: ShardPlan, valid_ds, callbacks: list | No
     and the materialized ``valid_ds`` (``valid_dataset``). Returns ``{"checkpoint": uri,
     "metrics": {...}, "finished": bool}``. ``callbacks``: Ray Train callbacks (a Tune trial
     passes TuneReportCallback to forward the reports)."""
-    check_resumable(spec)
+    prepare_resume(spec)
     sc = spec.scaling
     resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {})
     trainer = TorchTrainer(
@@ -110,6 +134,8 @@ def run_training(spec: RunSpec, train: ShardPlan, valid_ds, callbacks: list | No
     except Exception as e:
         reraise_user_error(e)
         raise StageError(f"training run '{spec.run_uri}' failed: {e}") from e
+    if result.return_value is not None:  # the run diverged (models/train.py Diverged)
+        raise StageError(result.return_value)
     if result.checkpoint is None:
         raise StageError(f"training run '{spec.run_uri}' reported no checkpoint; check its logs")
     ck_uri = _checkpoint_uri(result.checkpoint, spec.loop.logging.storage)

@@ -4,7 +4,9 @@ and for specialization: a ``Trainer`` built from a ``TrainLoopConfig`` (models/l
 The loop reads: restore → steps → hooks. ``Trainer.fit`` restores the engine and loop state
 from the latest checkpoint, then runs optimizer steps; after each step its hooks
 (models/hooks.py) meter costs, evaluate, stop early, log and checkpoint, and its loss hook is
-the family's loss or SLM-d's distillation. A family differs only by its ``FamilySpec``
+the family's loss or SLM-d's distillation. A step whose (all-reduced) loss or gradient norm is not finite
+ends the run before its hooks run (``Diverged``: nothing of it is reported or exported), and
+the driver raises it instead of Ray Train retrying a deterministic failure. A family differs only by its ``FamilySpec``
 (models/families.py). DeepSpeed is driven directly (``deepspeed.initialize``; Ray has set up the
 process group: gloo on CPU, NCCL on GPU): AdamW, linear warm-up + cosine decay, gradient clipping
 and accumulation (DeepSpeed's), checkpoints through ``ray.train.report`` and exact resume.
@@ -38,8 +40,8 @@ import ray.train
 import torch
 from transformers import AutoModelForCausalLM
 
-from slm.errors import InputError
-from slm.stage import local_dir
+from slm.errors import InputError, StageError
+from slm.stage import join, local_dir
 
 from . import checkpoint as ckpt
 from .data import train_stream_name
@@ -128,6 +130,31 @@ def load_init(model: torch.nn.Module, directory: str) -> torch.nn.Module:
         raise InputError(f"init_from '{directory}' does not hold a model of this run's shape: "
                          f"{str(e).splitlines()[0]}; start from a model of the same size") from None
     return model
+
+
+class Diverged(StageError):
+    """A non-finite training loss or gradient norm. Every rank raises it at the same step (it
+    is decided on all-reduced values), and a retry would diverge again at that step: the run
+    ends (``Trainer.fit`` returns it) instead of Ray Train retrying it."""
+
+
+def check_finite(run: str, step: int, loss: float, grad_norm: float, last_checkpoint: str | None,
+                 lr: float) -> None:
+    """Raise ``Diverged`` before a step with a non-finite loss or gradient norm is reported,
+    checkpointed or exported (ZeRO would even skip its update silently)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    last = f"the last good checkpoint is '{last_checkpoint}'" if last_checkpoint else "no checkpoint yet"
+    raise Diverged(f"training run '{run}' diverged at step {step}: training loss {loss}, gradient "
+                   f"norm {grad_norm}; nothing was published ({last}). A re-run diverges again: "
+                   f"lower the learning rate (lr {lr}) or check the training data, in a new run "
+                   "directory or after deleting this run's")
+
+
+def grad_norm(module: torch.nn.Module) -> float:
+    """The 2-norm of the module's gradients (those of this rank)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -223,6 +250,10 @@ class Trainer:
                              self.engine.device)
         self.loss = loss_hook(cfg, self.family, self.engine.device)
         self.hooks = hooks_for(cfg, self.rank)
+        # DeepSpeed's ZeRO and bf16 optimizers keep the gradient norm they clip with (clip > 0
+        # always); a plain torch optimizer (ZeRO 0, fp32) does not: measure it before its step
+        self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        self.last_checkpoint: str | None = None  # URI of the newest reported (or resumed) one
         self.step = self.epoch = self.batch_in_epoch = self.start_step = 0
         self.costs = Costs(params=params, flops_per_token=self.family.flops_per_token(),
                            world_size=self.world, device=str(self.engine.device.type))
@@ -231,25 +262,32 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def fit(self) -> None:
-        """restore → steps → hooks."""
+    def fit(self) -> str | None:
+        """restore → steps → hooks. Returns the message of a ``Diverged`` run (Ray Train hands
+        rank 0's return value to the driver, which raises it), else None."""
         self.restore()
+        diverged = None
         if self.step >= self.total:  # a re-submitted run whose driver died before publishing
             ray.train.report({"step": self.step, "finished": 1.0})
         else:
             self.engine.train()
             self.call("on_start")
-            while self.step < self.stop_at and not self.stopping:
-                metrics = self.train_step()
-                self.call("on_step", metrics)
+            try:
+                while self.step < self.stop_at and not self.stopping:
+                    metrics = self.train_step()
+                    self.call("on_step", metrics)
+            except Diverged as e:
+                diverged = str(e)
         self.call("on_end")
+        return diverged
 
     def restore(self) -> None:
         """Engine and loop state from the latest reported checkpoint, if any."""
         resumed = ray.train.get_checkpoint()
         if resumed is not None:
+            self.last_checkpoint = join(self.cfg.logging.run_uri, os.path.basename(resumed.path.rstrip("/")))
             with resumed.as_directory() as d:
-                state = ckpt.load(self.engine, d, self.signature)
+                state = ckpt.load(self.engine, d, self.signature, self.last_checkpoint)
             self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             self.costs = Costs.from_json(state["costs"])
             if self.rank == 0:  # the driver's log says where a restarted worker group went on
@@ -262,23 +300,28 @@ class Trainer:
         """One optimizer step on this rank's micro-batches of the next global batch."""
         t0, batch = self.next_batch()
         self.step += 1
-        loss_sum, flops = 0.0, 0.0
+        loss_sum, flops, own_norm = 0.0, 0.0, 0.0
         for gm, ids, cl in self.data.micro_batches(batch):
             torch.manual_seed(micro_seed(self.cfg.seed, self.step, gm))
             loss = self.loss(self.engine, ids, cl)
             self.engine.backward(loss)  # DeepSpeed scales by 1/grad_accum
+            if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                own_norm = grad_norm(self.engine.module)  # all-reduced by backward at the boundary
             self.engine.step()          # optimizer + LR step at the accumulation boundary
             loss_sum += float(loss.detach())
             flops += self.loss.flops(ids, cl)
         lr = self.scheduler.get_last_lr()[0]
+        norm = own_norm if self.own_grad_norm else float(self.engine.get_global_grad_norm())
         read = [0.0] * self.world  # each rank's feed bytes so far, in its own slot
         read[self.rank] = float(self.data.read_bytes)
-        mean_loss, flops, *read = all_reduce_sum([loss_sum / self.data.accum, flops, *read])
+        mean_loss, flops, norm, *read = all_reduce_sum([loss_sum / self.data.accum, flops, norm, *read])
+        mean_loss, norm = mean_loss / self.world, norm / self.world  # NaN/inf on any rank: on all
+        check_finite(self.cfg.logging.run_name, self.step, mean_loss, norm, self.last_checkpoint, lr)
         self.batch_in_epoch += 1
         seconds = time.perf_counter() - t0
         tokens = self.data.global_rows * batch["input_ids"].shape[1]
         self.step_cost = (tokens, seconds, flops)
-        return {"train/loss": mean_loss / self.world, "train/lr": lr, "perf/step_seconds": seconds,
+        return {"train/loss": mean_loss, "train/grad_norm": norm, "train/lr": lr, "perf/step_seconds": seconds,
                 "perf/tokens_per_s": tokens / seconds, "perf/mfu": mfu(flops, seconds, self.world, self.peak),
                 "data/read_bytes": sum(read), "data/read_bytes_worker_max": max(read),
                 "data/read_bytes_worker_min": min(read)}
@@ -335,6 +378,7 @@ class Trainer:
             getattr(hook, event)(self, *args)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function: ``config`` is ``TrainLoopConfig.to_dict()``."""
-    Trainer(TrainLoopConfig.from_dict(config)).fit()
+def train_loop_per_worker(config: dict[str, Any]) -> str | None:
+    """Ray Train worker function: ``config`` is ``TrainLoopConfig.to_dict()``. Returns the
+    run's ``Diverged`` message, if any (``Trainer.fit``)."""
+    return Trainer(TrainLoopConfig.from_dict(config)).fit()

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import os
+import re
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_shards import SEQ, make_run, tiny_recipe, windows, write_shards, write_tokenizer  # noqa: E402
 
 from slm.configkit import ConfigError  # noqa: E402
 from slm.errors import InputError, StageError  # noqa: E402
+from slm.hashing import sha256_file  # noqa: E402
 from slm.layout import RunLayout  # noqa: E402
 from slm.models import data as md  # noqa: E402
 from slm.models import launch  # noqa: E402
 from slm.models import pretrain as pt  # noqa: E402
 from slm.models.families import FamilySpec  # noqa: E402
 from slm.models.loop_config import pretraining_config  # noqa: E402
+from slm.models.train import Diverged, check_finite  # noqa: E402
 
 
 def test_unknown_family(tmp_path):
@@ -70,10 +76,8 @@ def test_cluster_id_out_of_range(ray_local, tmp_path):
         md.check_cluster_ids(shards, "cluster_k2", 2)
 
 
-@pytest.fixture(scope="module")
-def finished_run(ray_local, tmp_path_factory):
-    """A short real run (2 steps, one checkpoint) to tamper with."""
-    root = str(tmp_path_factory.mktemp("bad"))
+def short_run(root: str):
+    """A short real run (2 steps, one checkpoint) to tamper with: (spec, result, train, valid)."""
     layout = make_run(root, n_generic=128)
     r = tiny_recipe(root)
     shards = md.open_shards(layout, "generic", "tiny", [], SEQ)
@@ -86,6 +90,11 @@ def finished_run(ray_local, tmp_path_factory):
     out = launch.run_training(spec, train, valid)
     assert out["finished"]
     return spec, out, train, valid
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, tmp_path_factory):
+    return short_run(str(tmp_path_factory.mktemp("bad")))
 
 
 def test_checkpoint_of_another_model_is_refused(finished_run):
@@ -112,3 +121,64 @@ def test_corrupted_checkpoint_is_refused(finished_run):
         f.truncate(100)
     with pytest.raises(StageError, match=r"model_states.pt' has 100 bytes.*corrupted"):
         launch.run_training(spec, train, valid)
+
+
+def test_check_finite_names_the_run_the_step_and_the_last_good_checkpoint():
+    check_finite("r", 3, 2.5, 0.7, None, 1e-3)  # finite: nothing to say
+    with pytest.raises(Diverged, match=r"training run 'r' diverged at step 3: training loss 2.5, "
+                                       r"gradient norm inf; nothing was published \(no checkpoint yet\)"):
+        check_finite("r", 3, 2.5, float("inf"), None, 1e-3)
+    with pytest.raises(Diverged, match=r"loss nan.*last good checkpoint is '/runs/r/step=00000002'"):
+        check_finite("r", 3, float("nan"), 0.7, "/runs/r/step=00000002", 1e-3)
+
+
+def test_diverging_run_stops_at_its_step_publishes_nothing_and_is_not_retried(ray_local, tmp_path):
+    """lr 1e30: the first update makes the weights ~1e30, the next forward overflows (a real
+    NaN, fp32 on CPU). The run stops at step 2 with one line naming the step and its
+    checkpoint of step 1; nothing is published; Ray Train does not retry it (max_failures 3)."""
+    root = str(tmp_path)
+    layout = make_run(root, n_generic=128)
+    r = tiny_recipe(root)
+    r.pretrain.train.lr, r.pretrain.train.ckpt_every = 1e30, 1
+    r.pretrain.scaling.max_failures = 3
+    with pytest.raises(StageError) as info:
+        pt.pretrain(r, "slm")
+    msg = str(info.value)
+    assert "\n" not in msg and type(info.value) is StageError
+    assert "diverged at step 2: training loss nan" in msg
+    assert f"last good checkpoint is '{os.path.join(layout.pretrain('slm'), 'step=00000001')}'" in msg
+    assert not os.path.exists(layout.pretrain_final("slm"))
+    assert not os.path.exists(layout.pretrain_costs("slm"))
+    assert not glob.glob(os.path.join(root, "**", "costs.json"), recursive=True)
+    # one attempt: a retry would have opened a second TensorBoard event file
+    assert len(os.listdir(os.path.join(layout.pretrain("slm"), "tensorboard"))) == 1
+
+
+class Payload:
+    """A pickle that runs a command when unpickled (torch.save stores os.system and its args)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_needs_a_pickled_object_is_refused_and_never_runs(ray_local, tmp_path):
+    """Someone with write access to the storage swaps a DeepSpeed file for a pickle payload and
+    updates its sha256 marker (markers show integrity, not authenticity): resume refuses it,
+    naming the file and the type, and the payload never runs (weights_only=True)."""
+    spec, out, train, valid = short_run(str(tmp_path / "run"))
+    ck, marker = out["checkpoint"], str(tmp_path / "PAYLOAD-RAN")
+    [victim] = glob.glob(os.path.join(ck, "ds", "*model_states.pt"))
+    torch.save({"module": Payload(marker)}, victim, _use_new_zipfile_serialization=False)
+    rank_file = os.path.join(ck, "slm-rank0.json")
+    record = json.load(open(rank_file))
+    rel = os.path.relpath(victim, ck)
+    record["files"][rel] = {"size": os.path.getsize(victim), "sha256": sha256_file(victim)}
+    json.dump(record, open(rank_file, "w"))
+    assert launch.check_resumable(spec) == ck  # intact as far as the markers tell
+    with pytest.raises(StageError, match=re.escape(f"checkpoint file '{ck}/{rel}' needs the pickled "
+                                                   "type posix.system to load, which slm refuses")):
+        launch.run_training(spec, train, valid)
+    assert not os.path.exists(marker)

@@ -1,5 +1,6 @@
 """The one training loop under real Ray Train + DeepSpeed (CPU, gloo): exact resume, recovery
-from a killed worker, two workers each reading its own share, and FLOP accounting.
+from a killed worker, resume past a torn checkpoint, two workers each reading its own share,
+and FLOP accounting.
 
 Tolerances: runs are fp32 on CPU with a per-(seed, step, micro-batch) RNG and a data order that
 depends only on (seed, epoch, world size), so a resumed run and an uninterrupted one (and two
@@ -24,6 +25,7 @@ from train_shards import make_run, tiny_recipe  # noqa: E402
 
 from slm.configkit import ConfigError  # noqa: E402
 
+from slm.models import checkpoint as ckpt  # noqa: E402
 from slm.models import data as md  # noqa: E402
 from slm.models import launch  # noqa: E402
 from slm.models.families import FamilySpec  # noqa: E402
@@ -170,3 +172,33 @@ def test_killed_worker_recovers_from_last_checkpoint(env):
     assert out["metrics"]["start_step"] >= 4         # ... from a checkpoint, not from scratch
     new_pid = int(open(os.path.join(pid_dir, "rank0.pid")).read())
     assert new_pid != killed["pid"]
+
+
+def test_resume_skips_a_torn_checkpoint_with_a_warning(env, caplog):
+    """The newest checkpoint Ray registered lost a rank's completion marker (a rank died during
+    its upload): the re-run warns, naming it, resumes from the previous complete one and
+    finishes, exactly as an uninterrupted run; an unregistered step=* directory is ignored.
+    ZeRO 0 here: the loop measures the gradient norm itself (ZeRO 1-3: DeepSpeed's)."""
+    s = spec(env, "torn", 8, ckpt_every=2, zero_stage=0)
+    first = launch.run_training(spec(env, "torn", 8, stop_at=6, ckpt_every=2, zero_stage=0),
+                                env["train"], env["valid"])
+    assert first["metrics"]["step"] == 6
+    newest, previous = (os.path.join(s.run_uri, ckpt.step_dir_name(k)) for k in (6, 4))
+    assert ckpt.registered(s.run_uri) == [newest, previous]  # keep = 2
+    os.remove(os.path.join(newest, "slm-rank0.json"))
+    with caplog.at_level("WARNING", logger="slm.models.launch"):
+        second = launch.run_training(s, env["train"], env["valid"])
+    warned = [r.getMessage() for r in caplog.records if "torn checkpoint" in r.getMessage()]
+    assert len(warned) == 1 and f"'{newest}'" in warned[0] and f"resuming from '{previous}'" in warned[0]
+    m = second["metrics"]
+    assert second["finished"] and m["step"] == 8 and m["start_step"] == 4
+    assert 0 < m["train/grad_norm"] < float("inf")
+    ckpt.verify(newest)  # rewritten by the resumed run, registered once
+    assert ckpt.registered(s.run_uri) == [os.path.join(s.run_uri, ckpt.step_dir_name(8)), newest]
+    plain = launch.run_training(spec(env, "torn-plain", 8, ckpt_every=2, zero_stage=0),
+                                env["train"], env["valid"])
+    assert abs(m["train/loss"] - plain["metrics"]["train/loss"]) < 1e-6
+    assert abs(m["valid/loss"] - plain["metrics"]["valid/loss"]) < 1e-6
+    # a directory Ray never registered (a crash before its report) is not what resumes
+    os.makedirs(os.path.join(s.run_uri, ckpt.step_dir_name(9)))
+    assert launch.check_resumable(s) == os.path.join(s.run_uri, ckpt.step_dir_name(8))
