@@ -18,6 +18,7 @@ class CorpusConfig:
     format: str = field(default="auto", metadata={"help": "auto | parquet | jsonl | text"})
     on_bad_utf8: str = field(default="fail", metadata={"help": "fail | skip: what to do with a text file that is not UTF-8"})
     max_generic_docs: int = field(default=0, metadata={"help": "cap on generic documents (0 = all)"})
+    max_document_chars: int = field(default=32_000_000, metadata={"help": "longest document accepted, in characters; a longer one is an error naming its file (tokenizing it would take one task's memory many times over): split it into documents (form feeds in text files, one JSON line each)"})
     demo_domains: list[str] = field(default_factory=lambda: ["jargon", "foldoc", "fortunes", "perl", "sqlite", "gnu-standards"], metadata={"help": "demo corpus: which held-out domains to use"})
 
     def validate(self) -> None:
@@ -28,6 +29,7 @@ class CorpusConfig:
         if not self.text_column:
             raise ConfigError("field 'text_column' is empty; name the text column")
         positive(self, "max_generic_docs", allow_zero=True)
+        positive(self, "max_document_chars")
 
 
 @dataclass

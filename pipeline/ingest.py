@@ -32,10 +32,11 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from slm.errors import InputError
+from slm.errors import InputError, StageError
 from slm.layout import SPLITS, RunLayout
 from slm.pipeline.artifacts import count_rows, write_dataset
 from slm.pipeline.config import CorpusConfig
+from slm.pipeline.corpus_checks import json_problem, looks_utf16, walk_local
 from slm.pipeline.counters import fail, new_counter, report
 from slm.stage import MANIFEST, Stage, filesystem, fingerprint, manifest
 
@@ -78,6 +79,15 @@ def _visible(path: str) -> bool:
     return not (base.startswith((".", "_")) or base == MANIFEST)
 
 
+def _files_under(fs: pafs.FileSystem, base: str) -> list[str]:
+    """Every file under a directory. On local disk our own walk, which refuses a symlink loop
+    (pyarrow's follows it until the OS stops it, listing the corpus ~40 times)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return walk_local(base) if os.path.isdir(base) else []
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return [i.path for i in infos if i.type == pafs.FileType.File]
+
+
 def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
     """(filesystem, [(path, format)]) of a file, directory or glob; InputError when empty."""
     fs, path = filesystem(source)
@@ -86,8 +96,7 @@ def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[t
         parts = path.split("/")
         first = next(i for i, p in enumerate(parts) if _has_glob(p))
         base = "/".join(parts[:first]) or "/"
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+        files = [f for f in _files_under(fs, base) if fnmatch.fnmatch(f, path)]
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
@@ -96,8 +105,7 @@ def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[t
         if info.type == pafs.FileType.File:
             files, explicit = [path], True
         else:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            files = [i.path for i in infos if i.type == pafs.FileType.File]
+            files = _files_under(fs, path)
     out = []
     for f in sorted(files):
         if not _visible(f):
@@ -178,26 +186,36 @@ class _Normalise:
     """Batch → (doc_id, text): decode text files, split on form feeds, drop empty documents.
     A plain function object (task pool): it holds only small settings."""
 
-    def __init__(self, text_column: str, on_bad_utf8: str, counter: Any, source: str) -> None:
-        self.text_column = text_column
-        self.on_bad_utf8 = on_bad_utf8
+    def __init__(self, cfg: CorpusConfig, counter: Any, source: str) -> None:
+        self.text_column = cfg.text_column
+        self.on_bad_utf8 = cfg.on_bad_utf8
+        self.max_chars = cfg.max_document_chars
         self.counter = counter
         self.source = source
+
+    def _bad_text(self, path: str, message: str) -> None:
+        """A text file that is not UTF-8 text: the error, or skipped (``on_bad_utf8``)."""
+        if self.on_bad_utf8 == "fail":
+            fail(self.counter, path, InputError(
+                f"'{path}' {message}, or set corpus.on_bad_utf8: skip to skip such files"))
+        report(self.counter, path, skipped_files=1)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         texts: list[str] = []
         if "bytes" in batch:  # plain-text files: one document per file (form feeds split)
             for raw, path in zip(batch["bytes"], batch["path"]):
-                try:
-                    content = bytes(raw).decode("utf-8")
-                except UnicodeDecodeError as e:
-                    if self.on_bad_utf8 == "fail":
-                        fail(self.counter, path, InputError(
-                            f"'{path}' is not UTF-8 text (bad byte at offset {e.start}); convert "
-                            "it to UTF-8, or set corpus.on_bad_utf8: skip to skip such files"))
-                    report(self.counter, path, skipped_files=1)
+                raw = bytes(raw)
+                if looks_utf16(raw[:4096]):  # valid UTF-8 bytes, but the text is UTF-16
+                    self._bad_text(path, "is UTF-16 (or binary), not UTF-8: it holds NUL bytes; "
+                                   "convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
                     continue
-                texts.extend(content.split(DOC_SEPARATOR))
+                try:
+                    content = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    self._bad_text(path, f"is not UTF-8 text (bad byte at offset {e.start}); "
+                                   "convert it to UTF-8")
+                    continue
+                texts.extend((t, path) for t in content.split(DOC_SEPARATOR))
         else:
             if self.text_column not in batch:
                 where = batch.get("path", [self.source])
@@ -206,9 +224,19 @@ class _Normalise:
                     f"'{where}' has no text field '{self.text_column}' (fields: "
                     f"{', '.join(k for k in batch if k != 'path')}); set corpus.text_column "
                     "(--corpus.text_column NAME)"))
-            texts = [t for t in batch[self.text_column] if isinstance(t, str)]
-        docs = [t.strip() for t in texts]
-        docs = [t for t in docs if t]
+            where = batch.get("path", [self.source] * len(batch[self.text_column]))
+            texts = [(t, p) for t, p in zip(batch[self.text_column], where) if isinstance(t, str)]
+        docs = []
+        for text, path in texts:
+            text = text.strip()
+            if len(text) > self.max_chars:
+                fail(self.counter, path, InputError(
+                    f"'{path}' holds a document of {len(text):,} characters, more than "
+                    f"corpus.max_document_chars ({self.max_chars:,}); split it into documents "
+                    "(form feeds in a text file, one JSON line or parquet row each), or raise "
+                    "--corpus.max_document_chars"))
+            if text:
+                docs.append(text)
         return {"doc_id": [doc_id(t) for t in docs], "text": docs}
 
 
@@ -219,7 +247,7 @@ def read_documents(source: str, cfg: CorpusConfig, counter: Any = None):
         paths: list[tuple[str, str]] = []
     else:
         fs, paths = list_source(source, cfg.format)
-    fn = _Normalise(cfg.text_column, cfg.on_bad_utf8, counter, source)
+    fn = _Normalise(cfg, counter, source)
     raw = []  # one raw dataset per format: each is normalised on its own, then unioned
     by_format: dict[str, list[str]] = {}
     for p, f in paths:
@@ -268,6 +296,22 @@ def _read_hf(source: str, cfg: CorpusConfig):
 # Stages
 # --------------------------------------------------------------------------------------------
 
+def _json_diagnosis(source: str, cfg: CorpusConfig) -> InputError | None:
+    """After a failed read: the first JSON file of the source that is malformed, named with its
+    line (Ray's reader error names neither), or None when every JSON file reads."""
+    if source.startswith("hf://"):
+        return None
+    fs, files = list_source(source, cfg.format)
+    for path, fmt in files:
+        if fmt == "jsonl":
+            problem = json_problem(fs, path)
+            if problem is not None:
+                return problem
+    return None
+
+
+# max_document_chars is not part of a corpus's config fingerprint: it only refuses input, so
+# every corpus it lets through is the same artifact as before (runs made earlier stay valid).
 def _corpus_config(cfg: CorpusConfig) -> dict[str, Any]:
     return {"text_column": cfg.text_column, "format": cfg.format, "on_bad_utf8": cfg.on_bad_utf8}
 
@@ -291,8 +335,14 @@ def ingest_source(uri: str, source: str, cfg: CorpusConfig, *, what: str, limit:
             # the first documents in read order (files are often grouped by source: a prefix
             # would be one genre); Ray Data's sort is distributed
             ds = ds.sort("doc_id").limit(limit)
-        write_dataset(ds, out, counter, min_rows_per_file=MIN_DOCS_PER_FILE,
-                      max_rows_per_file=MAX_DOCS_PER_FILE)
+        try:
+            write_dataset(ds, out, counter, min_rows_per_file=MIN_DOCS_PER_FILE,
+                          max_rows_per_file=MAX_DOCS_PER_FILE)
+        except StageError:
+            problem = _json_diagnosis(source, cfg)
+            if problem is None:
+                raise
+            raise problem from None
         rows = count_rows(out.uri)
         totals = ray.get(counter.totals.remote())
         skipped = ray.get(counter.keys_with.remote("skipped_files"))

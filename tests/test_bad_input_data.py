@@ -5,7 +5,9 @@ tmpfs mounts: the tests run as root, as CI does)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -186,3 +188,92 @@ def test_disk_full_mid_stage_publishes_nothing(tmp_path, tmpfs, ray_local):
                                          r"(No space left|space).*Nothing was published"):
         ingest_generic(layout, CorpusConfig(), str(src))
     _nothing_published(layout.corpus_generic())
+
+
+def _ingest_error(tmp_path, name: str, src, cfg: CorpusConfig | None = None) -> str:
+    """The InputError message of ingesting ``src`` (nothing may be published)."""
+    layout = RunLayout(str(tmp_path / f"run-{name}"))
+    with pytest.raises(InputError) as err:
+        ingest_generic(layout, cfg or CorpusConfig(), str(src))
+    _nothing_published(layout.corpus_generic())
+    return str(err.value)
+
+
+def test_malformed_json_lines_name_the_file_and_the_line(tmp_path, ray_local):
+    good = [json.dumps({"text": t}) for t in paragraphs(4)]
+    bad = tmp_path / "malformed"
+    bad.mkdir()
+    (bad / "a.jsonl").write_text("\n".join(good[:2] + ['{"text": "cut off'] + good[2:]) + "\n")
+    msg = _ingest_error(tmp_path, "malformed", bad)
+    assert re.search(r"malformed/a\.jsonl' line 3 is not valid JSON \(Unterminated string", msg), msg
+    assert "fix or remove that line" in msg
+
+    scalar = tmp_path / "scalar"
+    scalar.mkdir()
+    (scalar / "a.jsonl").write_text(good[0] + '\n"just a string"\n')
+    msg = _ingest_error(tmp_path, "scalar", scalar)
+    assert re.search(r"scalar/a\.jsonl' line 2 is a JSON str, not an object", msg), msg
+
+
+def test_json_array_file_of_objects_reads_and_of_strings_is_refused(tmp_path, ray_local):
+    docs = paragraphs(3)
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    (objects / "docs.json").write_text(json.dumps([{"text": t} for t in docs], indent=2))
+    layout = RunLayout(str(tmp_path / "run-objects"))
+    ingest_generic(layout, CorpusConfig(), str(objects))
+    assert manifest(layout.corpus_generic())["rows"] == 3  # an array export is three documents
+
+    strings = tmp_path / "strings"
+    strings.mkdir()
+    (strings / "docs.json").write_text(json.dumps(docs))
+    msg = _ingest_error(tmp_path, "strings", strings)
+    assert re.search(r"docs\.json' is a JSON array whose element 0 is a str, not an object", msg), msg
+
+
+def test_utf16_without_bom_is_refused_or_skipped_not_read_as_nul_text(tmp_path, ray_local):
+    src = tmp_path / "utf16"
+    src.mkdir()
+    write_text(str(src / "ok.txt"), paragraphs(1))
+    text = "A specialised document written by a Windows tool."
+    (src / "wide.txt").write_bytes(text.encode("utf-16-le"))  # no byte-order mark
+    (src / "wide.jsonl").write_bytes((json.dumps({"text": text}) + "\n").encode("utf-16-be"))
+    msg = _ingest_error(tmp_path, "utf16", src)
+    assert re.search(r"wide\.(txt|jsonl)' is UTF-16 \(or binary\), not UTF-8.*iconv", msg), msg
+
+    (src / "wide.jsonl").unlink()
+    layout = RunLayout(str(tmp_path / "run-skip"))
+    ingest_generic(layout, CorpusConfig(on_bad_utf8="skip"), str(src))
+    m = manifest(layout.corpus_generic())
+    assert m["rows"] == 1 and m["skipped_files"][0].endswith("wide.txt")
+
+
+def test_symlink_loop_in_a_corpus_directory_is_refused_before_reading(tmp_path, ray_local):
+    src = tmp_path / "looped"
+    (src / "sub").mkdir(parents=True)
+    write_text(str(src / "a.txt"), paragraphs(1))
+    os.symlink("..", src / "sub" / "back")  # sub/back -> looped: a cycle
+    msg = _ingest_error(tmp_path, "loop", src)
+    assert re.search(r"has a symlink loop: '.*sub/back' leads back to '.*looped'", msg), msg
+
+    # a link to a sub-corpus is followed, and a file reached twice is read once
+    (src / "sub" / "back").unlink()
+    other = tmp_path / "other"
+    write_text(str(other / "b.txt"), paragraphs(2)[1:])
+    os.symlink(other, src / "linked")
+    os.symlink(other, src / "sub" / "again")
+    layout = RunLayout(str(tmp_path / "run-linked"))
+    ingest_generic(layout, CorpusConfig(), str(src))
+    assert manifest(layout.corpus_generic())["rows"] == 2
+
+
+def test_a_single_200_mb_line_is_refused_naming_the_file_and_the_limit(tmp_path, ray_local):
+    src = tmp_path / "huge"
+    src.mkdir()
+    with open(src / "dump.jsonl", "w") as f:
+        f.write(json.dumps({"text": "paragraph " * 20_000_000}) + "\n")  # one 200 MB line
+    assert (src / "dump.jsonl").stat().st_size > 200_000_000
+    msg = _ingest_error(tmp_path, "huge", src)
+    assert re.search(r"dump\.jsonl' holds a document of 199,999,999 characters, more than "
+                     r"corpus\.max_document_chars \(32,000,000\); split it", msg), msg
+    (src / "dump.jsonl").unlink()  # 200 MB of tmp space back at once
