@@ -43,6 +43,7 @@ from slm.pipeline.artifacts import (arrow_to_vectors, count_rows, parquet_files,
                                     user_errors, write_dataset)
 from slm.pipeline.config import KMeansConfig
 from slm.stage import (Stage, exists, filesystem, input_fingerprints, join, manifest, read_json,
+                       rebuild_fix,
                        write_json)
 
 log = logging.getLogger(__name__)
@@ -358,7 +359,7 @@ def histograms(layout: RunLayout, k: int, set_names: list[str], force: bool = Fa
         if stale:
             raise StageError(
                 f"histograms '{uri}' were counted from other assignments ({', '.join(stale)}); "
-                "pass --force to recount them")
+                f"{rebuild_fix(layout)} to recount them")
         if all(u in recorded for u in inputs):
             return uri
         rel = {s: layout.relative(layout.assignments(k, s)) for s in old.get("sets", [])}

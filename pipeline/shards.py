@@ -43,7 +43,7 @@ from slm.hashing import hash64
 from slm.layout import RunLayout, domain_set, train_subset
 from slm.pipeline.artifacts import count_rows, parquet_files, read_artifact, write_dataset
 from slm.pipeline.counters import fail, new_counter
-from slm.stage import Stage, filesystem, input_fingerprints, manifest
+from slm.stage import Stage, filesystem, input_fingerprints, manifest, rebuild_fix
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ from slm.stage import Stage, filesystem, input_fingerprints, manifest
 # --------------------------------------------------------------------------------------------
 
 def _lookup(ids: np.ndarray, assign_uri: str, files: list[str], k: int, counter: Any,
-            where: str) -> np.ndarray:
+            where: str, fix: str) -> np.ndarray:
     """Cluster of each window id, read from the assignment rows in [min(ids), max(ids)]."""
     fs, _ = filesystem(assign_uri)
     lo, hi = int(ids.min()), int(ids.max())
@@ -68,17 +68,19 @@ def _lookup(ids: np.ndarray, assign_uri: str, files: list[str], k: int, counter:
         missing = int(np.sum(a_ids[pos_c] != ids)) if len(a_ids) else len(ids)
         fail(counter, where, StageError(
             f"'{assign_uri}' lacks the cluster of {missing} window(s) of '{where}'; the assignment "
-            f"is stale: re-run with --force to rebuild assign-k{k} and the shards"))
+            f"is stale: {fix} to rebuild assign-k{k} and the shards"))
     return clusters[pos_c].astype(np.int32)
 
 
 class _JoinFile:
     """One windows file → the same rows plus ``cluster_k<K>`` columns."""
 
-    def __init__(self, windows_uri: str, assigns: dict[int, tuple[str, list[str]]], counter: Any):
+    def __init__(self, windows_uri: str, assigns: dict[int, tuple[str, list[str]]], counter: Any,
+                 fix: str):
         self.windows_uri = windows_uri
         self.assigns = assigns
         self.counter = counter
+        self.fix = fix  # how to rebuild, from the driver's command (rebuild_fix)
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
         fs, _ = filesystem(self.windows_uri)
@@ -89,7 +91,7 @@ class _JoinFile:
             ids = table.column("window_id").to_numpy()
             for k, (uri, files) in sorted(self.assigns.items()):
                 table = table.append_column(f"cluster_k{k}", pa.array(
-                    _lookup(ids, uri, files, k, self.counter, str(path)), type=pa.int32()))
+                    _lookup(ids, uri, files, k, self.counter, str(path), self.fix), type=pa.int32()))
             yield table
 
 
@@ -108,14 +110,14 @@ def build_shards(layout: RunLayout, set_name: str, ks: list[int], *, rows_per_fi
         files = parquet_files(windows_uri)
         assigns = {k: (u, parquet_files(u)) for k, u in assign_uris.items()}
         ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=max(1, len(files)))
-        ds = ds.map_batches(_JoinFile(windows_uri, assigns, counter), batch_size=1,
+        ds = ds.map_batches(_JoinFile(windows_uri, assigns, counter, rebuild_fix(layout)), batch_size=1,
                             batch_format="numpy", compute=ray.data.TaskPoolStrategy())
         write_dataset(ds, out, counter, max_rows_per_file=rows_per_file)
         rows = count_rows(out.uri)
         expected = int((manifest(windows_uri) or {}).get("rows", rows))
         if rows != expected:
             raise StageError(f"shards '{set_name}': {rows} rows written but the windows have "
-                             f"{expected}; re-run with --force")
+                             f"{expected}; {rebuild_fix(layout)}")
         m = manifest(windows_uri) or {}
         out.manifest.update({"rows": rows, "seq_len": m.get("seq_len"),
                              "tokens": rows * int(m.get("seq_len") or 0),

@@ -208,6 +208,13 @@ def rebuild_hint(hint: str) -> Iterator[None]:
         _REBUILD_HINT.reset(token)
 
 
+def rebuild_fix(layout: RunLayout) -> str:
+    """How to rebuild a stale data artifact of a run: the command's own hint where it has one
+    (``rebuild_hint``), else the data command, which every run has (its recipe is in the run).
+    Computed on the driver: a Ray task does not see the driver's context variables."""
+    return _REBUILD_HINT.get() or f"re-run `slm data run --recipe {layout.recipe} --force`"
+
+
 def is_done(uri: str, fp: str | None = None) -> bool:
     """True when ``uri`` is a published artifact. With ``fp``, a done artifact built from
     another config/inputs raises StageError instead of being reused silently; the error names

@@ -293,3 +293,47 @@ def test_stale_sweep_trial_does_not_tell_to_pass_force(tmp_path):
     with pytest.raises(StageError, match="different config") as e:
         trial_done(changed, trial, uri)
     assert "--force" not in str(e.value) and f"delete '{uri}'" in str(e.value)
+
+
+def test_stale_histograms_name_the_fix_of_the_command_that_met_them(tmp_path):
+    """Histograms counted from other assignments: under `slm run`/`slm data run` the fix is
+    their --force; anywhere else (e.g. `slm specialize`, which has no --force) the data command
+    with the run's own recipe."""
+    from slm.layout import RunLayout
+    from slm.pipeline.kmeans import histograms
+
+    layout = RunLayout(str(tmp_path / "run"))
+    assign = layout.assignments(8, "generic-train")
+    with publish(assign, stage="assign", config={"k": 8, "version": 2}):
+        pass
+    with publish(layout.histograms(8), stage="histograms", config={"k": 8, "sets": ["generic-train"]},
+                 inputs={layout.relative(assign): "counted-from-an-older-assignment"}):
+        pass
+    with pytest.raises(StageError, match="counted from other assignments") as e:
+        histograms(layout, 8, ["generic-train"])
+    msg = str(e.value)
+    assert "pass --force" not in msg
+    assert f"re-run `slm data run --recipe {layout.recipe} --force` to recount them" in msg
+    with rebuild_hint("pass --force"):
+        with pytest.raises(StageError, match=r"pass --force to recount them"):
+            histograms(layout, 8, ["generic-train"])
+
+
+def test_stale_assignment_met_while_joining_shards_names_the_drivers_fix(tmp_path):
+    """The join runs in Ray tasks, which do not see the driver's rebuild hint: the fix is
+    computed on the driver and passed in, so the task never offers a flag the command lacks."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from slm.pipeline.shards import _lookup
+
+    path = str(tmp_path / "assign.parquet")
+    pq.write_table(pa.table({"window_id": pa.array([1, 2, 4], pa.int64()),
+                             "cluster": pa.array([0, 1, 0], pa.int32())}), path)
+    assert _lookup(np.array([1, 4]), str(tmp_path), [path], 8, None, "w.parquet", "x").tolist() == [0, 0]
+    with pytest.raises(StageError, match=r"lacks the cluster of 1 window\(s\) of 'w\.parquet'; the "
+                                         r"assignment is stale: re-run `slm data run --recipe R "
+                                         r"--force` to rebuild assign-k8"):
+        _lookup(np.array([1, 3]), str(tmp_path), [path], 8, None, "w.parquet",
+                "re-run `slm data run --recipe R --force`")
