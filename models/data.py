@@ -186,11 +186,13 @@ class ShardSet:
 
 
 def open_shards(layout: RunLayout, name: str, recipe_path: str, need: list[str],
-                seq_len: int) -> ShardSet:
-    """Check a shard set exists, has the columns the family needs and windows of seq_len."""
+                seq_len: int, vocab: int = 0) -> ShardSet:
+    """Check a shard set exists, has the columns the family needs, windows of seq_len and (with
+    ``vocab``, the model's vocabulary) token ids of the model's tokenizer."""
     uri = layout.shards(name)
     make = f"`slm data run --recipe {recipe_path}`"
-    if manifest(uri) is None:
+    m = manifest(uri)
+    if m is None:
         raise StageError(f"token shards '{uri}' are missing (not done); build them with {make}")
     files = parquet_files(uri)
     if not files:
@@ -210,6 +212,20 @@ def open_shards(layout: RunLayout, name: str, recipe_path: str, need: list[str],
             raise InputError(f"token shards '{uri}' hold windows of {len(first)} tokens but "
                              f"data.seq_len is {seq_len}; rebuild the shards or set "
                              f"--data.seq_len {len(first)}")
+    if vocab:
+        # exact where the shards recorded their tokenizer's size (windows.py), else a sample;
+        # every batch is checked again on the workers (models/train.py check_token_ids)
+        recorded = m.get("vocab_size")
+        top = -1
+        if pf.metadata.num_rows:
+            top = int(pc.max(pc.list_flatten(pf.read_row_group(0, columns=["input_ids"]).column(0))).as_py())
+        if (recorded and int(recorded) != vocab) or top >= vocab:
+            found = f"a tokenizer of {recorded} tokens" if recorded and int(recorded) != vocab else f"token id {top}"
+            raise InputError(f"token shards '{uri}' were made with {found}, but the model's "
+                             f"vocabulary has {vocab} tokens: the tokenizer does not match the "
+                             f"model. Rebuild the shards with the model's tokenizer ({make} with "
+                             "--force after restoring data/tokenizer), or train on a run whose "
+                             "tokenizer made these shards")
     return ShardSet(uri, files)
 
 

@@ -125,7 +125,8 @@ class _Family:
         return RunSpec(loop, p.scaling)
 
     def shards(self, name: str, need: list[str]) -> ShardSet:
-        return open_shards(self.layout, name, self.recipe_path, need, self.recipe.data.seq_len)
+        return open_shards(self.layout, name, self.recipe_path, need, self.recipe.data.seq_len,
+                           vocab=self.vocab)
 
     def train(self, sub: str, data: str, train_ds, valid_ds, what: str) -> dict[str, Any]:
         """Train (or resume) one run on ``train_ds``, evaluated on the first held-out rows of

@@ -132,6 +132,18 @@ def load_init(model: torch.nn.Module, directory: str) -> torch.nn.Module:
     return model
 
 
+def check_token_ids(run: str, input_ids: torch.Tensor, vocab: int) -> None:
+    """Every token id inside the model's vocabulary. An id past it is a tokenizer that does not
+    match the model: on a GPU the embedding lookup would end in a device-side assert that
+    takes the whole process down, on a CPU in an IndexError that names nothing."""
+    top = int(input_ids.max()) if input_ids.numel() else -1
+    if top >= vocab or (input_ids.numel() and int(input_ids.min()) < 0):
+        raise InputError(f"training run '{run}': the data holds token id {top}, outside the "
+                         f"model's vocabulary of {vocab} tokens: the shards were made with "
+                         "another tokenizer; rebuild them with the model's tokenizer "
+                         "(`slm data run --force`)")
+
+
 class Diverged(StageError):
     """A non-finite training loss or gradient norm. Every rank raises it at the same step (it
     is decided on all-reduced values), and a retry would diverge again at that step: the run
@@ -334,6 +346,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(self._batches, None)
             if batch is not None:
+                check_token_ids(self.cfg.logging.run_name, batch["input_ids"], self.cfg.model.vocab_size)
                 return t0, batch
             if self.batch_in_epoch == 0:
                 raise InputError(f"the training data of run '{self.cfg.logging.run_name}' holds "

@@ -119,7 +119,7 @@ def build_shards(layout: RunLayout, set_name: str, ks: list[int], *, rows_per_fi
             raise StageError(f"shards '{set_name}': {rows} rows written but the windows have "
                              f"{expected}; {rebuild_fix(layout)}")
         m = manifest(windows_uri) or {}
-        out.manifest.update({"rows": rows, "seq_len": m.get("seq_len"),
+        out.manifest.update({"rows": rows, "seq_len": m.get("seq_len"), "vocab_size": m.get("vocab_size"),
                              "tokens": rows * int(m.get("seq_len") or 0),
                              "columns": ["window_id", "input_ids"] + [f"cluster_k{k}" for k in assign_uris]})
     return uri
@@ -166,5 +166,5 @@ def build_train_subset(layout: RunLayout, domain: str, tokens: int, seed: int, *
         write_dataset(ds, out, max_rows_per_file=rows_per_file)
         rows = count_rows(out.uri)
         out.manifest.update({"rows": rows, "seq_len": seq_len, "tokens": rows * seq_len,
-                             "domain": domain})
+                             "domain": domain, "vocab_size": (manifest(src) or {}).get("vocab_size")})
     return uri

@@ -33,7 +33,7 @@ from slm.errors import InputError, StageError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import count_rows, parquet_files, write_dataset
 from slm.pipeline.counters import new_counter, report
-from slm.pipeline.tokenizer import load_fast_core
+from slm.pipeline.tokenizer import load_fast_core, run_vocab_size
 from slm.stage import Stage, filesystem, input_fingerprints, manifest
 
 FILE_BITS, WINDOW_BITS, SET_BITS = 16, 24, 23
@@ -159,5 +159,7 @@ def build_windows(layout: RunLayout, set_name: str, corpus_uri: str, seq_len: in
                              "tokens": int(totals.get("tokens", 0)),
                              "window_tokens": rows * seq_len,
                              "dropped_tokens": int(totals.get("dropped_tokens", 0)),
-                             "corpus_documents": (manifest(corpus_uri) or {}).get("rows")})
+                             "corpus_documents": (manifest(corpus_uri) or {}).get("rows"),
+                             # what the training side checks its model against (models/data.py)
+                             "vocab_size": run_vocab_size(layout)})
     return uri

@@ -104,7 +104,8 @@ def test_paper_fallback_says_so_and_follows_the_decision_chart(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("pretrain_budget", 0), ("specialize_budget", -1.0),
-                                         ("inference_budget", float("nan")), ("domain_tokens", 0)])
+                                         ("inference_budget", float("nan")), ("domain_tokens", 0),
+                                         ("pretrain_budget", float("inf"))])
 def test_bad_budgets(field, value):
     kw = {"pretrain_budget": 1e20, "specialize_budget": 1e18, "inference_budget": 1e9,
           "domains": 1, "domain_tokens": 1e6}

@@ -182,3 +182,37 @@ def test_checkpoint_that_needs_a_pickled_object_is_refused_and_never_runs(ray_lo
                                                    "type posix.system to load, which slm refuses")):
         launch.run_training(spec, train, valid)
     assert not os.path.exists(marker)
+
+
+def test_tokenizer_that_does_not_match_the_model_is_refused_before_training(tmp_path):
+    """Shards tokenized with a larger vocabulary than the run's tokenizer (the tokenizer was
+    replaced after the data was built): refused on the driver, naming the shards and both sizes."""
+    layout = RunLayout(str(tmp_path))
+    write_tokenizer(layout, vocab=64)  # the model gets 64 tokens; the windows use ids up to 127
+    write_shards(layout, "generic", windows(64, SEQ, [], seed=0))
+    with pytest.raises(InputError, match=r"shards '.*data/shards/generic' were made with token id "
+                                         r"1\d\d, but the model's vocabulary has 64 tokens: the "
+                                         r"tokenizer does not match the model"):
+        pt.pretrain(tiny_recipe(str(tmp_path)), "slm")
+
+    # shards that recorded their tokenizer's size: exact, even when the sampled ids would fit
+    with open(os.path.join(layout.shards("generic"), "manifest.json")) as f:
+        m = json.load(f)
+    m["vocab_size"] = 32000
+    with open(os.path.join(layout.shards("generic"), "manifest.json"), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(InputError, match=r"made with a tokenizer of 32000 tokens, but the model's "
+                                         r"vocabulary has 64"):
+        md.open_shards(layout, "generic", "tiny", [], SEQ, vocab=64)
+    md.open_shards(layout, "generic", "tiny", [], SEQ)  # without a model to match: no check
+
+
+def test_every_training_batch_is_checked_against_the_vocabulary():
+    from slm.models.train import check_token_ids
+
+    check_token_ids("r", torch.tensor([[0, 5, 63]]), 64)
+    with pytest.raises(InputError, match=r"run 'r': the data holds token id 64, outside the "
+                                         r"model's vocabulary of 64 tokens"):
+        check_token_ids("r", torch.tensor([[0, 64, 3]]), 64)
+    with pytest.raises(InputError, match="outside the model's vocabulary"):
+        check_token_ids("r", torch.tensor([[-1, 2]]), 64)

@@ -100,8 +100,8 @@ def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: fl
     except StageError as e:  # the trial's own leftover work, from another config or data
         log.warning("discarding the trial's earlier work '%s': %s", spec.run_uri, e)
         remove(spec.run_uri)
-    train_sh, valid_sh = (open_shards(layout, sets[s], recipe.name, [], recipe.data.seq_len)
-                          for s in ("train", "valid"))
+    train_sh, valid_sh = (open_shards(layout, sets[s], recipe.name, [], recipe.data.seq_len,
+                                      vocab=loop.model.vocab_size) for s in ("train", "valid"))
     kw = dict(seed=int(seed), split="all", fraction=recipe.pretrain.valid_fraction)
     rows = recipe.specialize.eval_batches * spec.global_batch() or count_rows(valid_sh.uri)
     valid = valid_dataset(shard_dataset(valid_sh, **kw), rows, f"'{valid_sh.uri}'")
