@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Callable
 
-from slm.config import Recipe, load_recipe, load_run_recipe, overrides_from_args
+from slm.config import Recipe, dump_recipe, load_recipe, load_run_recipe, overrides_from_args
 from slm.configkit import add_flags
 from slm.errors import SlmError
 from slm.layout import RunLayout
@@ -182,7 +182,18 @@ def _with_recipe(p: argparse.ArgumentParser) -> None:
                    help="an existing run directory: use the recipe it was started with "
                         "(RUN/recipe.yaml), with run_dir = RUN wherever the run is now "
                         "(instead of --recipe)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe (built-in or file, --run's, and every "
+                        "--section.field override applied) as YAML and exit; runs nothing")
     add_flags(p, Recipe)
+
+
+def _print_config(args) -> int:
+    """The recipe the command would run, as YAML (litgpt's --print_config); touches no storage."""
+    overrides = overrides_from_args(args)
+    recipe = load_run_recipe(args.run, overrides) if args.run else load_recipe(args.recipe, overrides)
+    print(dump_recipe(recipe), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "print_config", False):
+            return _print_config(args)
         return int(args.fn(args) or 0)
     except SlmError as e:
         print(f"error: {e}", file=sys.stderr)

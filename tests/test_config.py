@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -88,3 +89,24 @@ def test_unknown_recipe_is_a_clear_cli_error(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "unknown recipe 'nosuch'" in out.stderr and "demo" in out.stderr
+
+
+def test_print_config_prints_the_resolved_recipe_and_runs_nothing(tmp_path, capsys):
+    import yaml
+
+    from slm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["sweep", "--print-config", "--run_dir", str(run), "--sweep.budgets", "[10, 20]"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["sweep"]["budgets"] == [10, 20] and printed["run_dir"] == str(run)
+    assert printed["name"] == "demo" and "pretrain" in printed
+    assert not run.exists()  # nothing was created, locked or run
+
+    run.mkdir()  # --run: the run's own recipe, with the overrides on top
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"name": "mine", "data": {"seq_len": 32}}))
+    assert main(["report", "--print-config", "--run", str(run), "--seed", "7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["name"], printed["data"]["seq_len"], printed["seed"]) == ("mine", 32, 7)
+    assert printed["run_dir"] == str(run)
+    assert sorted(os.listdir(run)) == ["recipe.yaml"]
