@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from typing import Iterator
 
 import ray
@@ -68,15 +69,31 @@ def worker_env(cfg: ClusterConfig | None = None) -> dict[str, str]:
     return env
 
 
+PROGRESS_BARS_VAR = "SLM_PROGRESS_BARS"  # 1/0: force Ray Data's progress bars on/off
+
+
+def progress_bars() -> bool:
+    """Ray Data's progress bars only on a terminal. In a log (no TTY: `slm submit`, CI, nohup)
+    they are escape sequences, Ray re-prints every worker line printed under them (each
+    training progress line came out twice) and the driver logs a progress table every 10 s;
+    there each dataset logs one "execution finished in N s" line instead."""
+    forced = os.environ.get(PROGRESS_BARS_VAR, "").strip().lower()
+    if forced:
+        return forced in ("1", "true", "yes")
+    return sys.stdout.isatty()
+
+
 def configure_data_context(cfg: ClusterConfig | None = None) -> None:
     """Ray Data settings we rely on: deterministic order (seeded pipelines give the same
-    artifacts), operator progress bars also under `ray job` (off there by default), and the
-    parquet reader of ``cfg`` (see parquet_v2)."""
+    artifacts), progress bars on a terminal only (``progress_bars``; the context travels with
+    each dataset to the workers that run it), and the parquet reader of ``cfg`` (see
+    parquet_v2)."""
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = parquet_v2(cfg or ClusterConfig())
     ctx.execution_options.preserve_order = True
-    ctx.enable_operator_progress_bars = True
-    ctx.enable_progress_bars = True
+    bars = progress_bars()
+    ctx.enable_operator_progress_bars = bars
+    ctx.enable_progress_bars = bars
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -156,6 +157,14 @@ class MetricLogger:
 # Console progress (rank 0)
 # --------------------------------------------------------------------------------------------
 
+def console(line: str) -> None:
+    """One line on the worker's stdout, which Ray streams to the driver. Not ``print``: in a
+    Train worker Ray Train patches ``print`` to tee into its logger as well, and the driver
+    showed every progress line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _fmt_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -185,4 +194,4 @@ class Progress:
         parts.append(f"{metrics['perf/tokens_per_s'] / 1000:.1f}k tok/s")
         parts.append(f"MFU {100 * metrics['perf/mfu']:.2f}%")
         parts.append(f"ETA {_fmt_eta(eta)}")
-        print(" | ".join(parts), flush=True)
+        console(" | ".join(parts))

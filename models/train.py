@@ -49,7 +49,7 @@ from .families import LMFamily, build_family
 from .flops import device_peak_flops, mfu
 from .hooks import hooks_for, loss_hook
 from .loop_config import TrainLoopConfig
-from .metrics import Costs
+from .metrics import Costs, console
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,8 +303,8 @@ class Trainer:
             self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             self.costs = Costs.from_json(state["costs"])
             if self.rank == 0:  # the driver's log says where a restarted worker group went on
-                print(f"resumed run '{self.cfg.logging.run_name}' from its checkpoint at step "
-                      f"{self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})", flush=True)
+                console(f"resumed run '{self.cfg.logging.run_name}' from its checkpoint at step "
+                        f"{self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         self.start_step = self.step
         self._batches = self.data.epoch(self.epoch, self.batch_in_epoch)
 
