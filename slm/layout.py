@@ -176,6 +176,10 @@ class RunLayout:
     def sweep_grid(self, name: str) -> str:
         return join(self.sweep(name), "grid.json")
 
+    def sweep_stopped(self, name: str) -> str:
+        """The trials the sweep's scheduler (ASHA) stopped early, with their last metrics."""
+        return join(self.sweep(name), "stopped.json")
+
     def trial(self, sweep: str, key: str) -> str:
         return join(self.sweep(sweep), "trials", checked_name("trial", key))
 

@@ -113,3 +113,44 @@ def test_sweep_rejects_what_it_does_not_know(recipe):
     every_size = _sweep(recipe, domains=["numeric"], methods=["slm", "pn"], seeds=[0, 1],
                         budgets=[5, 9], domain_tokens=[])
     assert len(sweep_trials(every_size)) == 1 * 2 * 2 * 2 * 2  # domains x methods x budgets x sizes x seeds
+
+
+def _newest_mtime(path):
+    times = [os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs]
+    return max(times, default=0.0)
+
+
+def test_asha_stopped_trials_are_recorded_as_stopped_and_not_announced_as_retryable(recipe, caplog):
+    import logging
+
+    from slm.layout import RunLayout
+    from slm.stage import manifest, read_json
+    from slm.tune.grid import sweep_trials, trial_uri, trial_workdir
+    from slm.tune.sweep import run_sweep
+
+    # the first trial barely moves; the second's LR is 1000x: worse at ASHA's rung (2nd valid
+    # evaluation), so ASHA stops it (one recorded value: the cutoff is that value)
+    r = _sweep(recipe, name="asha", domains=["numeric"], methods=["slm"], budgets=[6],
+               domain_tokens=[1024], seeds=[0], lrs=[1e-4, 0.1], asha=True, asha_grace=2,
+               max_concurrent=1)
+    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=2, patience=5))
+    good, bad = sweep_trials(r)
+    assert (good.lr, bad.lr) == (1e-4, 0.1)
+    with caplog.at_level(logging.INFO, logger="slm.tune.sweep"):
+        run_sweep(r)
+    assert manifest(trial_uri(r, good)) is not None and manifest(trial_uri(r, bad)) is None
+    record = read_json(RunLayout(r.run_dir).sweep_stopped("asha"))["trials"]
+    assert [t["trial"] for t in record] == [bad.key()]
+    assert record[0]["status"] == "stopped" and record[0]["last_step"] == 4
+    assert record[0]["last_valid_loss"] > 0
+    text = caplog.text
+    assert "1 of 2 trials were stopped early by ASHA (not retried" in text
+    assert "re-run `slm sweep` to retry" not in text  # was announced for the stopped trial
+
+    caplog.clear()
+    before = _newest_mtime(trial_workdir(r, bad))
+    with caplog.at_level(logging.INFO, logger="slm.tune.sweep"):
+        run_sweep(r)                                       # Tune restores: the trial stays stopped
+    assert _newest_mtime(trial_workdir(r, bad)) == before
+    assert read_json(RunLayout(r.run_dir).sweep_stopped("asha"))["trials"] == record
+    assert "re-run `slm sweep` to retry" not in caplog.text

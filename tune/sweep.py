@@ -125,6 +125,23 @@ def _tuner(recipe, phase: str, trials: list[Trial]):
     )
 
 
+def _stopped_trials(recipe, results) -> dict[str, dict[str, Any]]:
+    """The trials of a Tune result grid that ended without an error and without a published
+    artifact: the scheduler stopped them. Keyed by trial key, with their last metrics."""
+    out = {}
+    for r in results:
+        if r.error is not None or not r.config or "trial" not in r.config:
+            continue
+        trial = Trial.from_dict(r.config["trial"])
+        if trial_done(recipe, trial, trial_uri(recipe, trial)):
+            continue
+        m = r.metrics or {}
+        out[trial.key()] = {"trial": trial.key(), **trial.to_dict(), "status": "stopped",
+                            "last_valid_loss": m.get("valid/loss"), "last_step": m.get("step"),
+                            "evaluations": m.get("training_iteration")}
+    return out
+
+
 def _concurrency(recipe) -> int:
     """As many trials as the cluster has room for (their Train workers' CPUs/GPUs; on CPUs one
     CPU stays free for the Ray Data tasks that feed the workers and for each trial's driver),
@@ -209,8 +226,9 @@ def run_sweep(recipe) -> str:
     Trials whose artifact is already published are not run again; the others run as Ray Tune
     trials (``sweep.max_concurrent`` at once, each with ``sweep.cpus_per_trial`` CPUs /
     ``gpus_per_trial`` GPUs for its Train worker), teachers first. Trials that fail are
-    reported and left unfinished (a re-run retries them); the table and products cover the
-    finished ones.
+    reported and left unfinished (a re-run retries them); trials ASHA stops early are recorded
+    in ``stopped.json`` with their last metrics (a re-run does not retry them); the table and
+    products cover the finished ones.
     """
     recipe = resolve_paths(recipe)  # trials run in their own working directories
     trials = sweep_trials(recipe)
@@ -219,6 +237,7 @@ def run_sweep(recipe) -> str:
     total = sum(len(ts) for _, ts in phases)
     log.info("sweep '%s': %d trials (%d of them teachers, run first), %d already finished",
              recipe.sweep.name, total, len(phases[0][1]), total - sum(map(len, todo.values())))
+    stopped: dict[str, dict[str, Any]] = {}
     if any(todo.values()):
         with ray_session(recipe.cluster):
             for phase, ts in phases:
@@ -227,10 +246,13 @@ def run_sweep(recipe) -> str:
                 t0 = time.time()
                 results = _tuner(recipe, phase, ts).fit()
                 errors = [r.error for r in results if r.error is not None]
+                stopped.update(_stopped_trials(recipe, results))
                 log.info("sweep '%s': Tune phase '%s' finished in %.0f s (%d errored trials)",
                          recipe.sweep.name, phase, time.time() - t0, len(errors))
                 for e in errors:
                     log.warning("trial failed: %s", e)
+        write_json(RunLayout(recipe.run_dir).sweep_stopped(recipe.sweep.name),
+                   {"trials": [stopped[k] for k in sorted(stopped)]})
     grid_rows = collect_rows(recipe, trials)
     keys = {t.key() for t in trials}
     # the teachers outside the grid (e.g. llm over the inference budget) ran anyway: their rows
@@ -241,8 +263,15 @@ def run_sweep(recipe) -> str:
                          f"and the Tune logs under {RunLayout(recipe.run_dir).sweep_tune(recipe.sweep.name)}")
     out = write_results(recipe, rows)
     publish_products(recipe, rows)
-    missing = len(trials) - len(grid_rows)
+    early = sum(1 for t in trials if t.key() in stopped)
+    if early:
+        # Tune keeps them TERMINATED in its experiment: a re-run restores it and does not run
+        # them again, so they are not announced as retryable
+        log.info("sweep '%s': %d of %d trials were stopped early by ASHA (not retried; their "
+                 "last metrics are in %s)", recipe.sweep.name, early, len(trials),
+                 RunLayout(recipe.run_dir).sweep_stopped(recipe.sweep.name))
+    missing = len(trials) - len(grid_rows) - early
     if missing:
-        log.warning("sweep '%s': %d of %d trials did not finish; re-run `slm sweep` to retry them",
-                    recipe.sweep.name, missing, len(trials))
+        log.warning("sweep '%s': %d of %d trials did not finish (failed or interrupted); "
+                    "re-run `slm sweep` to retry them", recipe.sweep.name, missing, len(trials))
     return out
