@@ -163,7 +163,8 @@ class MetricLogging(Hook):
     def __init__(self, cfg: TrainLoopConfig, rank: int):
         lg = cfg.logging
         self.cfg = cfg
-        self.logger = MetricLogger(lg.logger, lg.run_uri, lg.run_name, cfg.flat()) if rank == 0 else None
+        self.logger = MetricLogger(lg.logger, lg.run_uri, lg.run_name, cfg.flat(),
+                                   group=lg.group, tensorboard=lg.tensorboard) if rank == 0 else None
         self.progress: Progress | None = None
 
     def on_start(self, tr) -> None:
@@ -174,6 +175,8 @@ class MetricLogging(Hook):
         if self.logger is not None:
             self.logger.log(metrics, tr.step)
             self.progress.maybe_print(tr.step, metrics)
+            if "valid/loss" in metrics:  # a run stopped from outside (ASHA) keeps its evaluations
+                self.logger.flush()
 
     def on_checkpoint(self, tr) -> None:
         if self.logger is not None:

@@ -83,6 +83,8 @@ class LoggingSection:
     run_name: str = _help("the run's name: Ray Train run name, its directory under storage, progress-line prefix", default="")
     storage: str = _help("Ray Train storage of the run (local path or URI); the run is <storage>/<run_name>", default="")
     logger: str = _help("rank 0 metric sink: tensorboard | mlflow | wandb | none", default="tensorboard")
+    tensorboard: str = _help("where TensorBoard events go (local path or URI); '' = <run>/tensorboard", default="")
+    group: str = _help("what the run belongs to in the tracker (W&B group, MLflow experiment): e.g. the recipe, or its sweep; '' = the run's name", default="")
 
     @property
     def run_uri(self) -> str:
@@ -163,7 +165,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def pretraining_config(train: TrainConfig, model: FamilySpec, *, steps: int, seed: int, data: str,
-                       run_name: str, storage: str, logger: str = "tensorboard",
+                       run_name: str, storage: str, logger: str = "tensorboard", group: str = "",
                        data_fingerprint: str = "") -> TrainLoopConfig:
     """The loop config of a pretraining run from the recipe's ``pretrain.train`` section."""
     return TrainLoopConfig(
@@ -176,4 +178,4 @@ def pretraining_config(train: TrainConfig, model: FamilySpec, *, steps: int, see
                                  ckpt_every=train.ckpt_every, log_every=train.log_every),
         engine=EngineSection(precision=train.precision, zero_stage=train.zero_stage),
         checkpointing=CheckpointSection(keep=train.keep_checkpoints),
-        logging=LoggingSection(run_name=run_name, storage=storage, logger=logger))
+        logging=LoggingSection(run_name=run_name, storage=storage, logger=logger, group=group))

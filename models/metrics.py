@@ -9,7 +9,9 @@ at each checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 import shutil
 import sys
 import tempfile
@@ -82,11 +84,22 @@ def sum_costs(parts: list[dict[str, Any]]) -> dict[str, Any]:
 # Metric sinks (rank 0 only)
 # --------------------------------------------------------------------------------------------
 
+def tracker_run_id(run_name: str, run_dir: str) -> str:
+    """The run's id in the tracker: its name plus a hash of its directory, so two runs of the
+    same name (every recipe has a pretraining run named 'slm') never write into one tracker
+    run, while a resumed run (same directory) continues its own."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-")[:80] or "run"
+    return f"{safe}-{hashlib.sha256(run_dir.encode('utf-8')).hexdigest()[:10]}"
+
+
 class MetricLogger:
     """Writes scalar metrics to the chosen backend; ``none`` writes nothing."""
 
-    def __init__(self, kind: str, run_dir: str, run_name: str, config: dict[str, Any]):
+    def __init__(self, kind: str, run_dir: str, run_name: str, config: dict[str, Any],
+                 group: str = "", tensorboard: str = ""):
         self.kind = kind
+        self.tb_target = tensorboard or join(run_dir, "tensorboard")
+        self.run_id = tracker_run_id(run_name, run_dir)
         self.run_dir = run_dir
         self._tb = None
         self._local_tb = None
@@ -97,7 +110,7 @@ class MetricLogger:
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            target = join(run_dir, "tensorboard")
+            target = self.tb_target
             if is_remote(target):
                 self._local_tb = tempfile.mkdtemp(prefix="slm-tb-")
                 self._tb = SummaryWriter(self._local_tb)
@@ -109,9 +122,9 @@ class MetricLogger:
             except ImportError:
                 raise SlmError("pretrain.logger is 'mlflow' but mlflow is not installed; "
                                "`pip install mlflow` or set --pretrain.logger tensorboard") from None
-            mlflow.set_experiment(run_name)
+            mlflow.set_experiment(group or run_name)
             self._mlflow = mlflow
-            mlflow.start_run(run_name=run_name)
+            mlflow.start_run(run_name=run_name, tags={"slm.run_id": self.run_id, "slm.group": group})
             mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
         elif kind == "wandb":
             try:
@@ -119,7 +132,8 @@ class MetricLogger:
             except ImportError:
                 raise SlmError("pretrain.logger is 'wandb' but wandb is not installed; "
                                "`pip install wandb` or set --pretrain.logger tensorboard") from None
-            self._wandb = wandb.init(name=run_name, id=run_name, resume="allow", config=config)
+            self._wandb = wandb.init(name=run_name, id=self.run_id, group=group or None,
+                                     resume="allow", config=config)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self._tb is not None:
@@ -137,7 +151,7 @@ class MetricLogger:
             return
         self._tb.flush()
         if self._local_tb:
-            fs, path = filesystem(join(self.run_dir, "tensorboard"))
+            fs, path = filesystem(self.tb_target)
             fs.create_dir(path, recursive=True)
             pafs.copy_files(self._local_tb, path, destination_filesystem=fs)
 

@@ -120,7 +120,7 @@ class _Family:
         r, p = self.recipe, self.recipe.pretrain
         storage, name = self.location(sub)
         loop = pretraining_config(p.train, self.model(), steps=p.steps[self.info.name], seed=r.seed,
-                                  data=data, run_name=name, storage=storage, logger=p.logger,
+                                  data=data, run_name=name, storage=storage, logger=p.logger, group=r.name,
                                   data_fingerprint=self.data_fingerprint(sub, data))
         return RunSpec(loop, p.scaling)
 

@@ -176,6 +176,10 @@ class RunLayout:
     def sweep_grid(self, name: str) -> str:
         return join(self.sweep(name), "grid.json")
 
+    def sweep_tensorboard(self, name: str) -> str:
+        """TensorBoard events of the sweep's fine-tunings: one sub-folder (TensorBoard run) each."""
+        return join(self.sweep(name), "tensorboard")
+
     def sweep_stopped(self, name: str) -> str:
         """The trials the sweep's scheduler (ASHA) stopped early, with their last metrics."""
         return join(self.sweep(name), "stopped.json")

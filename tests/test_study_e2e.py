@@ -17,7 +17,7 @@ def recipe(ray_local, tmp_path_factory):
     return build_tiny_run(tmp_path_factory.getbasetemp() / "spec-run")
 
 
-def test_run_study_end_to_end(recipe):
+def test_run_study_end_to_end(recipe, capsys):
     import pyarrow.parquet as pq
 
     from slm.layout import RunLayout
@@ -28,6 +28,17 @@ def test_run_study_end_to_end(recipe):
         domain_tokens=[1024], domains=["numeric"]))
     report = run_study(r)
     layout = RunLayout(r.run_dir)
+    # it ends with a one-screen summary: every stage once, with what it left (run-relative)
+    out = capsys.readouterr().out
+    lines = out[out.index("== study 'tiny' done in "):].splitlines()
+    # (Ray may interleave a late worker log line; the summary's own lines are indented)
+    tail = lines[:1] + [line for line in lines[1:] if line.startswith("  ")]
+    assert len(tail) == 2 + 1 + len(r.pretrain.families) + 2, tail
+    assert tail[1].split()[0] == "data" and "stages:" in tail[1]
+    for line, family in zip(tail[2:], r.pretrain.families):
+        assert line.split()[:2] == ["pretrain", family] and f"pretrain/{family}" in line and "FLOPs" in line
+    assert "2 result rows; grid of 2 trials, 0 stopped early by ASHA -> specialize/study/results.parquet" in tail[-3]
+    assert tail[-2].split()[0] == "report" and tail[-1].startswith("  next: slm report --run ")
     assert os.path.exists(report)
     rows = pq.read_table(layout.results("study")).to_pylist()
     assert sorted(row["method"] for row in rows) == ["pn", "slm"]

@@ -120,37 +120,64 @@ def _newest_mtime(path):
     return max(times, default=0.0)
 
 
-def test_asha_stopped_trials_are_recorded_as_stopped_and_not_announced_as_retryable(recipe, caplog):
-    import logging
+def _sweep_in_subprocess(r, path) -> str:
+    """run_sweep(r) in a process with its own embedded Ray; returns its log (INFO and up)."""
+    import yaml
 
+    from slm.configkit import to_dict
+
+    path.write_text(yaml.safe_dump(to_dict(r)))
+    script = textwrap.dedent(f"""
+        import logging
+        logging.basicConfig(level=logging.INFO)
+        from slm.config import load_recipe
+        from slm.tune.sweep import run_sweep
+        run_sweep(load_recipe({str(path)!r}))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=800)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return proc.stdout
+
+
+def test_asha_stopped_trials_are_recorded_as_stopped_and_not_announced_as_retryable(recipe, tmp_path):
     from slm.layout import RunLayout
     from slm.stage import manifest, read_json
     from slm.tune.grid import sweep_trials, trial_uri, trial_workdir
-    from slm.tune.sweep import run_sweep
 
     # the first trial barely moves; the second's LR is 1000x: worse at ASHA's rung (2nd valid
-    # evaluation), so ASHA stops it (one recorded value: the cutoff is that value)
+    # evaluation), so ASHA stops it (one recorded value: the cutoff is that value). In its own
+    # Ray: a trial Tune stops may leave its Train worker's reservation to the end of the job
+    # (seen: the next test's trial then waited for a CPU), so it must not share the session.
     r = _sweep(recipe, name="asha", domains=["numeric"], methods=["slm"], budgets=[6],
                domain_tokens=[1024], seeds=[0], lrs=[1e-4, 0.1], asha=True, asha_grace=2,
                max_concurrent=1)
     r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=2, patience=5))
     good, bad = sweep_trials(r)
     assert (good.lr, bad.lr) == (1e-4, 0.1)
-    with caplog.at_level(logging.INFO, logger="slm.tune.sweep"):
-        run_sweep(r)
+    text = _sweep_in_subprocess(r, tmp_path / "recipe.yaml")
     assert manifest(trial_uri(r, good)) is not None and manifest(trial_uri(r, bad)) is None
     record = read_json(RunLayout(r.run_dir).sweep_stopped("asha"))["trials"]
     assert [t["trial"] for t in record] == [bad.key()]
     assert record[0]["status"] == "stopped" and record[0]["last_step"] == 4
     assert record[0]["last_valid_loss"] > 0
-    text = caplog.text
+    # each trial's fine-tuning is a run of the recipe's logger (TensorBoard here), its own
+    # TensorBoard: one folder per fine-tuning beside the sweep's results (a trial's work goes)
+    tb = RunLayout(r.run_dir).sweep_tensorboard("asha")
+    events = [os.path.join(d, f) for d, _, fs in os.walk(tb) for f in fs if "tfevents" in f]
+    assert len(events) == 2, events  # the stopped trial logged its evaluations too
+    events = [e for e in events if good.key() in e]
+    assert len(events) == 1, events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(events[0])
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("valid/loss")] == [2, 4, 6]
     assert "1 of 2 trials were stopped early by ASHA (not retried" in text
     assert "re-run `slm sweep` to retry" not in text  # was announced for the stopped trial
 
-    caplog.clear()
     before = _newest_mtime(trial_workdir(r, bad))
-    with caplog.at_level(logging.INFO, logger="slm.tune.sweep"):
-        run_sweep(r)                                       # Tune restores: the trial stays stopped
+    text = _sweep_in_subprocess(r, tmp_path / "recipe.yaml")  # Tune restores: it stays stopped
     assert _newest_mtime(trial_workdir(r, bad)) == before
     assert read_json(RunLayout(r.run_dir).sweep_stopped("asha"))["trials"] == record
-    assert "re-run `slm sweep` to retry" not in caplog.text
+    assert "re-run `slm sweep` to retry" not in text

@@ -202,3 +202,14 @@ def test_resume_skips_a_torn_checkpoint_with_a_warning(env, caplog):
     # a directory Ray never registered (a crash before its report) is not what resumes
     os.makedirs(os.path.join(s.run_uri, ckpt.step_dir_name(9)))
     assert launch.check_resumable(s) == os.path.join(s.run_uri, ckpt.step_dir_name(8))
+
+
+def test_tracker_run_ids_are_unique_per_run_directory_and_stable_across_resume():
+    from slm.models.metrics import tracker_run_id
+
+    a = tracker_run_id("slm", "/runs/a/pretrain/slm")
+    assert a == tracker_run_id("slm", "/runs/a/pretrain/slm")          # a resume continues it
+    assert a != tracker_run_id("slm", "s3://bucket/b/pretrain/slm")    # same name, other run
+    assert a.startswith("slm-")
+    odd = tracker_run_id("main-code--slm--b6/x y", "/r")
+    assert odd.startswith("main-code--slm--b6-x-y-") and " " not in odd and "/" not in odd

@@ -67,7 +67,12 @@ def loop_config(recipe, init_dir: str, *, steps: int, lr: float, seed: int, teac
         # weights by copying the (unpartitioned) module state
         engine=EngineSection(precision=t.precision, zero_stage=min(int(t.zero_stage), 2)),
         checkpointing=CheckpointSection(keep=t.keep_checkpoints),
-        logging=LoggingSection(run_name=run_name, storage=storage, logger="none"),
+        # each trial's fine-tuning is one tracker run (the run's logger), grouped by its sweep;
+        # TensorBoard events go beside the sweep's results, since a trial's work is removed
+        logging=LoggingSection(run_name=run_name, storage=storage, logger=recipe.pretrain.logger,
+                               group=f"{recipe.name}/{recipe.sweep.name}",
+                               tensorboard=join(RunLayout(recipe.run_dir).sweep_tensorboard(
+                                   recipe.sweep.name), run_name)),
         init_from=init_dir, patience=spec.patience,
         distillation=DistillationSection(teacher=teacher, weight=spec.kd_weight,
                                          temperature=spec.kd_temperature) if teacher else None)
