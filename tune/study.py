@@ -95,4 +95,4 @@ def _sweep_result(recipe, layout: RunLayout, results: str) -> str:
     stopped_uri = layout.sweep_stopped(recipe.sweep.name)
     stopped = len(read_json(stopped_uri)["trials"]) if exists(stopped_uri) else 0
     return (f"{finished} result rows; grid of {len(sweep_trials(recipe))} trials, {stopped} stopped "
-            f"early by ASHA) -> {layout.relative(results)}")
+            f"early by ASHA -> {layout.relative(results)}")
