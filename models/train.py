@@ -92,6 +92,20 @@ def rank_batches(windows: Iterable[dict[str, torch.Tensor]], *, seed: int, epoch
             index += 1
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op. On the CPU
+    accelerator ``deepspeed.initialize`` otherwise probes every op's compiler and compiles that
+    one (a C++ build of ~1 min per fresh machine) under a file lock in ~/.cache/torch_extensions;
+    a build killed midway leaves the lock, and every later run on the machine then waits on it
+    forever. slm's CPU runs (tests, small trials) all-reduce a few floats per step, which gloo
+    does fine. The probe's result is read only to decide whether to build this op."""
+    ops = deepspeed.ops.__dict__.get("__compatible_ops__")
+    if ops is None:
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    else:
+        ops["deepspeed_shm_comm"] = False
+
+
 def deepspeed_config(cfg: TrainLoopConfig, world_size: int, bf16: bool) -> dict[str, Any]:
     d = cfg.data
     return {
@@ -253,6 +267,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, o.warmup, self.total, o.min_lr_ratio))
+        skip_shm_comm_op()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
             config=deepspeed_config(cfg, self.world, self.precision == "bf16"), dist_init_required=False)
