@@ -47,6 +47,7 @@ counts once over all ranks.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
@@ -379,6 +380,64 @@ def valid_dataset(plan: ShardPlan, rows: int, what: str) -> ray.data.Dataset:
                          "shards) or give the domain a larger valid split (at least one window "
                          "of data.seq_len tokens)")
     return valid
+
+
+# --------------------------------------------------------------------------------------------
+# Rows in this process (a local 1-worker run, models/runtime.py LocalRuntime)
+# --------------------------------------------------------------------------------------------
+
+# Rows kept per process, newest last: a Tune actor reused for the next trial of the same
+# (domain, size) reads nothing. Domain sets are small (64M tokens = 256 MB of int32); the cap
+# keeps a long-lived actor bounded.
+ROW_CACHE_BYTES = 2 << 30
+_row_cache: "OrderedDict[tuple, dict[str, np.ndarray]]" = OrderedDict()
+
+
+def load_rows(plan: ShardPlan, pieces: list[Piece], *, meter: bool, limit: int = 0) -> dict[str, np.ndarray]:
+    """The kept rows of ``pieces`` (first ``limit`` of them when > 0), read in this process with
+    the same reader the Ray Datasets use (``read_pieces``), cached by the shard set's manifest
+    fingerprint. A cached answer's ``read_bytes`` are 0: nothing was read for it."""
+    key = (plan.shards.uri, (manifest(plan.shards.uri) or {}).get("fingerprint", ""), plan.split,
+           plan.fraction, plan.route, plan.select, plan.value, tuple(pieces), meter, limit)
+    hit = _row_cache.get(key)
+    if hit is not None:
+        _row_cache.move_to_end(key)
+        return {**hit, "read_bytes": np.zeros_like(hit["read_bytes"])} if meter else hit
+    kw = dict(uri=plan.shards.uri, split=plan.split, fraction=plan.fraction, route=plan.route,
+              select=plan.select, value=plan.value, meter=meter)
+    parts, n = [], 0
+    for p in pieces:
+        parts.append(read_pieces({"path": [p.path], "row_group": [p.row_group], "lo": [p.lo],
+                                  "hi": [p.hi]}, **kw))
+        n += len(parts[-1]["input_ids"])
+        if limit and n >= limit:
+            break
+    if not parts:
+        parts = [read_pieces({"path": [], "row_group": [], "lo": [], "hi": []}, **kw)]
+    seq = max(p["input_ids"].shape[1] for p in parts)
+    rows = {k: np.concatenate([p[k].reshape(-1, seq) if k == "input_ids" else p[k] for p in parts])
+            for k in parts[0]}
+    if limit:
+        rows = {k: v[:limit] for k, v in rows.items()}
+    _row_cache[key] = rows
+    while len(_row_cache) > 1 and sum(a.nbytes for r in _row_cache.values() for a in r.values()) > ROW_CACHE_BYTES:
+        _row_cache.popitem(last=False)
+    return rows
+
+
+def local_train_rows(plan: ShardPlan) -> dict[str, np.ndarray]:
+    """Every kept train row of ``plan`` for a run of one worker (rank 0's part of 1), metered."""
+    return load_rows(plan, plan.parts(1)[0], meter=True)
+
+
+def local_eval_rows(plan: ShardPlan, rows: int, what: str) -> dict[str, np.ndarray]:
+    """The first ``rows`` kept rows of ``plan`` in unit order (0: all), as ``valid_dataset``
+    takes them for a worker group."""
+    out = load_rows(plan, [Piece(u.path, u.row_group) for u in plan.units()], meter=False, limit=rows)
+    if len(out["input_ids"]) == 0:
+        raise InputError(f"{what} has no held-out rows; give the domain a larger split (at "
+                         "least one window of data.seq_len tokens)")
+    return out
 
 
 def train_stream_name(rank: int) -> str:

@@ -9,8 +9,9 @@ optimizer steps. The Trainer (models/train.py) calls, on each hook in list order
 
 and, separately, its loss hook (``FamilyLoss`` or ``Distillation``) on every micro-batch. Order
 matters only where one hook reads what another wrote: costs, then evaluation, then early
-stopping (reads valid/loss, restores the best weights at the end), then logging, then the
-checkpoint (reports what all the others produced).
+stopping (reads valid/loss, restores the best weights at the end), then the test evaluation
+(of those weights), then logging, then the checkpoint (reports what all the others produced).
+Reports and checkpoints go through the Trainer's runtime (models/runtime.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import tempfile
 import time
 
 import deepspeed
-import ray.train
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -121,6 +121,18 @@ class Evaluation(Hook):
             tr.costs.eval_device_seconds += (time.perf_counter() - t0) * tr.world
 
 
+class TestEvaluation(Hook):
+    """At the run's end, the loss of the final (for early stopping: the restored best-valid)
+    model on the ``test`` set, on the worker's device: ``test/loss`` in the final report and
+    ``costs.extra["test_loss"]``; its device time counts as evaluation."""
+
+    def on_step(self, tr, metrics: dict[str, float]) -> None:
+        if tr.final:
+            t0 = time.perf_counter()
+            metrics["test/loss"] = tr.costs.extra["test_loss"] = tr.evaluate("test")
+            tr.costs.eval_device_seconds += (time.perf_counter() - t0) * tr.world
+
+
 class EarlyStopping(Hook):
     """Stop after ``patience`` evaluations without a better valid loss. The best weights are
     kept (a CPU copy) and put back before the final checkpoint, so the exported model is the
@@ -198,24 +210,27 @@ class Checkpointer(Hook):
         self.every, self.gather, self.report_evaluations = every, gather, report_evaluations
 
     def on_step(self, tr, metrics: dict[str, float]) -> None:
-        if tr.step % self.every == 0 or tr.step == tr.stop_at or tr.stopping:
+        due = tr.step % self.every == 0 or tr.step == tr.stop_at or tr.stopping
+        # a runtime that never resumes (a local 1-worker trial) checkpoints only the end: the
+        # export and costs its caller publishes
+        if due and (tr.runtime.resumable or tr.final):
             self.save(tr, {"step": tr.step, "epoch": tr.epoch, **metrics, "start_step": tr.start_step,
                            "attempts": tr.costs.attempts})
         elif self.report_evaluations and "valid/loss" in metrics:
-            ray.train.report({"step": tr.step, **metrics})
+            tr.runtime.report({"step": tr.step, **metrics})
 
     def save(self, tr, metrics: dict[str, float]) -> None:
         t0 = time.perf_counter()
         d = tempfile.mkdtemp(prefix=f"slm-ckpt-{tr.rank}-")
         try:
-            ckpt.save(tr.engine, d, rank=tr.rank, world_size=tr.world, signature=tr.signature,
-                      state=tr.state())
+            if tr.runtime.resumable:  # the engine's state, for a restarted worker group
+                ckpt.save(tr.engine, d, rank=tr.rank, world_size=tr.world, signature=tr.signature,
+                          state=tr.state())
             if tr.final:
                 self.export(tr, d)
             tr.call("on_checkpoint")
             tr.costs.checkpoint_seconds += time.perf_counter() - t0
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=ckpt.step_dir_name(tr.step))
+            tr.runtime.report(metrics, checkpoint_dir=d, dir_name=ckpt.step_dir_name(tr.step))
             tr.last_checkpoint = join(tr.cfg.logging.run_uri, ckpt.step_dir_name(tr.step))
         finally:
             shutil.rmtree(d, ignore_errors=True)
@@ -243,6 +258,7 @@ def loss_hook(cfg: TrainLoopConfig, family, device: torch.device) -> FamilyLoss:
 def hooks_for(cfg: TrainLoopConfig, rank: int) -> list[Hook]:
     """The run's hooks, in calling order."""
     early = [EarlyStopping(cfg.patience)] if cfg.patience > 0 else []
-    return [CostMeter(), Evaluation(cfg.schedule.eval_every), *early, MetricLogging(cfg, rank),
+    test = [TestEvaluation()] if cfg.test_at_end else []  # after the best weights are back
+    return [CostMeter(), Evaluation(cfg.schedule.eval_every), *early, *test, MetricLogging(cfg, rank),
             Checkpointer(cfg.schedule.ckpt_every, gather=cfg.engine.zero_stage == 3,
                          report_evaluations=bool(early))]

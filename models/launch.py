@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow.fs as pafs
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
 from slm.errors import StageError, reraise_user_error
@@ -22,10 +25,11 @@ from slm.stage import exists, filesystem, is_remote, join, manifest, publish, re
 
 from . import checkpoint as ckpt
 from .config import ScalingConfig
-from .data import ShardPlan, train_stream_name
+from .data import ShardPlan, local_train_rows, train_stream_name
 from .families import build_family
 from .loop_config import TrainLoopConfig
-from .train import signature, train_loop_per_worker
+from .runtime import LocalRuntime, assigned_threads, local_process_group
+from .train import Trainer, signature, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +96,12 @@ def storage_path(storage: str) -> str:
     return storage if is_remote(storage) else os.path.abspath(storage)
 
 
-def train_datasets(train: ShardPlan, valid_ds, world: int) -> dict[str, Any]:
+def train_datasets(train: ShardPlan, valid_ds, world: int, test_ds=None) -> dict[str, Any]:
     """The datasets a TorchTrainer of ``world`` workers gets: each rank's own part of the train
-    rows (``train_stream_name(r)``; models/data.py) and the one materialized ``valid`` set."""
-    return {train_stream_name(r): ds for r, ds in enumerate(train.rank_streams(world))} | {"valid": valid_ds}
+    rows (``train_stream_name(r)``; models/data.py), the one materialized ``valid`` set and,
+    for a run that evaluates its ``test`` set at the end, that one."""
+    return ({train_stream_name(r): ds for r, ds in enumerate(train.rank_streams(world))}
+            | {"valid": valid_ds} | ({"test": test_ds} if test_ds is not None else {}))
 
 
 def data_config() -> ray.train.DataConfig:
@@ -107,7 +113,8 @@ def data_config() -> ray.train.DataConfig:
     return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
-def run_training(spec: RunSpec, train: ShardPlan, valid_ds, callbacks: list | None = None) -> dict[str, Any]:
+def run_training(spec: RunSpec, train: ShardPlan, valid_ds, callbacks: list | None = None,
+                 test_ds=None) -> dict[str, Any]:
     """Run (or resume) one training run to its last step (or ``schedule.stop_at``) on the rows
     of the ``train`` plan (models/data.py ``shard_dataset``; cut here into one part per worker)
     and the materialized ``valid_ds`` (``valid_dataset``). Returns ``{"checkpoint": uri,
@@ -126,7 +133,7 @@ def run_training(spec: RunSpec, train: ShardPlan, valid_ds, callbacks: list | No
             callbacks=callbacks or None,
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.loop.checkpointing.keep)),
-        datasets=train_datasets(train, valid_ds, sc.num_workers),
+        datasets=train_datasets(train, valid_ds, sc.num_workers, test_ds),
         dataset_config=data_config(),
     )
     try:
@@ -141,6 +148,30 @@ def run_training(spec: RunSpec, train: ShardPlan, valid_ds, callbacks: list | No
     ck_uri = _checkpoint_uri(result.checkpoint, spec.loop.logging.storage)
     return {"checkpoint": ck_uri, "metrics": dict(result.metrics or {}),
             "finished": exists(join(ck_uri, ckpt.COSTS_FILE))}
+
+
+def run_local(spec: RunSpec, train: ShardPlan, eval_rows: dict[str, dict[str, np.ndarray]],
+              on_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run one training run of one worker in this process (models/runtime.py ``LocalRuntime``):
+    a specialization trial inside its Tune trial's actor, which holds the trial's CPUs/GPU. No
+    worker group and no Ray Data executor start; the rows are read in this process and cached
+    (models/data.py ``load_rows``). ``eval_rows``: {"valid": rows, "test": rows (when the loop
+    has ``test_at_end``)}. Returns what ``run_training`` returns; the final checkpoint holds
+    only the export and the costs (a crashed local run is re-run whole)."""
+    if spec.scaling.num_workers != 1:
+        raise StageError(f"run '{spec.name}' has {spec.scaling.num_workers} workers; a local run has one")
+    threads = assigned_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    local_process_group()
+    runtime = LocalRuntime({"train": local_train_rows(train), **eval_rows}, spec.run_uri, on_report)
+    diverged = Trainer(spec.loop, runtime).fit()
+    if diverged is not None:
+        raise StageError(diverged)
+    if runtime.last_checkpoint is None:
+        raise StageError(f"training run '{spec.run_uri}' reported no checkpoint")
+    return {"checkpoint": runtime.last_checkpoint, "metrics": dict(runtime.last_metrics),
+            "finished": exists(join(runtime.last_checkpoint, ckpt.COSTS_FILE))}
 
 
 def _checkpoint_uri(checkpoint, storage: str) -> str:

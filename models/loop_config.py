@@ -114,6 +114,7 @@ class TrainLoopConfig:
     checkpointing: CheckpointSection = _help("checkpoint retention", default_factory=CheckpointSection)
     logging: LoggingSection = _help("run name, storage, metric sink", default_factory=LoggingSection)
     init_from: str = _help("local HF directory whose weights replace the fresh initialisation (same shape); '' = fresh", default="")
+    test_at_end: bool = _help("evaluate the run's 'test' set at its end with the final (best-valid) weights, on the worker: test/loss in the final report and costs (specialization trials)", default=False)
     patience: int = _help("> 0: early stopping after this many evaluations without a better valid loss; the exported model is the best-valid one", default=0)
     distillation: DistillationSection | None = _help("SLM-d's teacher and KD loss; None = the family's own loss", default=None)
     pid_dir: str = _help("each worker writes rank<r>.pid here (operators and the fault-tolerance test find the workers); '' = none", default="")

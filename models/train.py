@@ -1,5 +1,6 @@
-"""The one training loop, run by Ray Train's ``TorchTrainer`` on every worker, for every family
-and for specialization: a ``Trainer`` built from a ``TrainLoopConfig`` (models/loop_config.py).
+"""The one training loop, for every family and for specialization: a ``Trainer`` built from a
+``TrainLoopConfig`` (models/loop_config.py) and a runtime (models/runtime.py: a worker of Ray
+Train's ``TorchTrainer``, or the calling process alone for a 1-worker trial).
 
 The loop reads: restore → steps → hooks. ``Trainer.fit`` restores the engine and loop state
 from the latest checkpoint, then runs optimizer steps; after each step its hooks
@@ -9,7 +10,8 @@ ends the run before its hooks run (``Diverged``: nothing of it is reported or ex
 the driver raises it instead of Ray Train retrying a deterministic failure. A family differs only by its ``FamilySpec``
 (models/families.py). DeepSpeed is driven directly (``deepspeed.initialize``; Ray has set up the
 process group: gloo on CPU, NCCL on GPU): AdamW, linear warm-up + cosine decay, gradient clipping
-and accumulation (DeepSpeed's), checkpoints through ``ray.train.report`` and exact resume.
+and accumulation (DeepSpeed's), checkpoints through the runtime (models/runtime.py: Ray Train's
+``report`` on a worker, exact resume) or, for a 1-worker trial, in the calling process itself.
 
 Data order (why a re-run or a resumed run sees the same batches): each worker reads only its
 share. The driver cuts the kept rows of the train shards, in a row-group order seeded by ``seed``,
@@ -36,7 +38,6 @@ from typing import Any, Iterable, Iterator
 
 import deepspeed
 import numpy as np
-import ray.train
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -44,12 +45,12 @@ from slm.errors import InputError, StageError
 from slm.stage import join, local_dir
 
 from . import checkpoint as ckpt
-from .data import train_stream_name
 from .families import LMFamily, build_family
 from .flops import device_peak_flops, mfu
 from .hooks import hooks_for, loss_hook
 from .loop_config import TrainLoopConfig
 from .metrics import Costs, console
+from .runtime import RayTrainRuntime
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,8 +196,10 @@ class RankData:
     ``train_stream_name(rank)``) in the (seed, epoch, rank) order, and the held-out batches
     (every rank iterates all of them and evaluates its slice of each global batch)."""
 
-    def __init__(self, cfg: TrainLoopConfig, rank: int, world: int, routed: bool, device: torch.device):
+    def __init__(self, cfg: TrainLoopConfig, runtime, routed: bool, device: torch.device):
         d = cfg.data
+        rank, world = runtime.rank, runtime.world
+        self.runtime = runtime
         self.seed, self.rank, self.routed, self.device = cfg.seed, rank, routed, device
         self.micro, self.accum = d.micro_batch, d.grad_accum
         self.rank_rows = d.micro_batch * d.grad_accum
@@ -204,14 +207,11 @@ class RankData:
         # shuffle_window rows over all ranks: each permutes its share
         self.window_rows = max(d.shuffle_window // self.global_rows, 1) * self.rank_rows
         self.columns = ["input_ids"] + (["cluster"] if routed else [])
-        self.train = ray.train.get_dataset_shard(train_stream_name(rank))
-        self.valid = ray.train.get_dataset_shard("valid")
         self.read_bytes = 0  # bytes this rank's train feed read (this attempt)
 
     def windows(self) -> Iterator[dict[str, torch.Tensor]]:
         """The rank's train stream in windows of ``window_rows`` (int32 tokens, on the CPU)."""
-        for rows in self.train.iter_torch_batches(batch_size=self.window_rows, prefetch_batches=1,
-                                                  drop_last=False):
+        for rows in self.runtime.train_windows(self.window_rows):
             self.read_bytes += int(rows.pop("read_bytes").sum())
             yield rows
 
@@ -219,10 +219,11 @@ class RankData:
         return rank_batches(self.windows(), seed=self.seed, epoch=epoch, rank=self.rank,
                             batch_rows=self.rank_rows, skip=skip, columns=self.columns)
 
-    def valid_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        # every held-out window counts (small domain valid splits): the last, partial global
-        # batch leaves some ranks' micro-batches short or empty
-        return self.valid.iter_torch_batches(batch_size=self.global_rows, drop_last=False)
+    def eval_batches(self, name: str) -> Iterator[dict[str, torch.Tensor]]:
+        """The global batches of a held-out set (``valid``; ``test`` at the end of a trial).
+        Every held-out window counts (small domain valid splits): the last, partial global
+        batch leaves some ranks' micro-batches short or empty."""
+        return self.runtime.eval_batches(name, self.global_rows)
 
     def rows(self, batch: dict[str, torch.Tensor], lo: int, hi: int):
         ids = batch["input_ids"][lo:hi].to(self.device).long()
@@ -248,9 +249,9 @@ class Trainer:
     """One training run on one Ray Train worker: the DeepSpeed engine, this rank's data, the
     loop state (step, data position, costs) and the hooks."""
 
-    def __init__(self, cfg: TrainLoopConfig):
-        ctx = ray.train.get_context()
-        self.cfg, self.rank, self.world = cfg, ctx.get_world_rank(), ctx.get_world_size()
+    def __init__(self, cfg: TrainLoopConfig, runtime):
+        self.runtime = runtime  # models/runtime.py: a Ray Train worker, or this process alone
+        self.cfg, self.rank, self.world = cfg, runtime.rank, runtime.world
         self.total = cfg.schedule.steps
         self.stop_at = min(cfg.schedule.stop_at or self.total, self.total)
         self.precision = cfg.engine.resolved_precision(torch.cuda.is_available())
@@ -273,8 +274,7 @@ class Trainer:
             config=deepspeed_config(cfg, self.world, self.precision == "bf16"), dist_init_required=False)
         self.signature = signature(cfg, self.family, self.world, self.precision)
         self.peak = device_peak_flops(self.engine.device, "bf16" if self.precision == "bf16" else "fp32")
-        self.data = RankData(cfg, self.rank, self.world, self.family.route_column is not None,
-                             self.engine.device)
+        self.data = RankData(cfg, runtime, self.family.route_column is not None, self.engine.device)
         self.loss = loss_hook(cfg, self.family, self.engine.device)
         self.hooks = hooks_for(cfg, self.rank)
         # DeepSpeed's ZeRO and bf16 optimizers keep the gradient norm they clip with (clip > 0
@@ -295,7 +295,7 @@ class Trainer:
         self.restore()
         diverged = None
         if self.step >= self.total:  # a re-submitted run whose driver died before publishing
-            ray.train.report({"step": self.step, "finished": 1.0})
+            self.runtime.report({"step": self.step, "finished": 1.0})
         else:
             self.engine.train()
             self.call("on_start")
@@ -310,7 +310,7 @@ class Trainer:
 
     def restore(self) -> None:
         """Engine and loop state from the latest reported checkpoint, if any."""
-        resumed = ray.train.get_checkpoint()
+        resumed = self.runtime.checkpoint()
         if resumed is not None:
             self.last_checkpoint = join(self.cfg.logging.run_uri, os.path.basename(resumed.path.rstrip("/")))
             with resumed.as_directory() as d:
@@ -371,12 +371,12 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._batches = self.data.epoch(self.epoch, 0)
 
-    def evaluate(self) -> float:
-        """Mean loss over every held-out window (all ranks)."""
+    def evaluate(self, name: str = "valid") -> float:
+        """Mean loss over every window of the held-out set ``name`` (all ranks)."""
         self.engine.eval()
         sums = [0.0, 0.0]
         with torch.no_grad():
-            for batch in self.data.valid_batches():
+            for batch in self.data.eval_batches(name):
                 for _, ids, cl in self.data.valid_micro_batches(batch):
                     empty = ids.shape[0] == 0
                     if empty:  # still run a forward: ZeRO-3 gathers weights collectively
@@ -409,4 +409,4 @@ class Trainer:
 def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     """Ray Train worker function: ``config`` is ``TrainLoopConfig.to_dict()``. Returns the
     run's ``Diverged`` message, if any (``Trainer.fit``)."""
-    return Trainer(TrainLoopConfig.from_dict(config)).fit()
+    return Trainer(TrainLoopConfig.from_dict(config), RayTrainRuntime()).fit()
