@@ -9,6 +9,7 @@ from slm.configkit import ConfigError, positive
 from .methods import get_method, method_names
 
 SELECTIONS = ("top_cluster", "lowest_loss", "all")
+TRIAL_RUNTIMES = ("local", "train")
 
 
 @dataclass
@@ -53,8 +54,10 @@ class SweepConfig:
     lrs: list[float] = field(default_factory=list, metadata={"help": "LRs to search ([] = specialize.lr)"})
     asha: bool = field(default=False, metadata={"help": "ASHA early termination on valid loss"})
     max_concurrent: int = field(default=0, metadata={"help": "trials at once (0 = as resources allow)"})
-    cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs per trial"})
-    gpus_per_trial: float = field(default=0.0, metadata={"help": "GPUs per trial"})
+    cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs per trial (per worker of a trial of several workers)"})
+    gpus_per_trial: float = field(default=0.0, metadata={"help": "GPUs per trial; a fraction (e.g. 0.5: two trials share a GPU) only with workers_per_trial 1"})
+    trial_runtime: str = field(default="local", metadata={"help": "where a trial fine-tunes: local = inside its Tune trial's own process, one worker (nothing else starts; the trial holds the CPUs/GPU; a failed trial is retried whole) | train = a Ray Train worker group of workers_per_trial workers per trial (Train-in-Tune: data parallel across nodes, Ray Train's worker restarts)"})
+    workers_per_trial: int = field(default=1, metadata={"help": "Ray Train workers per trial (trial_runtime train), each with cpus_per_trial CPUs and one GPU when gpus_per_trial > 0"})
     asha_grace: int = field(default=2, metadata={"help": "ASHA: valid evaluations a trial gets before it may be stopped"})
     max_failures: int = field(default=1, metadata={"help": "retries of a failed trial"})
 
@@ -64,7 +67,16 @@ class SweepConfig:
         positive(self, "budgets", "domain_tokens", "cpus_per_trial")
         positive(self, "lrs")
         positive(self, "max_concurrent", "gpus_per_trial", "max_failures", allow_zero=True)
-        positive(self, "asha_grace")
+        positive(self, "asha_grace", "workers_per_trial")
+        if self.trial_runtime not in TRIAL_RUNTIMES:
+            raise ConfigError(f"field 'trial_runtime' is '{self.trial_runtime}'; use {' or '.join(TRIAL_RUNTIMES)}")
+        if self.workers_per_trial > 1 and self.trial_runtime == "local":
+            raise ConfigError(f"field 'workers_per_trial' is {self.workers_per_trial} but trial_runtime is "
+                              "'local' (one worker, in the trial's process); set trial_runtime: train")
+        if self.workers_per_trial > 1 and 0 < self.gpus_per_trial != int(self.gpus_per_trial):
+            raise ConfigError(f"field 'gpus_per_trial' is {self.gpus_per_trial} with workers_per_trial "
+                              f"{self.workers_per_trial}: each worker of a multi-worker trial holds a whole "
+                              "GPU; use gpus_per_trial 1 (or workers_per_trial 1 to share GPUs between trials)")
         if not self.name or "/" in self.name:
             raise ConfigError(f"field 'name' is '{self.name}'; give the sweep a plain name (no '/')")
         if not self.methods or not self.budgets or not self.seeds:

@@ -37,7 +37,6 @@ from slm.models.lm import lm_config, lm_param_count
 from slm.stage import MANIFEST, filesystem, join, manifest, read_json, remove, write_json
 
 from .costs import load_pretrain_costs, pretrain_split
-from .evaluation import evaluate, load_lm, save_model
 from .finetune import fine_tune
 from .grid import Trial, small_data_lr, teacher_of, trial_done, trial_stage, trial_uri, trial_workdir
 from .methods import Method, Start, get_method
@@ -79,7 +78,7 @@ def _fine_tune_starts(recipe, trial: Trial, starts: list[Start], sets: dict[str,
     """Fine-tune from every start; the best-valid run, charged with all of them."""
     best = None
     for start in starts:
-        run = fine_tune(recipe, start.path, {k: sets[k] for k in ("train", "valid")},
+        run = fine_tune(recipe, start.path, sets,
                         steps=trial.budget_steps, lr=lr, seed=trial.seed, teacher=teacher,
                         workdir=join(work, f"run-{max(start.expert, 0)}"),
                         name=f"{recipe.sweep.name}-{trial.key()}-e{start.expert}", in_tune=in_tune)
@@ -87,16 +86,18 @@ def _fine_tune_starts(recipe, trial: Trial, starts: list[Start], sets: dict[str,
         if best is None:
             best = run
         else:  # every start's fine-tuning is paid for; the best one is kept
-            spent = {k: best[k] + run[k] for k in ("flops", "device_seconds")}
+            spent = {k: best[k] + run[k] for k in ("flops", "device_seconds", "eval_device_seconds")}
+            phases = {k: best["phases"][k] + v for k, v in run["phases"].items()}
             if run["valid_loss"] < best["valid_loss"]:
                 best = run
-            best.update(spent)
+            best.update(spent, phases=phases)
     return best
 
 
 def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) -> dict[str, Any]:
     """Specialize one trial and publish ``out_uri`` (HF model, training.json, row.json).
     Returns the trial's row of the results table."""
+    t_trial = time.perf_counter()
     layout = RunLayout(recipe.run_dir)
     method = get_method(trial.method)
     spec = recipe.specialize
@@ -111,14 +112,14 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
     lr = small_data_lr(recipe, trial.lr, trial.domain_tokens)
     teacher_uri, teacher_row, teacher_key = teacher_model(recipe, trial)
     pretrain = method_pretrain_costs(layout, method, trial.domain)
-    t0 = time.time()
     work = trial_workdir(recipe, trial)
-    best = _fine_tune_starts(recipe, trial, StartContext(recipe, work).starts(trial), sets, lr,
-                             teacher_uri, work, in_tune)
-    model = load_lm(best["model_dir"])
-    test_loss = evaluate(model, layout.shards(sets["test"]), spec.micro_batch)
-    config = lm_config(method.served_preset(recipe.pretrain), model.config.vocab_size,
-                       recipe.data.seq_len)
+    t_start = time.perf_counter()
+    starts = StartContext(recipe, work).starts(trial)
+    t_starts = time.perf_counter() - t_start
+    best = _fine_tune_starts(recipe, trial, starts, sets, lr, teacher_uri, work, in_tune)
+    test_loss = best["test_loss"]  # of the best-valid model, measured where it was trained
+    hf = read_json(join(best["model_dir"], "config.json"))
+    config = lm_config(method.served_preset(recipe.pretrain), int(hf["vocab_size"]), recipe.data.seq_len)
     row = {
         "recipe": recipe.name, "domain": trial.domain, "method": trial.method,
         "budget_steps": trial.budget_steps, "domain_tokens": trial.domain_tokens,
@@ -134,16 +135,20 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
         "model_path": layout.relative(out_uri), "trial": trial.key(), "base_lr": trial.lr,
         "expert_selection": spec.expert_selection if method.expert_selection else "",
         "teacher": teacher_key,
-        "wall_seconds": round(time.time() - t0, 3), "finished_at": time.time(),
     }
     training = {**row, "data": {k: layout.relative(layout.shards(v)) for k, v in sets.items()},
                 "teacher": layout.relative(teacher_uri) if teacher_uri else "",
                 "kd_weight": spec.kd_weight if method.teacher else 0.0,
                 "kd_temperature": spec.kd_temperature, "history": best.get("history", [])}
+    t_publish = time.perf_counter()
     with trial_stage(recipe, trial, out_uri).publish() as out:
-        save_model(model, out)
-        _copy_tokenizer(layout.tokenizer, out)
-        write_json(out.file(TRIAL_TRAINING), training)
+        _copy_files(best["model_dir"], out)
+        _copy_files(layout.tokenizer, out)
+        phases = {**best["phases"], "start": best["phases"]["start"] + t_starts,
+                  "publish": best["phases"]["publish"] + time.perf_counter() - t_publish}
+        timing = _timing(best, phases, time.perf_counter() - t_trial)
+        row.update(timing)
+        write_json(out.file(TRIAL_TRAINING), {**training, **timing})
         write_json(out.file(TRIAL_ROW), row)
         out.manifest.update({"trial": trial.key(), "valid_loss": row["valid_loss"]})
     remove(work)  # published: the trial's work is not needed any more
@@ -152,9 +157,29 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
     return row
 
 
-def _copy_tokenizer(tok_uri: str, out) -> None:
-    """The served directory holds the tokenizer too, so it loads with Auto* classes alone."""
-    fs, path = filesystem(tok_uri)
+# a trial's wall time by phase (the row's phase_<name>_seconds): reading its rows, setting up
+# (starting models, model and engine), training steps, evaluations (valid and test), publishing
+PHASES = ("data", "start", "train", "eval", "publish")
+
+
+def _timing(best: dict[str, Any], phases: dict[str, float], wall: float) -> dict[str, Any]:
+    """The row's timing columns: the trial's wall seconds in this process (from the trial's
+    start to its publication), seconds by phase (``PHASES``; ``other``: what no phase covers:
+    looking up the teacher and costs, the trial's bookkeeping), and the device seconds of its
+    own training steps (every start's; spec_device_seconds adds SLM-d's teacher) and of its
+    evaluations (valid and test), as the loop measured them."""
+    out = {"wall_seconds": round(wall, 3), "finished_at": time.time()}
+    out.update({f"phase_{k}_seconds": round(float(phases.get(k, 0.0)), 3) for k in PHASES})
+    out["phase_other_seconds"] = round(max(wall - sum(phases.get(k, 0.0) for k in PHASES), 0.0), 3)
+    out["eval_device_seconds"] = float(best.get("eval_device_seconds", 0.0))
+    out["trial_device_seconds"] = float(best["device_seconds"])  # its own steps (no teacher's)
+    return out
+
+
+def _copy_files(src_uri: str, out) -> None:
+    """The files of a published directory (a model, the tokenizer: the served directory loads
+    with Auto* classes alone) into a staging directory, without the source's manifest."""
+    fs, path = filesystem(src_uri)
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         if info.type == pafs.FileType.File and info.base_name != MANIFEST:
             pafs.copy_files(info.path, join(out.path, info.base_name), source_filesystem=fs,

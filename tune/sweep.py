@@ -87,10 +87,8 @@ def _tuner(recipe, phase: str, trials: list[Trial]):
     experiment exists and was started with the same trials."""
     sw = recipe.sweep
     layout = RunLayout(recipe.run_dir)
-    # The trial only drives: its Train worker holds the trial's CPUs/GPU, so concurrency is
-    # bounded by max_concurrent_trials, not by the driver's resources.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial_fn, recipe=recipe),
-                                        TRIAL_DRIVER_RESOURCES)
+                                        trial_resources(sw))
     storage = storage_path(layout.sweep_tune(sw.name))
     exp = join(storage, phase)
     marker = layout.sweep_grid(sw.name)
@@ -118,7 +116,9 @@ def _tuner(recipe, phase: str, trials: list[Trial]):
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=ray.tune.TuneConfig(scheduler=scheduler,
+        # a trial's actor is kept for the next one (same resources): its imports, process
+        # group, DeepSpeed set-up and the domain rows it read are already there
+        tune_config=ray.tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
                                         max_concurrent_trials=_concurrency(recipe)),
         run_config=ray.tune.RunConfig(name=phase, storage_path=storage, verbose=1,
                                       failure_config=ray.tune.FailureConfig(max_failures=sw.max_failures)),
@@ -142,17 +142,29 @@ def _stopped_trials(recipe, results) -> dict[str, dict[str, Any]]:
     return out
 
 
+def trial_resources(sw) -> dict[str, float]:
+    """What a trial's Tune actor holds. A local trial trains in that actor (tune/finetune.py),
+    so it holds the trial's CPUs and GPU (a fraction of one reaches it as such). A ``train``
+    trial only drives its Ray Train worker group, which holds them."""
+    if sw.trial_runtime != "local":
+        return TRIAL_DRIVER_RESOURCES
+    return {"CPU": sw.cpus_per_trial} | ({"GPU": sw.gpus_per_trial} if sw.gpus_per_trial > 0 else {})
+
+
 def _concurrency(recipe) -> int:
-    """As many trials as the cluster has room for (their Train workers' CPUs/GPUs; on CPUs one
-    CPU stays free for the Ray Data tasks that feed the workers and for each trial's driver),
-    capped by sweep.max_concurrent. More would leave a trial's worker group waiting for
-    resources until Ray Train's start-up timeout fails it."""
+    """As many trials as the cluster has room for, capped by sweep.max_concurrent: local trials
+    read their rows themselves, so every CPU (GPU) can hold trials; ``train`` trials need their
+    workers' CPUs/GPUs, and on CPUs one CPU stays free for the Ray Data tasks that feed them. More would leave a trial's worker group waiting for resources until
+    Ray Train's start-up timeout fails it."""
     sw = recipe.sweep
     res = ray.cluster_resources()
+    workers = sw.workers_per_trial
     if sw.gpus_per_trial > 0:
-        fits = int(res.get("GPU", 0) // sw.gpus_per_trial)
+        fits = int(res.get("GPU", 0) // (sw.gpus_per_trial * workers))
+    elif sw.trial_runtime == "local":
+        fits = int(res.get("CPU", 1) // sw.cpus_per_trial)
     else:
-        fits = int((res.get("CPU", 1) - 1) // sw.cpus_per_trial)
+        fits = int((res.get("CPU", 1) - 1) // (sw.cpus_per_trial * workers))
     fits = max(1, fits)
     if sw.max_concurrent and sw.max_concurrent > fits:
         log.warning("sweep.max_concurrent = %d but the cluster fits %d trial(s) at once; "
