@@ -120,6 +120,11 @@ def copy_dir(src: str, dst: str) -> None:
     """Copy a directory's files from ``src`` to ``dst``, each a local path or a URI."""
     sfs, spath = filesystem(src)
     dfs, dpath = filesystem(dst)
+    if not is_remote(dst):  # a local copy needs its folders (object storage has none)
+        for info in sfs.get_file_info(pafs.FileSelector(spath, recursive=True)):
+            if info.type == pafs.FileType.File:
+                rel = os.path.relpath(os.path.dirname(info.path), spath)
+                os.makedirs(os.path.normpath(os.path.join(dpath, rel)), exist_ok=True)
     pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs)
 
 
