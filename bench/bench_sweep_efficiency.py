@@ -8,8 +8,8 @@ one Ray session, once per trial runtime:
 * ``local`` (after): every trial trains inside its Tune trial's actor, reused for the next
   trial, on rows it read once (tune/finetune.py, models/runtime.py).
 
-Grids: ``demo`` (the recipe's own sweep) and ``fifty`` (5 methods x 5 seeds x 2 domain sizes =
-50 trials). Each sweep gets a fresh name, so nothing is reused. Figures per (grid, runtime):
+Grids: ``demo`` (the recipe's own sweep, every pretraining level) and ``fifty`` (5 methods x 5
+seeds x 2 domain sizes = 50 trials, from the final pretrained models only). Each sweep gets a fresh name, so nothing is reused. Figures per (grid, runtime):
 
 * ``sweep_efficiency`` = sum of the trials' device seconds (their own training steps and
   evaluations, as the loop measured them) / sum of the trials' wall seconds (from the trial's
@@ -58,6 +58,7 @@ def grid_recipe(recipe, grid: str, runtime: str, stamp: str):
         sw = dataclasses.replace(sw, methods=["slm", "pn", "mix", "is", "nopt"], seeds=[0, 1, 2, 3, 4],
                                  domain_tokens=list(recipe.data.domain_train_tokens)[:2],
                                  domains=(recipe.sweep.domains or [])[:1] or sw.domains)
+        return dataclasses.replace(recipe, sweep=sw, pretrain=dataclasses.replace(recipe.pretrain, levels=[1.0]))
     return dataclasses.replace(recipe, sweep=sw)
 
 

@@ -93,6 +93,7 @@ class PretrainConfig:
     slm_size: str = field(default="paper-slm", metadata={"help": "preset of the small (served) model"})
     llm_size: str = field(default="paper-llm", metadata={"help": "preset of the large model / teacher"})
     steps: dict[str, int] = field(default_factory=lambda: {"slm": 400_000, "llm": 400_000, "is": 200_000, "mix": 400_000, "pn": 400_000}, metadata={"help": "pretraining budget in optimizer steps per family (mix: per expert)"})
+    levels: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "pretraining levels: fractions of each family's steps (increasing, in (0, 1]) at which its model is saved in the one pretraining run; the sweep specializes from each (the paper's pretraining-budget axis; 1.0 is the final model)"})
     pn_h: int = field(default=8, metadata={"help": "SLM-pn capacity multiplier h (T tensors have h slices)"})
     pn_m: int = field(default=8, metadata={"help": "SLM-pn expert-embedding size m"})
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -113,7 +114,41 @@ class PretrainConfig:
             if s <= 0:
                 raise ConfigError(f"field 'steps.{fam}' is {s}; a pretraining budget must be > 0 steps")
         positive(self, "pn_h", "pn_m")
+        self.check_levels()
         if not 0.0 < self.valid_fraction < 0.5:
             raise ConfigError(f"field 'valid_fraction' is {self.valid_fraction}; use a fraction in (0, 0.5), e.g. 0.01")
         if self.logger not in ("tensorboard", "mlflow", "wandb", "none"):
             raise ConfigError(f"field 'logger' is '{self.logger}'; use tensorboard, mlflow, wandb or none")
+
+    def check_levels(self) -> None:
+        if not self.levels:
+            raise ConfigError("field 'levels' is empty; list at least one, e.g. [1.0] (the final model)")
+        for lv in self.levels:
+            if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not 0.0 < lv <= 1.0:
+                raise ConfigError(f"field 'levels' has {lv!r}; a level is a fraction of a family's "
+                                  "pretraining steps in (0, 1], e.g. [0.25, 0.5, 1.0]")
+        if any(b <= a for a, b in zip(self.levels, self.levels[1:])):
+            raise ConfigError(f"field 'levels' is {self.levels}; list the levels increasing, each once, "
+                              "e.g. [0.25, 0.5, 1.0]")
+        if self.levels[-1] != 1.0:  # the final model is what every other view compares
+            raise ConfigError(f"field 'levels' is {self.levels}; end it with 1.0 (the final model), "
+                              f"e.g. {[*self.levels, 1.0]}")
+        for fam, s in self.steps.items():
+            got = [level_step(lv, s) for lv in self.levels]
+            if len(set(got)) != len(got):
+                raise ConfigError(f"field 'levels' {self.levels} gives family '{fam}' ({s} steps) two levels "
+                                  f"at the same step ({got}); use fewer levels or more 'steps.{fam}'")
+
+    def level_steps(self, family: str) -> dict[float, int]:
+        """{level: the optimizer step its model is saved at} for one family (mix: per expert)."""
+        return {float(lv): level_step(lv, self.steps[family]) for lv in self.levels}
+
+
+def level_step(level: float, steps: int) -> int:
+    """The step of a pretraining level: the fraction ``level`` of ``steps``, at least 1."""
+    return max(1, int(round(level * steps)))
+
+
+def level_name(level: float) -> str:
+    """A level as it appears in paths and trial keys ('0.5', '1')."""
+    return f"{float(level):g}"

@@ -27,7 +27,7 @@ import deepspeed
 import torch
 from transformers import AutoModelForCausalLM
 
-from slm.stage import join, local_dir
+from slm.stage import copy_dir, join, local_dir, write_json
 
 from . import checkpoint as ckpt
 from .flops import inference_flops_per_token
@@ -210,7 +210,10 @@ class Checkpointer(Hook):
         self.every, self.gather, self.report_evaluations = every, gather, report_evaluations
 
     def on_step(self, tr, metrics: dict[str, float]) -> None:
-        due = tr.step % self.every == 0 or tr.step == tr.stop_at or tr.stopping
+        # a level's step is a checkpoint too (after LevelExport ran): a resumed run never
+        # starts past a level whose export was cut short
+        due = (tr.step % self.every == 0 or tr.step == tr.stop_at or tr.stopping
+               or tr.step in tr.cfg.schedule.export_at)
         # a runtime that never resumes (a local 1-worker trial) checkpoints only the end: the
         # export and costs its caller publishes
         if due and (tr.runtime.resumable or tr.final):
@@ -237,18 +240,57 @@ class Checkpointer(Hook):
 
     def export(self, tr, d: str) -> None:
         """Rank 0 adds the served model (HF dir) and the costs to the final checkpoint."""
+        write_export(tr, d, gather=self.gather)
 
-        def write() -> None:
-            if tr.rank == 0:
-                tr.family.export(tr.engine.module, os.path.join(d, ckpt.EXPORT_DIR))
-                with open(os.path.join(d, ckpt.COSTS_FILE), "w") as f:
-                    json.dump(tr.costs.to_json(), f, indent=2, sort_keys=True)
 
-        if self.gather:  # parameters are partitioned: gather them on every rank
-            with deepspeed.zero.GatheredParameters(list(tr.engine.module.parameters()), modifier_rank=None):
-                write()
-        else:
+def write_export(tr, d: str, *, gather: bool) -> None:
+    """Rank 0 writes the served model (HF dir, ``export/``) and the costs so far into the local
+    directory ``d``; with ``gather`` (ZeRO-3) every rank takes part in gathering the weights."""
+
+    def write() -> None:
+        if tr.rank == 0:
+            tr.family.export(tr.engine.module, os.path.join(d, ckpt.EXPORT_DIR))
+            with open(os.path.join(d, ckpt.COSTS_FILE), "w") as f:
+                json.dump(tr.costs.to_json(), f, indent=2, sort_keys=True)
+
+    if gather:  # parameters are partitioned: gather them on every rank
+        with deepspeed.zero.GatheredParameters(list(tr.engine.module.parameters()), modifier_rank=None):
             write()
+    else:
+        write()
+
+
+class LevelExport(Hook):
+    """At each step of ``schedule.export_at`` (the pretraining levels before the last step):
+    the model and the costs so far, exported to ``<run>/levels/step=<N>/`` on the run's
+    storage (costs.json written last: its presence says the export is whole). One pretraining
+    run thus gives every level's model; the driver publishes them once the run has finished
+    (models/launch.py ``publish_levels``). A run resumed from before a level exports it again
+    (the same weights: data order and seeds are exact on resume)."""
+
+    def __init__(self, steps: list[int], *, gather: bool):
+        self.steps, self.gather = set(steps), gather
+
+    def on_step(self, tr, metrics: dict[str, float]) -> None:
+        if tr.step not in self.steps or tr.final:
+            return
+        t0 = time.perf_counter()
+        d = tempfile.mkdtemp(prefix=f"slm-level-{tr.rank}-")
+        try:
+            write_export(tr, d, gather=self.gather)
+            if tr.rank == 0:
+                dst = level_export_uri(tr.cfg.logging.run_uri, tr.step)
+                copy_dir(os.path.join(d, ckpt.EXPORT_DIR), join(dst, ckpt.EXPORT_DIR))
+                with open(os.path.join(d, ckpt.COSTS_FILE)) as f:
+                    write_json(join(dst, ckpt.COSTS_FILE), json.load(f))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        tr.costs.checkpoint_seconds += time.perf_counter() - t0
+
+
+def level_export_uri(run_uri: str, step: int) -> str:
+    """Where a run's model at ``step`` is exported (``LevelExport``)."""
+    return join(run_uri, "levels", ckpt.step_dir_name(step))
 
 
 def loss_hook(cfg: TrainLoopConfig, family, device: torch.device) -> FamilyLoss:
@@ -259,6 +301,8 @@ def hooks_for(cfg: TrainLoopConfig, rank: int) -> list[Hook]:
     """The run's hooks, in calling order."""
     early = [EarlyStopping(cfg.patience)] if cfg.patience > 0 else []
     test = [TestEvaluation()] if cfg.test_at_end else []  # after the best weights are back
-    return [CostMeter(), Evaluation(cfg.schedule.eval_every), *early, *test, MetricLogging(cfg, rank),
-            Checkpointer(cfg.schedule.ckpt_every, gather=cfg.engine.zero_stage == 3,
+    gather = cfg.engine.zero_stage == 3
+    levels = [LevelExport(cfg.schedule.export_at, gather=gather)] if cfg.schedule.export_at else []
+    return [CostMeter(), Evaluation(cfg.schedule.eval_every), *early, *test, *levels, MetricLogging(cfg, rank),
+            Checkpointer(cfg.schedule.ckpt_every, gather=gather,
                          report_evaluations=bool(early))]

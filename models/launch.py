@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .config import ScalingConfig
 from .data import ShardPlan, local_train_rows, train_stream_name
 from .families import build_family
+from .hooks import level_export_uri
 from .loop_config import TrainLoopConfig
 from .runtime import LocalRuntime, assigned_threads, local_process_group
 from .train import Trainer, signature, train_loop_per_worker
@@ -201,6 +202,38 @@ def publish_final(checkpoint_uri: str, layout: RunLayout, family: str, sub: str 
         out.manifest["checkpoint"] = layout.relative(checkpoint_uri)
     write_json(layout.pretrain_costs(family, sub), costs)
     return costs
+
+
+def publish_levels(run_uri: str, layout: RunLayout, family: str, sub: str, levels: dict[float, int], *,
+                   stage: str, config: dict[str, Any]) -> dict[float, dict[str, Any]]:
+    """Publish a finished run's models at its pretraining levels below 1 (``levels``: {level:
+    step}; the worker exported each to ``<run_uri>/levels/step=<N>/``, models/hooks.py
+    ``LevelExport``) as ``pretrain/<f>[/<sub>]/level-<x>/``, each with its costs to that step
+    in its manifest. Called before the final model is published, so a published ``final/``
+    means every level is there. Returns {level: costs}."""
+    out_costs = {}
+    for level, step in sorted(levels.items()):
+        if level >= 1.0:
+            continue
+        src = level_export_uri(run_uri, step)
+        if not exists(join(src, ckpt.COSTS_FILE)):
+            raise StageError(f"training run '{run_uri}' has no complete export at step {step} "
+                             f"(level {level:g}): re-run the pretraining with --force to rebuild it")
+        export, costs = export_of(src)
+        src_fs, path = filesystem(export)
+        with publish(layout.pretrain_level(family, sub, level), stage=stage,
+                     config={**config, "level": level, "level_step": step}, force=True) as out:
+            pafs.copy_files(path, out.path, source_filesystem=src_fs, destination_filesystem=out.fs)
+            out.manifest["costs"] = costs
+            out.manifest["checkpoint"] = layout.relative(src)
+        out_costs[level] = costs
+    return out_costs
+
+
+def level_costs(layout: RunLayout, family: str, sub: str, level: float) -> dict[str, Any] | None:
+    """A published level's costs (its manifest's), or None when it is not published."""
+    found = manifest(layout.pretrain_level(family, sub, level))
+    return None if found is None else found.get("costs")
 
 
 def run_done(layout: RunLayout, family: str, sub: str = "") -> bool:

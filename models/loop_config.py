@@ -56,6 +56,7 @@ class ScheduleSection:
     eval_every: int = _help("steps between evaluations on the held-out windows (and always at the last step)", default=200)
     ckpt_every: int = _help("steps between checkpoints (and always at the last step)", default=500)
     log_every: int = _help("steps between console progress lines", default=10)
+    export_at: list[int] = _help("steps before the last at which the model is also exported (pretraining levels), to <run>/levels/step=<N>/", default_factory=list)
 
 
 @dataclass
@@ -167,7 +168,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def pretraining_config(train: TrainConfig, model: FamilySpec, *, steps: int, seed: int, data: str,
                        run_name: str, storage: str, logger: str = "tensorboard", group: str = "",
-                       data_fingerprint: str = "") -> TrainLoopConfig:
+                       data_fingerprint: str = "", export_at: list[int] | None = None) -> TrainLoopConfig:
     """The loop config of a pretraining run from the recipe's ``pretrain.train`` section."""
     return TrainLoopConfig(
         model=model, seed=int(seed),
@@ -176,7 +177,8 @@ def pretraining_config(train: TrainConfig, model: FamilySpec, *, steps: int, see
         optim=OptimSection(lr=train.lr, weight_decay=train.weight_decay, clip=train.clip,
                            warmup=train.warmup, min_lr_ratio=train.min_lr_ratio),
         schedule=ScheduleSection(steps=int(steps), eval_every=train.eval_every,
-                                 ckpt_every=train.ckpt_every, log_every=train.log_every),
+                                 ckpt_every=train.ckpt_every, log_every=train.log_every,
+                                 export_at=sorted(s for s in (export_at or []) if s < steps)),
         engine=EngineSection(precision=train.precision, zero_stage=train.zero_stage),
         checkpointing=CheckpointSection(keep=train.keep_checkpoints),
         logging=LoggingSection(run_name=run_name, storage=storage, logger=logger, group=group))

@@ -16,7 +16,9 @@ so a re-submitted run resumes; ecosystem §1.0):
 Today: slm, llm (llm_size), pn (routed) are ``one``; mix is ``per_expert``; is is
 ``per_domain``. Each run directory is Ray Train's storage (``step=*`` checkpoints, TensorBoard
 events) and, once finished, holds ``final/`` (published atomically: a plain HF directory; for a
-routed family the whole ProjectedLM) and ``costs.json``. Families of several runs also get a
+routed family the whole ProjectedLM), ``costs.json``, and one ``level-<x>/`` per pretraining level
+below 1 (``pretrain.levels``: the same run's model at that fraction of its steps, exported by the
+worker when it got there, with its costs to that step; the sweep specializes from each). Families of several runs also get a
 ``costs.json`` summing them. A run with ``final/`` and ``costs.json`` is not retrained. The
 experts of a ``per_expert`` family train in parallel: a Ray Tune grid over expert ids, each trial
 driving its own TorchTrainer (Train-in-Tune), at most ``scaling.parallel_experts`` at once.
@@ -39,10 +41,11 @@ from slm.layout import RunLayout, domain_set, expert_name, is_set, train_root
 from slm.pipeline.tokenizer import run_vocab_size
 from slm.stage import fingerprint, input_fingerprints, join, manifest, read_json, write_json
 
-from .config import FAMILY_INFO, FamilyInfo
+from .config import FAMILY_INFO, FamilyInfo, level_name
 from .data import ShardSet, check_cluster_ids, open_shards, shard_dataset, valid_dataset
 from .families import FamilySpec
-from .launch import RunSpec, check_resumable, publish_final, run_done, run_training, storage_path
+from .launch import (RunSpec, check_resumable, publish_final, publish_levels, run_done, run_training,
+                     storage_path)
 from .loop_config import pretraining_config
 from .metrics import sum_costs
 
@@ -97,8 +100,12 @@ class _Family:
         """What a published ``final/`` is built from (its manifest's fingerprinted config)."""
         r, f = self.recipe, self.info.name
         return {"family": self.model().to_dict(), "train": asdict(r.pretrain.train),
-                "steps": r.pretrain.steps[f], "seed": r.seed, "data": data,
+                "steps": r.pretrain.steps[f], "levels": self.levels(), "seed": r.seed, "data": data,
                 "data_fingerprint": self.data_fingerprint(sub, data)}
+
+    def levels(self) -> dict[str, int]:
+        """{level name: step} of the family's pretraining levels (pretrain.levels)."""
+        return {level_name(lv): st for lv, st in self.recipe.pretrain.level_steps(self.info.name).items()}
 
     def done(self, sub: str, data: str) -> bool:
         """A run published from this very config and data is not retrained; one published from
@@ -121,7 +128,8 @@ class _Family:
         storage, name = self.location(sub)
         loop = pretraining_config(p.train, self.model(), steps=p.steps[self.info.name], seed=r.seed,
                                   data=data, run_name=name, storage=storage, logger=p.logger, group=r.name,
-                                  data_fingerprint=self.data_fingerprint(sub, data))
+                                  data_fingerprint=self.data_fingerprint(sub, data),
+                                  export_at=list(p.level_steps(self.info.name).values()))
         return RunSpec(loop, p.scaling)
 
     def shards(self, name: str, need: list[str]) -> ShardSet:
@@ -137,8 +145,12 @@ class _Family:
         if not out["finished"]:
             return {"finished": False, "checkpoint": out["checkpoint"]}
         f = self.info.name
+        config = {"recipe": r.name, **self.final_config(sub, data)}
+        # levels first: a published final/ means every level of the run is published too
+        publish_levels(spec.loop.logging.run_uri, self.layout, f, sub, r.pretrain.level_steps(f),
+                       stage=f"pretrain-{spec.name}", config=config)
         costs = publish_final(out["checkpoint"], self.layout, f, sub, stage=f"pretrain-{spec.name}",
-                              config={"recipe": r.name, **self.final_config(sub, data)})
+                              config=config)
         return {"finished": True, "final": self.layout.pretrain_final(f, sub), "costs": costs}
 
     def sum_runs(self, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -15,6 +15,8 @@
       data/sources/<domain>/<split>/       a flat document set split by ``slm add-domain``
       pretrain/<family>[/<sub>]/           one training run: Ray Train storage (step=* checkpoints)
         final/                             its published model (HF directory)
+        level-<x>/                         its model at pretraining level x < 1 (pretrain.levels;
+                                           HF directory, its costs to that step in the manifest)
         costs.json                         its measured costs (mix, is: also summed one level up)
       specialize/<sweep>/                  one sweep:
         tune/<phase>/                      the Ray Tune experiments: teachers, then the grid
@@ -162,6 +164,12 @@ class RunLayout:
 
     def pretrain_final(self, family: str, sub: str = "") -> str:
         return join(self.pretrain(family, sub), FINAL)
+
+    def pretrain_level(self, family: str, sub: str = "", level: float = 1.0) -> str:
+        """A training run's published model at a pretraining level (1.0: ``final/``)."""
+        if float(level) >= 1.0:
+            return self.pretrain_final(family, sub)
+        return join(self.pretrain(family, sub), f"level-{float(level):g}")
 
     def pretrain_costs(self, family: str, sub: str = "") -> str:
         return join(self.pretrain(family, sub), COSTS)

@@ -98,6 +98,7 @@ def tiny_recipe_dict(run_dir: str, paths: dict[str, str], **sweep) -> dict:
         "kmeans": {"k_is": 4, "k_mix": 2, "k_pn": 2, "fit_sample": 4000, "max_iter": 20},
         "pretrain": {"slm_size": "tiny", "llm_size": "demo-slm",
                      "steps": {"slm": 30, "llm": 30, "is": 20, "mix": 20, "pn": 30},
+                     "levels": [0.5, 1.0],  # every run also publishes its model at half its steps
                      "pn_h": 2, "pn_m": 2, "logger": "tensorboard", "valid_fraction": 0.05,
                      "train": {"micro_batch": 8, "lr": 0.003, "warmup": 5, "eval_every": 10,
                                "eval_batches": 2, "ckpt_every": 30, "zero_stage": 1},

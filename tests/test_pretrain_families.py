@@ -120,3 +120,33 @@ def test_pn_trains_a_projected_model_routed_by_cluster(run):
     dense = train_flops_per_token(lm_config("tiny", _vocab(root), seq), seq) * c["tokens"]
     assert c["flops"] > dense  # + materialising the experts present in each micro-batch
     assert c["params"] == pn.param_counts()["total"]
+
+
+def test_every_run_publishes_its_pretraining_levels_from_the_same_run(run):
+    """pretrain.levels [0.5, 1]: one pretraining run per family (and per expert / per domain)
+    also publishes its model at half its steps (level-0.5/), with the costs to that step in its
+    manifest; the level's model is the run's weights at that step, not the final ones."""
+    import torch
+    from safetensors.torch import load_file
+
+    from slm.layout import RunLayout, expert_name
+    from slm.stage import manifest
+
+    root, recipe = run
+    layout = RunLayout(root)
+    runs = [("slm", ""), ("llm", ""), ("pn", ""), ("is", "numeric")]
+    runs += [("mix", expert_name(i)) for i in range(recipe.kmeans.k_mix)]
+    for fam, sub in runs:
+        level = manifest(layout.pretrain_level(fam, sub, 0.5))
+        final = manifest(layout.pretrain_final(fam, sub))
+        assert level is not None and final is not None, (fam, sub)
+        half = recipe.pretrain.level_steps(fam)[0.5]
+        assert level["config"]["level_step"] == half == round(recipe.pretrain.steps[fam] / 2)
+        assert level["costs"]["steps"] == half and final["costs"]["steps"] == recipe.pretrain.steps[fam]
+        assert 0 < level["costs"]["flops"] < final["costs"]["flops"]
+        assert level["costs"]["tokens"] == half * recipe.pretrain.train.micro_batch * recipe.data.seq_len
+        # same run, other weights: the level is a model of its own
+        a = load_file(os.path.join(layout.pretrain_level(fam, sub, 0.5), "model.safetensors"))
+        b = load_file(os.path.join(layout.pretrain_final(fam, sub), "model.safetensors"))
+        assert a.keys() == b.keys()
+        assert any(not torch.equal(a[k], b[k]) for k in a), (fam, sub)

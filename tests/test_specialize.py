@@ -191,3 +191,27 @@ def test_bad_sweep_config_names_the_field(tmp_path, override, field):
     path.write_text(yaml.safe_dump(to_dict(tiny_recipe(tmp_path))))
     with pytest.raises(ConfigError, match=field):
         load_recipe(str(path), override)
+
+
+def test_trials_from_a_pretraining_level_start_from_that_levels_models(recipe, trials):
+    """A trial at pretraining level 0.5 starts from the models saved at half their steps (the
+    experts' for SLM-mix, the domain's own for SLM-is, the materialised expert for SLM-pn) and
+    is charged the pretraining to that level only."""
+    from slm.stage import manifest
+    from slm.tune.grid import Trial, trial_uri
+    from slm.tune.specialize import specialize_trial
+
+    layout = RunLayout(recipe.run_dir)
+    r = dataclasses.replace(recipe, sweep=dataclasses.replace(recipe.sweep, name="unit"))
+    for m, runs in (("slm", [("slm", "")]), ("is", [("is", "numeric")]),
+                    ("mix", [("mix", f"expert-{i}") for i in range(recipe.kmeans.k_mix)]),
+                    ("pn", [("pn", "")])):
+        t = Trial("numeric", m, 10, 1024, 0, 0.002, 0.5)
+        row = specialize_trial(r, t, trial_uri(r, t))
+        level = sum(manifest(layout.pretrain_level(f, s, 0.5))["costs"]["flops"] for f, s in runs)
+        assert row["pretrain_level"] == 0.5 and row["trial"].endswith("--p0.5")
+        assert row["pretrain_flops"] == pytest.approx(level)
+        assert 0 < row["pretrain_flops"] < trials[m][1]["pretrain_flops"]
+        assert trials[m][1]["pretrain_level"] == 1.0
+        # another start than the final model's trial: another fine-tuned model
+        assert row["valid_loss"] != trials[m][1]["valid_loss"]

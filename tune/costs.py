@@ -42,13 +42,13 @@ import pandas as pd
 
 from slm.errors import InputError
 from slm.layout import RunLayout, expert_name
-from slm.models.config import FAMILY_INFO
-from slm.stage import exists, read_json, subdirs
+from slm.models.config import FAMILY_INFO, level_name
+from slm.stage import exists, join, manifest, read_json, subdirs
 
 from .methods import Method, get_method
 
-TRIAL_KEY = ("recipe", "domain", "method", "budget_steps", "domain_tokens", "seed")
-POINT_KEY = ("method", "budget_steps", "domain_tokens")
+TRIAL_KEY = ("recipe", "domain", "method", "budget_steps", "domain_tokens", "seed", "pretrain_level")
+POINT_KEY = ("method", "budget_steps", "domain_tokens", "pretrain_level")
 COST_KEYS = ("flops", "device_seconds")
 
 
@@ -66,46 +66,75 @@ def _costs_file(uri: str) -> dict[str, Any]:
     return c
 
 
+def with_levels(df: pd.DataFrame) -> pd.DataFrame:
+    """Results rows with a ``pretrain_level`` column (rows written before pretraining levels
+    existed were all specialized from the final model: level 1)."""
+    return df if "pretrain_level" in df.columns else df.assign(pretrain_level=1.0)
+
+
+def _run_costs(layout: RunLayout, fam: str, sub: str) -> dict[str, Any] | None:
+    """One training run's costs.json, with ``levels``: {level name: costs to that level} from
+    its published level models' manifests (pretrain.levels below 1); None if it did not finish."""
+    if not exists(layout.pretrain_costs(fam, sub)):
+        return None
+    c = _costs_file(layout.pretrain_costs(fam, sub))
+    levels = {}
+    for name in subdirs(layout.pretrain(fam, sub)):
+        if name.startswith("level-"):
+            found = (manifest(join(layout.pretrain(fam, sub), name)) or {}).get("costs")
+            if found is not None:
+                levels[name.removeprefix("level-")] = {k: float(found[k]) for k in COST_KEYS}
+    return {**c, "levels": levels}
+
+
 def load_pretrain_costs(run_dir: str) -> dict[str, Any]:
     """The measured pretraining costs of a run, per family (models/config.py FAMILY_INFO):
     a family trained once: its ``costs.json``; per expert (mix): summed over
     ``expert-<i>/costs.json`` (kept under ``experts``), else the family's summed file; per
-    domain (is): ``{domain: costs}``. Families that did not finish are absent."""
+    domain (is): ``{domain: costs}``. Each carries ``levels``: {level name: costs to that
+    pretraining level} (a mixture's: summed over experts). Families that did not finish are
+    absent."""
     layout = RunLayout(run_dir)
     out: dict[str, Any] = {}
     for fam, info in FAMILY_INFO.items():
         if info.runs == "per_domain":
-            per = {d: _costs_file(layout.pretrain_costs(fam, d)) for d in subdirs(layout.pretrain(fam))
-                   if exists(layout.pretrain_costs(fam, d))}
+            per = {d: c for d in subdirs(layout.pretrain(fam)) if (c := _run_costs(layout, fam, d))}
             if per:
                 out[fam] = per
             continue
         if info.runs == "per_expert":
             names = subdirs(layout.pretrain(fam))
-            experts = {str(i): _costs_file(layout.pretrain_costs(fam, expert_name(i)))
-                       for i in range(len(names))
-                       if expert_name(i) in names and exists(layout.pretrain_costs(fam, expert_name(i)))}
+            experts = {str(i): c for i in range(len(names))
+                       if expert_name(i) in names and (c := _run_costs(layout, fam, expert_name(i)))}
             if experts:
                 out[fam] = {k: float(sum(e[k] for e in experts.values())) for k in COST_KEYS}
                 out[fam]["params"] = int(sum(e.get("params", 0) for e in experts.values()))
                 out[fam]["experts"] = experts
+                common = set.intersection(*(set(e["levels"]) for e in experts.values()))
+                out[fam]["levels"] = {lv: {k: float(sum(e["levels"][lv][k] for e in experts.values()))
+                                           for k in COST_KEYS} for lv in sorted(common)}
                 continue
-        if exists(layout.pretrain_costs(fam)):
-            out[fam] = _costs_file(layout.pretrain_costs(fam))
+        c = _run_costs(layout, fam, "")
+        if c is not None:
+            out[fam] = c
     return out
 
 
-def pretrain_split(method: Method, pc: dict[str, Any], domain: str
+def pretrain_split(method: Method, pc: dict[str, Any], domain: str, level: float = 1.0
                    ) -> tuple[dict[str, float], dict[str, float], list[str]]:
-    """The one sum of a method's pretraining cost: (shared, per-domain, missing families).
-    Shared: its families pretrained once (C_pretrain); per-domain: the domain's own pretraining
-    (specialization, C_generic = 0); ``missing``: families ``pc`` (load_pretrain_costs) lacks."""
+    """The one sum of a method's pretraining cost at a pretraining ``level`` (the models it
+    starts from were saved at that fraction of their steps): (shared, per-domain, missing
+    families). Shared: its families pretrained once (C_pretrain); per-domain: the domain's own
+    pretraining (specialization, C_generic = 0); ``missing``: families ``pc``
+    (load_pretrain_costs) lacks, at that level."""
     shared = {k: 0.0 for k in COST_KEYS}
     own = {k: 0.0 for k in COST_KEYS}
     missing = []
     for fam in method.pretrains:
         per_domain = FAMILY_INFO[fam].runs == "per_domain"
         c = pc.get(fam, {}).get(domain) if per_domain else pc.get(fam)
+        if c is not None and float(level) < 1.0:
+            c = c.get("levels", {}).get(level_name(level))
         if c is None:
             missing.append(fam)
             continue
@@ -120,7 +149,7 @@ def pretrain_split(method: Method, pc: dict[str, Any], domain: str
 
 def select_trials(df: pd.DataFrame) -> pd.DataFrame:
     """One row per trial key: the LR with the lowest valid loss (ties: the first row)."""
-    order = df.reset_index(drop=True).sort_values("valid_loss", kind="stable")
+    order = with_levels(df).reset_index(drop=True).sort_values("valid_loss", kind="stable")
     best = order.drop_duplicates(list(TRIAL_KEY), keep="first")
     best = best.assign(n_lrs=order.groupby(list(TRIAL_KEY))["lr"].transform("count").loc[best.index])
     return best.sort_values(list(TRIAL_KEY), kind="stable").reset_index(drop=True)
@@ -136,7 +165,7 @@ def trial_costs(df: pd.DataFrame, pretrain_costs: dict[str, Any] | None = None) 
     pre_f, pre_s, spec_f, spec_s, basis = [], [], [], [], []
     for row in t.itertuples(index=False):
         method = get_method(row.method)
-        shared, own, missing = pretrain_split(method, pc, row.domain)
+        shared, own, missing = pretrain_split(method, pc, row.domain, row.pretrain_level)
         src = "costs.json" if method.pretrains else "none"
         if missing:  # the row's pretraining columns, per domain only if every family is
             src = "results"

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from slm.configkit import ConfigError, to_dict
 from slm.layout import SPLITS, RunLayout, domain_set, train_root
+from slm.models.config import level_name
 from slm.models.lm import lm_config, lm_param_count
 from slm.stage import Stage, join, local_dir, manifest, subdirs
 
@@ -32,11 +33,14 @@ class Trial:
     domain_tokens: int
     seed: int
     lr: float  # base LR; divided by specialize.small_data_lr_div for small domains
+    level: float = 1.0  # pretraining level its start models were saved at (pretrain.levels)
 
     def key(self) -> str:
-        """Directory name of the trial (deterministic, filesystem-safe)."""
+        """Directory name of the trial (deterministic, filesystem-safe; the final model's
+        level 1 is left out, so keys of runs without levels do not change)."""
+        level = f"--p{level_name(self.level)}" if self.level < 1.0 else ""
         return (f"{self.domain}--{self.method}--b{self.budget_steps}--t{self.domain_tokens}"
-                f"--s{self.seed}--lr{self.lr:g}")
+                f"--s{self.seed}--lr{self.lr:g}{level}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,7 +48,7 @@ class Trial:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trial":
         return cls(str(d["domain"]), str(d["method"]), int(d["budget_steps"]),
-                   int(d["domain_tokens"]), int(d["seed"]), float(d["lr"]))
+                   int(d["domain_tokens"]), int(d["seed"]), float(d["lr"]), float(d.get("level", 1.0)))
 
 
 def trial_uri(recipe, trial: Trial, sweep: str | None = None) -> str:
@@ -187,5 +191,13 @@ def sweep_trials(recipe, domains: list[str] | None = None) -> list[Trial]:
                               f"{recipe.data.domain_train_tokens}); use one of those")
     methods = check_methods(recipe, sw.methods)
     lrs = sw.lrs or [spec.lr]
-    return [Trial(d, m, b, t, s, lr)
-            for d, m, b, t, s, lr in product(wanted, methods, sw.budgets, sizes, sw.seeds, lrs)]
+    return [Trial(d, m, b, t, s, lr, lv)
+            for d, m, b, t, s, lr in product(wanted, methods, sw.budgets, sizes, sw.seeds, lrs)
+            for lv in method_levels(recipe, m)]
+
+
+def method_levels(recipe, method: str) -> list[float]:
+    """The pretraining levels a method is specialized from: every one of pretrain.levels for a
+    method built from pretrained families, the final model's (1) alone for one that pretrains
+    nothing (SLM-nopt: its cost is the same at every level)."""
+    return [float(lv) for lv in recipe.pretrain.levels] if get_method(method).pretrains else [1.0]

@@ -37,7 +37,8 @@ from .planner import measured_levels, rank_levels
 from .results import check_one_recipe, find_results, read_results
 
 AMORTIZATION_NS = (1, 7, 50)
-FIGURES = ("ppl_vs_pretrain.png", "ppl_vs_specialize.png", "amortization.png", "decision.png")
+FIGURES = ("ppl_vs_pretrain.png", "ppl_vs_pretrain_levels.png", "ppl_vs_specialize.png", "amortization.png",
+           "decision.png")
 PERPLEXITY_TABLE = "perplexity_table.csv"
 METHOD_COSTS = "method_costs.csv"
 
@@ -147,6 +148,31 @@ def fig_ppl_vs_cost(points: pd.DataFrame, cost: str, xlabel: str) -> bytes:
         ax.set_ylabel("macro test perplexity")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def fig_pretrain_levels(points: pd.DataFrame) -> bytes:
+    """The paper's Fig. 4 view: macro perplexity against the pretraining cost of the level the
+    models were specialized from (pretrain.levels), one panel per (specialization budget,
+    domain size), one curve per method (a method that pretrains nothing: a point at 0)."""
+    budgets, sizes = sorted(set(points["budget_steps"])), _sizes(points)
+    fig = Figure(figsize=(4.5 * len(sizes), 3.6 * len(budgets)))
+    axes = fig.subplots(len(budgets), len(sizes), squeeze=False)
+    fig.subplots_adjust(wspace=0.3, hspace=0.45)
+    for row, b in zip(axes, budgets):
+        for ax, t in zip(row, sizes):
+            at = points[(points["budget_steps"] == b) & (points["domain_tokens"] == t)]
+            for m, g in at.groupby("method"):
+                g = g.sort_values("c_pretrain_flops")
+                ax.plot(g["c_pretrain_flops"], g["macro_ppl"], marker="o", color=_color(m), label=m)
+            positive = at["c_pretrain_flops"][at["c_pretrain_flops"] > 0]
+            ax.set_xscale("symlog", linthresh=float(positive.min()) / 10 if len(positive) else 1.0)
+            ax.set_yscale("log")
+            ax.set_title(f"{b} steps, {t:,} domain tokens", fontsize=9)
+            ax.set_xlabel("C_pretrain of the level [FLOPs]")
+            ax.set_ylabel("macro test perplexity")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     return _png(fig)
 
 
@@ -283,7 +309,10 @@ def write_report(recipe, extra_results: Iterable[str] = ()) -> str:
     raw = raw.assign(source=raw["source"].map(lambda p: shown_path(layout, p)))
     points = aggregate_points(trials)
     amort = amortization_table(points, AMORTIZATION_NS)
-    pt = perplexity_table(trials.sort_values("valid_loss", kind="stable")
+    # the perplexity table is of the final models (pretraining level 1); the levels have
+    # their own figure
+    final = trials[trials["pretrain_level"] >= 1.0]
+    pt = perplexity_table(final.sort_values("valid_loss", kind="stable")
                           .drop_duplicates(["recipe", "domain", "method", "budget_steps",
                                             "domain_tokens", "seed"]))
     small_served = points[points["method"].map(lambda m: not get_method(m).serves_large)]
@@ -292,7 +321,9 @@ def write_report(recipe, extra_results: Iterable[str] = ()) -> str:
                       else points["inference_params"].min()))
     figures = {
         "ppl_vs_pretrain.png": fig_ppl_vs_cost(points, "c_pretrain_flops", "C_pretrain [FLOPs] (0 = none shared)"),
-        "ppl_vs_specialize.png": fig_ppl_vs_cost(points, "c_spec_flops", "C_specialize per domain [FLOPs]"),
+        "ppl_vs_pretrain_levels.png": fig_pretrain_levels(points),
+        "ppl_vs_specialize.png": fig_ppl_vs_cost(points[points["pretrain_level"] >= 1.0], "c_spec_flops",
+                                                 "C_specialize per domain [FLOPs] (final pretrained models)"),
         "amortization.png": fig_amortization(amort),
         "decision.png": fig_decision(points, small),
     }

@@ -60,15 +60,17 @@ def teacher_model(recipe, trial: Trial) -> tuple[str, dict[str, Any], str]:
     return uri, read_json(join(uri, TRIAL_ROW)), ref.key()
 
 
-def method_pretrain_costs(layout: RunLayout, method: Method, domain: str) -> dict[str, float]:
+def method_pretrain_costs(layout: RunLayout, method: Method, domain: str, level: float = 1.0) -> dict[str, float]:
     """The row's pretraining columns: everything the method's model was built with (all experts
-    of a mixture, teacher + student for SLM-d, the domain's own run for SLM-is, 0 for nopt)."""
-    shared, own, missing = pretrain_split(method, load_pretrain_costs(layout.root), domain)
+    of a mixture, teacher + student for SLM-d, the domain's own run for SLM-is, 0 for nopt),
+    up to the pretraining ``level`` its start models were saved at."""
+    shared, own, missing = pretrain_split(method, load_pretrain_costs(layout.root), domain, level)
     if missing:
         fam = missing[0]
         sub = domain if FAMILY_INFO[fam].runs == "per_domain" else ""
-        raise StageError(f"'{layout.pretrain_costs(fam, sub)}' is missing; the pretraining run did "
-                         f"not finish: re-run `slm pretrain --family {fam}`")
+        what = layout.pretrain_costs(fam, sub) if level >= 1.0 else layout.pretrain_level(fam, sub, level)
+        raise StageError(f"'{what}' is missing; the pretraining run did not finish (or level "
+                         f"{level:g} is not in its pretrain.levels): re-run `slm pretrain --family {fam}`")
     return {"pretrain_flops": shared["flops"] + own["flops"],
             "pretrain_device_seconds": shared["device_seconds"] + own["device_seconds"]}
 
@@ -111,7 +113,7 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
                              "(`slm data run`) for this domain and size")
     lr = small_data_lr(recipe, trial.lr, trial.domain_tokens)
     teacher_uri, teacher_row, teacher_key = teacher_model(recipe, trial)
-    pretrain = method_pretrain_costs(layout, method, trial.domain)
+    pretrain = method_pretrain_costs(layout, method, trial.domain, trial.level)
     work = trial_workdir(recipe, trial)
     t_start = time.perf_counter()
     starts = StartContext(recipe, work).starts(trial)
@@ -124,6 +126,7 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
         "recipe": recipe.name, "domain": trial.domain, "method": trial.method,
         "budget_steps": trial.budget_steps, "domain_tokens": trial.domain_tokens,
         "seed": trial.seed, "lr": lr, "expert": int(best["expert"]),
+        "pretrain_level": float(trial.level), "pretrain_seed": int(recipe.seed),
         "valid_loss": float(best["valid_loss"]), "test_loss": float(test_loss),
         "test_ppl": float(math.exp(min(test_loss, 50.0))),
         "steps_run": int(best["steps_run"]), "best_step": int(best["best_step"]),

@@ -32,14 +32,18 @@ from .methods import Start, get_method
 log = logging.getLogger(__name__)
 
 
-def pretrain_final(layout: RunLayout, family: str, domain: str = "", expert: int | None = None) -> str:
-    """The published model of a pretraining run: the family's, a per-domain family's for
-    ``domain``, a per-expert family's ``expert``. StageError when it is not published."""
+def pretrain_final(layout: RunLayout, family: str, domain: str = "", expert: int | None = None,
+                   level: float = 1.0) -> str:
+    """The published model of a pretraining run at a pretraining level (1: its final model):
+    the family's, a per-domain family's for ``domain``, a per-expert family's ``expert``.
+    StageError when it is not published."""
     runs = FAMILY_INFO[family].runs
     sub = domain if runs == "per_domain" else expert_name(expert) if runs == "per_expert" else ""
-    final = layout.pretrain_final(family, sub)
+    final = layout.pretrain_level(family, sub, level)
     if not exists(final):
-        raise StageError(f"pretrained model '{final}' is missing; run `slm pretrain --family {family}` first")
+        more = "" if level >= 1.0 else f" (level {level:g}: is it in pretrain.levels?)"
+        raise StageError(f"pretrained model '{final}' is missing{more}; run `slm pretrain --family "
+                         f"{family}` first")
     return final
 
 
@@ -91,7 +95,7 @@ class StartContext:
         return get_method(trial.method).start(self, trial)
 
     def pretrained(self, family: str, trial: Trial) -> Start:
-        return Start(pretrain_final(self.layout, family, domain=trial.domain))
+        return Start(pretrain_final(self.layout, family, domain=trial.domain, level=trial.level))
 
     def selected_experts(self, family: str, trial: Trial) -> list[Start]:
         """``specialize.expert_selection``: the expert of the train subset's most frequent
@@ -102,21 +106,22 @@ class StartContext:
             experts = [top_cluster(self.layout, k, train_subset(trial.domain, trial.domain_tokens))]
         elif spec.expert_selection == "lowest_loss":
             valid = self.layout.shards(domain_set(trial.domain, "valid"))
-            losses = {i: evaluate(load_lm(pretrain_final(self.layout, family, expert=i)), valid,
+            losses = {i: evaluate(load_lm(pretrain_final(self.layout, family, expert=i, level=trial.level)), valid,
                                   spec.micro_batch, spec.eval_batches) for i in experts}
             experts = [min(losses, key=losses.get)]
             log.info("%s/%s: valid losses before fine-tuning %s -> expert %d", trial.method,
                      trial.domain, losses, experts[0])
-        return [Start(pretrain_final(self.layout, family, expert=i), i) for i in experts]
+        return [Start(pretrain_final(self.layout, family, expert=i, level=trial.level), i) for i in experts]
 
     def materialized(self, family: str, trial: Trial) -> Start:
         """The routed family's expert of the train subset's most frequent cluster, written as
         a plain small model."""
         i = top_cluster(self.layout, self.recipe.kmeans.k_pn, train_subset(trial.domain, trial.domain_tokens))
-        final = pretrain_final(self.layout, family)
+        final = pretrain_final(self.layout, family, level=trial.level)
         config = {"family": family, "expert": i, "source": self.layout.relative(final),
                   "source_fingerprint": (manifest(final) or {}).get("fingerprint", "")}
-        d = self.written(f"init-{family}-{expert_name(i)}", config,
+        level = f"-p{trial.level:g}" if trial.level < 1.0 else ""
+        d = self.written(f"init-{family}-{expert_name(i)}{level}", config,
                          lambda: ProjectedLM.from_pretrained(local_dir(final, "model")).materialize(i))
         return Start(d, i)
 
