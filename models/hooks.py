@@ -146,7 +146,10 @@ class EarlyStopping(Hook):
 
     def on_start(self, tr) -> None:
         if tr.step == 0:  # the starting model is a candidate: fine-tuning may not help
-            self.track(tr, tr.evaluate())
+            t0 = time.perf_counter()
+            loss = tr.evaluate()
+            tr.costs.eval_device_seconds += (time.perf_counter() - t0) * tr.world  # device work too
+            self.track(tr, loss)
 
     def on_step(self, tr, metrics: dict[str, float]) -> None:
         if "valid/loss" not in metrics:
