@@ -20,7 +20,7 @@ seeds x 2 domain sizes = 50 trials, from the final pretrained models only). Each
   sweep, ``scheduling`` = sweep wall x slots - sum of trial walls.
 
     python bench/bench_sweep_efficiency.py --run runs/demo            # after `slm run`
-    python bench/bench_sweep_efficiency.py --run runs/demo --grids demo --runtimes local
+    python bench/bench_sweep_efficiency.py --run runs/demo --sweeps demo/local
 
 Writes bench/results/sweep_efficiency.json (top-level ``sweep_efficiency``: the local runtime's
 figure on each grid). Not a test: the two 50-trial sweeps take most of an hour on 2 cores.
@@ -87,25 +87,30 @@ def measure(recipe) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="runs/demo", help="a finished run (data and pretraining done)")
-    ap.add_argument("--grids", default=",".join(GRIDS))
-    ap.add_argument("--runtimes", default=",".join(RUNTIMES))
+    ap.add_argument("--sweeps", default="demo/train,demo/local,fifty/local,fifty/train",
+                    help=f"<grid>/<runtime> pairs in the order run (grids {GRIDS}, runtimes {RUNTIMES}); "
+                         "the JSON is written after each")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sweep_efficiency.json"))
     args = ap.parse_args()
     recipe = resolve_paths(load_run_recipe(args.run))
     stamp = time.strftime("%Y%m%d%H%M%S")
     results: dict = {"machine": machine(), "run": args.run, "command": " ".join(sys.argv), "sweeps": {}}
     with ray_session(recipe.cluster):
-        for grid in args.grids.split(","):
-            for runtime in args.runtimes.split(","):
-                r = measure(grid_recipe(recipe, grid, runtime, stamp))
-                results["sweeps"][f"{grid}/{runtime}"] = r
-                print(f"{grid}/{runtime}: {json.dumps(r)}", flush=True)
-    results["sweep_efficiency"] = {g: results["sweeps"][f"{g}/local"]["sweep_efficiency"]
-                                   for g in args.grids.split(",") if f"{g}/local" in results["sweeps"]}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+        for pair in args.sweeps.split(","):
+            grid, runtime = pair.split("/")
+            r = measure(grid_recipe(recipe, grid, runtime, stamp))
+            results["sweeps"][pair] = r
+            print(f"{pair}: {json.dumps(r)}", flush=True)
+            write(results, args.out)  # after every sweep: a long bench cut short keeps its figures
     print(json.dumps({k: v for k, v in results.items() if k != "sweeps"}, indent=2))
+
+
+def write(results: dict, out: str) -> None:
+    results["sweep_efficiency"] = {g.split("/")[0]: r["sweep_efficiency"]
+                                   for g, r in results["sweeps"].items() if g.endswith("/local")}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
 
 
 if __name__ == "__main__":

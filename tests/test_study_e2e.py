@@ -37,12 +37,19 @@ def test_run_study_end_to_end(recipe, capsys):
     assert tail[1].split()[0] == "data" and "stages:" in tail[1]
     for line, family in zip(tail[2:], r.pretrain.families):
         assert line.split()[:2] == ["pretrain", family] and f"pretrain/{family}" in line and "FLOPs" in line
-    assert "2 result rows; grid of 2 trials, 0 stopped early by ASHA -> specialize/study/results.parquet" in tail[-3]
+    # 2 methods x 2 pretraining levels (0.5, 1)
+    assert "4 result rows; grid of 4 trials, 0 stopped early by ASHA -> specialize/study/results.parquet" in tail[-3]
     assert tail[-2].split()[0] == "report" and tail[-1].startswith("  next: slm report --run ")
     assert os.path.exists(report)
     rows = pq.read_table(layout.results("study")).to_pylist()
-    assert sorted(row["method"] for row in rows) == ["pn", "slm"]
+    assert sorted((row["method"], row["pretrain_level"]) for row in rows) == [
+        ("pn", 0.5), ("pn", 1.0), ("slm", 0.5), ("slm", 1.0)]
     assert all(row["recipe"] == "tiny" and row["test_ppl"] > 1 for row in rows)
+    # the pretraining-budget axis: each level charged its own pretraining
+    by = {(row["method"], row["pretrain_level"]): row for row in rows}
+    for m in ("slm", "pn"):
+        assert 0 < by[(m, 0.5)]["pretrain_flops"] < by[(m, 1.0)]["pretrain_flops"]
+    assert os.path.isfile(os.path.join(os.path.dirname(report), "ppl_vs_pretrain_levels.png"))
     for m in ("slm", "pn"):
         assert os.path.isfile(os.path.join(layout.model("numeric", m), "model.safetensors"))
 

@@ -53,7 +53,7 @@ def test_interrupted_sweep_reruns_only_unfinished_trials(recipe, tmp_path):
                budgets=[6], domain_tokens=[1024], seeds=[0], max_concurrent=1)
     r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=3))
     trials = sweep_trials(r)
-    assert len(trials) == 2
+    assert len(trials) == 3  # slm from both pretraining levels (0.5, 1) + nopt (pretrains nothing)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(to_dict(r)))
     script = textwrap.dedent(f"""
@@ -112,7 +112,8 @@ def test_sweep_rejects_what_it_does_not_know(recipe):
     # the domain named: other tests may add domains to the shared run (`slm specialize`)
     every_size = _sweep(recipe, domains=["numeric"], methods=["slm", "pn"], seeds=[0, 1],
                         budgets=[5, 9], domain_tokens=[])
-    assert len(sweep_trials(every_size)) == 1 * 2 * 2 * 2 * 2  # domains x methods x budgets x sizes x seeds
+    # domains x methods x budgets x sizes x seeds x pretraining levels
+    assert len(sweep_trials(every_size)) == 1 * 2 * 2 * 2 * 2 * 2
 
 
 def _newest_mtime(path):
@@ -153,7 +154,8 @@ def test_asha_stopped_trials_are_recorded_as_stopped_and_not_announced_as_retrya
     r = _sweep(recipe, name="asha", domains=["numeric"], methods=["slm"], budgets=[6],
                domain_tokens=[1024], seeds=[0], lrs=[1e-4, 0.1], asha=True, asha_grace=2,
                max_concurrent=1)
-    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=2, patience=5))
+    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=2, patience=5),
+                            pretrain=dataclasses.replace(r.pretrain, levels=[1.0]))  # the final models only
     good, bad = sweep_trials(r)
     assert (good.lr, bad.lr) == (1e-4, 0.1)
     text = _sweep_in_subprocess(r, tmp_path / "recipe.yaml")
