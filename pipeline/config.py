@@ -93,9 +93,10 @@ class KMeansConfig:
     balanced_mix: bool = field(default=False, metadata={"help": "balanced assignment for the mixture's experts (as c-BTM)"})
     max_iter: int = field(default=100, metadata={"help": "k-means iterations"})
     n_init: int = field(default=1, metadata={"help": "k-means restarts"})
+    fit_cpus: float = field(default=1.0, metadata={"help": "CPUs of the Ray task that fits the centroids (it runs where the cluster has them, not on the head)"})
 
     def validate(self) -> None:
-        positive(self, "k_is", "k_mix", "k_pn", "fit_sample", "max_iter", "n_init")
+        positive(self, "k_is", "k_mix", "k_pn", "fit_sample", "max_iter", "n_init", "fit_cpus")
 
     def ks(self) -> list[int]:
         return sorted({self.k_is, self.k_mix, self.k_pn})

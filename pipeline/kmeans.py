@@ -209,13 +209,33 @@ def fit_kmeans(layout: RunLayout, k: int, cfg: KMeansConfig, seed: int, force: b
         raise InputError(f"k={k} clusters but the generic set has only {n_total} windows "
                          f"('{src}'); lower kmeans.k_is/k_mix/k_pn to at most {n_total} or use "
                          "a bigger generic corpus")
+    # the fit runs as a Ray task with its own CPUs (kmeans.fit_cpus) where the cluster has them,
+    # not on the head: it reads its sample from storage itself and returns only the centroids
+    args = (src, max(cfg.fit_sample, k), n_total, k, seed, cfg.n_init, cfg.max_iter, balanced, balance_rounds)
+    if ray.is_initialized():
+        cpus = min(cfg.fit_cpus, ray.cluster_resources().get("CPU", cfg.fit_cpus) or cfg.fit_cpus)
+        fit = ray.remote(num_cpus=cpus)(fit_centroids)
+        res = ray.get(fit.options(name=f"kmeans-fit-k{k}").remote(*args))
+    else:
+        res = fit_centroids(*args)
+    centroids, offsets = res.pop("centroids"), res.pop("offsets")
+    with st.publish() as out:
+        save_centroids(out.file(CENTROIDS_FILE), centroids, offsets)
+        out.manifest.update(k=k, dim=int(centroids.shape[1]), generic_rows=n_total, balanced=balanced, **res)
+    log.info("k-means k=%d on %d sampled windows (balanced=%s)", k, res["sample_rows"], balanced)
+    return out_uri
+
+
+def fit_centroids(src: str, target: int, n_total: int, k: int, seed: int, n_init: int, max_iter: int,
+                  balanced: bool, balance_rounds: int) -> dict[str, Any]:
+    """Sample ≤ ``target`` embeddings of ``src`` and fit ``k`` centroids (sklearn Lloyd, then the
+    balanced rounds); returns the centroids, offsets and the figures the manifest records."""
     t0 = time.time()
-    target = max(cfg.fit_sample, k)
     x = sample_embeddings(src, target, n_total, seed)
     if len(x) < k:  # the seeded sample fell short of k: take the first rows instead
         x = sample_embeddings(src, target, target, seed)
     sample_seconds = time.time() - t0
-    km = KMeans(n_clusters=k, init="k-means++", n_init=cfg.n_init, max_iter=cfg.max_iter,
+    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter,
                 random_state=seed, algorithm="lloyd")
     km.fit(x)
     centroids = km.cluster_centers_.astype(np.float32)
@@ -223,17 +243,13 @@ def fit_kmeans(layout: RunLayout, k: int, cfg: KMeansConfig, seed: int, force: b
     if balanced:
         centroids, offsets = balanced_lloyd(x, centroids, balance_rounds, seed)
     labels, dist = nearest(x, centroids, offsets)
-    sizes = np.bincount(labels, minlength=k)
-    with st.publish() as out:
-        save_centroids(out.file(CENTROIDS_FILE), centroids, offsets)
-        out.manifest.update(
-            k=k, dim=int(centroids.shape[1]), sample_rows=int(len(x)), generic_rows=n_total,
-            inertia=float(np.square(dist, dtype=np.float64).sum()),
-            sklearn_inertia=float(km.inertia_), iterations=int(km.n_iter_),
-            sizes=sizes.tolist(), balanced=balanced, sample_seconds=round(sample_seconds, 3),
-            fit_seconds=round(time.time() - t0 - sample_seconds, 3))
-    log.info("k-means k=%d on %d sampled windows (balanced=%s)", k, len(x), balanced)
-    return out_uri
+    return {"centroids": centroids, "offsets": offsets, "sample_rows": int(len(x)),
+            "inertia": float(np.square(dist, dtype=np.float64).sum()),
+            "sklearn_inertia": float(km.inertia_), "iterations": int(km.n_iter_),
+            "sizes": np.bincount(labels, minlength=k).tolist(),
+            "sample_seconds": round(sample_seconds, 3), "fit_seconds": round(time.time() - t0 - sample_seconds, 3),
+            # where it ran: a Ray worker (a task with its own CPUs) or the calling process
+            "fit_in_ray_task": ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE}
 
 
 # --------------------------------------------------------------------------------------------

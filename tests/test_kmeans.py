@@ -74,6 +74,7 @@ def test_fit_and_assign_agree_with_sklearn(run):
     m = stage.manifest(uri)
     assert m["sample_rows"] == 400 and sum(m["sizes"]) == 400 and m["balanced"] is False
     assert m["inertia"] == pytest.approx(ref.inertia_, rel=1e-4)
+    assert m["fit_in_ray_task"] is True  # fitted in a Ray task with its own CPUs, not the driver
 
     got = read_assign(layout, 4, "generic")
     assert got.schema.field("cluster").type == pa.int32()

@@ -1,6 +1,8 @@
-"""Evaluating a model on a published shard (driver/trial side; domain valid/test shards are
-small): the test loss of a specialized model, the valid losses that pick an expert; and loading
-and saving the HF models evaluated (local paths or object-storage URIs)."""
+"""Evaluating a model on a published shard (in a sweep trial's process, on its device; domain
+valid/test shards are small): the valid losses that pick an expert (``lowest_loss``), a
+published model's loss in tests and tools; and loading and saving the HF models evaluated (local
+paths or object-storage URIs). A trial's own test loss is measured by its training loop
+(models/hooks.py ``TestEvaluation``)."""
 
 from __future__ import annotations
 
@@ -37,11 +39,14 @@ def shard_batches(uri: str, batch_size: int, max_batches: int = 0) -> Iterator[t
 
 
 def evaluate(model, uri: str, batch_size: int = 8, max_batches: int = 0) -> float:
-    """Mean next-token loss (nats) of ``model`` over a shard (token-weighted)."""
-    model.eval()
+    """Mean next-token loss (nats) of ``model`` over a shard (token-weighted), on this process's
+    GPU when it has one (a sweep trial's actor that holds a GPU), else on its CPUs."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in shard_batches(uri, batch_size, max_batches):
+            ids = ids.to(device)
             loss, n = lm_loss(model(input_ids=ids).logits, ids)
             total += float(loss) * n
             count += n
