@@ -74,6 +74,8 @@ def measure(recipe) -> dict:
     trial_wall = sum(r["wall_seconds"] for r in rows)
     phases = {k: round(sum(r[f"phase_{k}_seconds"] for r in rows), 2) for k in (*PHASES, "other")}
     return {"sweep": recipe.sweep.name, "trials": len(rows), "grid_trials": len(trials),
+            # rows >= grid (teachers outside the grid add rows); False: stopped (Ctrl-C) midway
+            "complete": len(rows) >= len(trials),
             "concurrent_trials": slots, "sweep_wall_seconds": round(wall, 2),
             "trial_wall_seconds": round(trial_wall, 2), "device_seconds": round(device, 2),
             "train_device_seconds": round(sum(r["trial_device_seconds"] for r in rows), 2),
