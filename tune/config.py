@@ -52,7 +52,7 @@ class SweepConfig:
     domain_tokens: list[int] = field(default_factory=list, metadata={"help": "domain train sizes ([] = all of data.domain_train_tokens)"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds"})
     lrs: list[float] = field(default_factory=list, metadata={"help": "LRs to search ([] = specialize.lr)"})
-    asha: bool = field(default=False, metadata={"help": "ASHA early termination on valid loss"})
+    asha: bool = field(default=False, metadata={"help": "ASHA early termination on valid loss, ranking only like trials (same domain, method, domain size, budget and pretraining level: LRs and seeds compete; tune/schedulers.py)"})
     max_concurrent: int = field(default=0, metadata={"help": "trials at once (0 = as resources allow)"})
     cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs per trial (per worker of a trial of several workers)"})
     gpus_per_trial: float = field(default=0.0, metadata={"help": "GPUs per trial; a fraction (e.g. 0.5: two trials share a GPU) only with workers_per_trial 1"})

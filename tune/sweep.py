@@ -35,7 +35,6 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 import ray.tune
-from ray.tune.schedulers import ASHAScheduler
 
 from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session
 from slm.config import resolve_paths
@@ -46,6 +45,7 @@ from slm.stage import MANIFEST, exists, filesystem, is_remote, join, manifest, p
 
 from .grid import Trial, sweep_trials, teacher_trials, trial_done, trial_uri
 from .results import write_table
+from .schedulers import GroupedASHA
 from .specialize import specialize_trial
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,11 @@ def _tuner(recipe, phase: str, trials: list[Trial]):
     param_space = {"trial": ray.tune.grid_search([t.to_dict() for t in trials])}
     scheduler = None
     if sw.asha and phase != TEACHERS:  # a teacher stopped early would leave its students none
-        # every valid evaluation of the loop reaches Tune as one result with "valid/loss"
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="valid/loss", mode="min",
-                                  grace_period=sw.asha_grace, max_t=max(2, max(sw.budgets)))
+        # every valid evaluation of the loop reaches Tune as one result with "valid/loss" and
+        # "step"; like trials only are ranked together (tune/schedulers.py)
+        every = recipe.specialize.eval_every
+        scheduler = GroupedASHA(time_attr="step", metric="valid/loss", mode="min",
+                                grace_period=sw.asha_grace * every, max_t=max(2 * every, max(sw.budgets)))
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
