@@ -79,10 +79,11 @@ class ScalingConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per worker"})
     max_failures: int = field(default=3, metadata={"help": "worker failures to recover from (FailureConfig)"})
     parallel_experts: int = field(default=0, metadata={"help": "SLM-mix experts trained at once (0 = as resources allow)"})
+    parallel_families: int = field(default=0, metadata={"help": "families pretrained at once by slm run (0 = as many runs as the cluster holds; 1 = one after another)"})
 
     def validate(self) -> None:
         positive(self, "num_workers", "cpus_per_worker")
-        positive(self, "max_failures", "parallel_experts", allow_zero=True)
+        positive(self, "max_failures", "parallel_experts", "parallel_families", allow_zero=True)
 
 
 @dataclass

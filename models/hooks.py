@@ -104,6 +104,9 @@ class CostMeter(Hook):
     def on_step(self, tr, metrics: dict[str, float]) -> None:
         c = tr.costs
         c.add_step(*tr.step_cost)
+        # when the run trained (wall clock): which runs of a study overlapped
+        c.extra.setdefault("first_step_at", time.time())
+        c.extra["last_step_at"] = time.time()
         metrics.update({"cost/flops": c.flops, "cost/device_seconds": c.device_seconds,
                         "cost/tokens": float(c.tokens)})
 

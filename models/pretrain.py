@@ -27,6 +27,9 @@ driving its own TorchTrainer (Train-in-Tune), at most ``scaling.parallel_experts
 from __future__ import annotations
 
 import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,6 +51,8 @@ from .launch import (RunSpec, check_resumable, publish_final, publish_levels, ru
                      storage_path)
 from .loop_config import pretraining_config
 from .metrics import sum_costs
+
+log = logging.getLogger(__name__)
 
 
 def recipe_domains(recipe) -> list[str]:
@@ -203,19 +208,25 @@ def _expert_trial(cfg: dict[str, Any], job: _Family | None = None) -> dict[str, 
     return {"expert": int(cfg["expert"]), "finished": out["finished"]}
 
 
-def _parallel_experts(recipe, todo: list[int]) -> int:
-    """How many experts train at once: scaling.parallel_experts, else as many runs as the
-    cluster's GPUs (GPU training) or CPUs hold, keeping one CPU free for the Ray Data tasks
-    that feed the workers (on CPU-only clusters they compete with the workers)."""
+def runs_that_fit(recipe) -> int:
+    """How many training runs of ``pretrain.scaling`` the cluster holds at once: its GPUs (GPU
+    training) or CPUs, keeping one CPU free for the Ray Data tasks that feed the workers (on
+    CPU-only clusters they compete with the workers). At least 1."""
     sc = recipe.pretrain.scaling
-    if sc.parallel_experts:
-        return min(sc.parallel_experts, len(todo))
     res = ray.cluster_resources()
     if sc.use_gpu:
         fits = res.get("GPU", 0) // sc.num_workers
     else:
         fits = (res.get("CPU", 1) - 1) // (sc.num_workers * sc.cpus_per_worker)
-    return int(max(1, min(len(todo), fits)))
+    return int(max(1, fits))
+
+
+def _parallel_experts(recipe, todo: list[int]) -> int:
+    """How many experts train at once: scaling.parallel_experts, else as many runs as fit."""
+    sc = recipe.pretrain.scaling
+    if sc.parallel_experts:
+        return min(sc.parallel_experts, len(todo))
+    return min(len(todo), runs_that_fit(recipe))
 
 
 def _train_experts(job: _Family) -> dict[str, Any]:
@@ -304,3 +315,40 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
         if info.runs == "per_domain":
             return _train_domains(job, domains or recipe_domains(recipe))
         return _train_one(job, shards)
+
+
+def pretrain_families(recipe, families: list[str], domains: list[str] | None = None,
+                      recipe_path: str | None = None) -> list[dict[str, Any]]:
+    """Pretrain several families, as many at once as the cluster holds runs of
+    ``pretrain.scaling`` (``runs_that_fit``; ``scaling.parallel_families`` caps it): each
+    family's ``pretrain`` in a thread of this driver, each driving its own TorchTrainer (or its
+    experts' Tune grid), so GPUs are not left idle while one family trains. Returns, in the
+    order of ``families``, ``{"family", "seconds", "started", "ended", "out"}``; the first
+    failure is raised once every family has stopped (the others' runs are kept). ``domains``
+    (per-domain families only) as in ``pretrain``."""
+    def one(family: str) -> dict[str, Any]:
+        per_domain = FAMILY_INFO[family].runs == "per_domain"
+        t0 = time.time()
+        out = pretrain(recipe, family, domains=domains if per_domain else None, recipe_path=recipe_path)
+        return {"family": family, "seconds": time.time() - t0, "started": t0, "ended": time.time(), "out": out}
+
+    with ray_session(recipe.cluster):
+        # a family of one run per expert already fills the cluster with its experts (a Tune
+        # grid, which wants the main thread): it trains alone, the others together
+        alone = [f for f in families if FAMILY_INFO[f].runs == "per_expert"]
+        together = [f for f in families if f not in alone]
+        cap = recipe.pretrain.scaling.parallel_families or len(families)
+        at_once = max(1, min(len(together), runs_that_fit(recipe), cap))
+        done = {f: one(f) for f in alone}
+        if at_once == 1:
+            done.update({f: one(f) for f in together})
+        else:
+            log.info("pretraining %d families at once (%s)", at_once, ", ".join(together))
+            with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="pretrain") as pool:
+                futures = {f: pool.submit(one, f) for f in together}
+                wait(list(futures.values()))
+            for fut in futures.values():
+                if fut.exception() is not None:
+                    raise fut.exception()
+            done.update({f: fut.result() for f, fut in futures.items()})
+        return [done[f] for f in families]

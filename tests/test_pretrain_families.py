@@ -150,3 +150,38 @@ def test_every_run_publishes_its_pretraining_levels_from_the_same_run(run):
         b = load_file(os.path.join(layout.pretrain_final(fam, sub), "model.safetensors"))
         assert a.keys() == b.keys()
         assert any(not torch.equal(a[k], b[k]) for k in a), (fam, sub)
+
+
+def test_families_whose_runs_fit_pretrain_at_once(run, tmp_path):
+    """The tiny recipe's runs take 0.5 CPU of a 2-CPU Ray (one CPU kept for the data feed): two
+    fit, so `slm run` pretrains slm and llm at once (each in its own TorchTrainer), and their
+    training steps overlap in time. Their data comes from a copy of the shared run's data."""
+    import dataclasses
+    import shutil
+
+    from slm.models.pretrain import pretrain_families, runs_that_fit
+
+    root, recipe = run
+    new = tmp_path / "run"
+    shutil.copytree(os.path.join(root, "data"), new / "data")
+    p = dataclasses.replace(recipe.pretrain, steps={**recipe.pretrain.steps, "slm": 40, "llm": 40},
+                            levels=[1.0])
+    r = dataclasses.replace(recipe, run_dir=str(new), pretrain=p)
+    assert runs_that_fit(r) == 2
+    done = pretrain_families(r, ["slm", "llm"])
+    assert [d["family"] for d in done] == ["slm", "llm"]
+    spans = []
+    for fam in ("slm", "llm"):
+        c = _costs(os.path.join(new, "pretrain", fam, "costs.json"))
+        assert c["steps"] == 40 and os.path.isdir(os.path.join(new, "pretrain", fam, "final"))
+        spans.append((c["first_step_at"], c["last_step_at"]))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, f"the two runs trained one after the other: {spans}"
+    # parallel_families: 1 trains them one after another
+    one = dataclasses.replace(r, run_dir=str(tmp_path / "one"),
+                              pretrain=dataclasses.replace(p, scaling=dataclasses.replace(p.scaling, parallel_families=1)))
+    shutil.copytree(os.path.join(root, "data"), tmp_path / "one" / "data")
+    pretrain_families(one, ["slm", "llm"])
+    s = [(c["first_step_at"], c["last_step_at"]) for c in
+         (_costs(os.path.join(tmp_path, "one", "pretrain", f, "costs.json")) for f in ("slm", "llm"))]
+    assert s[0][1] < s[1][0]

@@ -14,9 +14,8 @@ import pyarrow.parquet as pq
 
 from slm.cluster.ray_env import ray_session
 from slm.layout import RunLayout
-from slm.models.config import FAMILY_INFO
 from slm.models.metrics import console
-from slm.models.pretrain import pretrain
+from slm.models.pretrain import pretrain_families
 from slm.pipeline.run import run_pipeline
 from slm.stage import exists, filesystem, rebuild_hint, read_json
 
@@ -39,12 +38,10 @@ def run_study(recipe, force: bool = False) -> str:
         with rebuild_hint("pass --force"):  # `slm run --force` rebuilds the data stages only
             data = run_pipeline(recipe, force=force)
         lines.append(("data", time.time() - t, _data_result(data)))
-        for family in recipe.pretrain.families:
-            t = time.time()
-            # a family pretrained per domain (SLM-is): only for the domains the sweep specializes
-            per_domain = FAMILY_INFO[family].runs == "per_domain"
-            out = pretrain(recipe, family, domains=(recipe.sweep.domains or None) if per_domain else None)
-            lines.append((f"pretrain {family}", time.time() - t, _pretrain_result(layout, out)))
+        # families train at once where the cluster holds several runs; a family pretrained
+        # per domain (SLM-is) only for the domains the sweep specializes
+        for done in pretrain_families(recipe, recipe.pretrain.families, domains=recipe.sweep.domains or None):
+            lines.append((f"pretrain {done['family']}", done["seconds"], _pretrain_result(layout, done["out"])))
         t = time.time()
         results = run_sweep(recipe)
         lines.append((f"sweep {recipe.sweep.name}", time.time() - t, _sweep_result(recipe, layout, results)))
