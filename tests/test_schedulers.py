@@ -8,7 +8,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from slm.tune.schedulers import GroupedASHA, like_key
 
-KW = dict(time_attr="step", metric="valid/loss", mode="min", grace_period=4, max_t=16, reduction_factor=2)
+KW = dict(time_attr="step", metric="valid/loss", mode="min", grace_period=4, max_t=16, reduction_factor=2,
+          stop_last_trials=False)  # as tune/sweep.py builds it
 
 
 def _trial(method: str, lr: float, level: float = 1.0) -> Trial:
@@ -38,10 +39,13 @@ def test_grouped_asha_ranks_only_like_trials():
     assert like_key(slm.config) == like_key(slm_bad_lr.config) != like_key(half.config)
 
 
-def test_time_is_in_steps_and_ends_at_the_largest_budget():
+def test_time_is_in_steps_and_a_trial_is_never_stopped_at_its_last_step():
+    """Rungs are in optimizer steps (a report at step 2 is before the grace period of 4); a
+    trial reaching max_t (the largest budget) is not stopped: that report is its last one, and
+    stopping it there would stop it before it publishes its model."""
     s = GroupedASHA(**KW)
     t = _trial("slm", 1e-3)
     s.on_trial_add(None, t)
     assert s.on_trial_result(None, t, {"step": 2, "valid/loss": 5.0}) == TrialScheduler.CONTINUE
-    assert s.on_trial_result(None, t, {"step": 16, "valid/loss": 4.0}) == TrialScheduler.STOP  # max_t
+    assert s.on_trial_result(None, t, {"step": 16, "valid/loss": 4.0}) == TrialScheduler.CONTINUE
     s.on_trial_complete(None, t, {"step": 16, "valid/loss": 4.0})

@@ -113,8 +113,11 @@ def _tuner(recipe, phase: str, trials: list[Trial]):
         # every valid evaluation of the loop reaches Tune as one result with "valid/loss" and
         # "step"; like trials only are ranked together (tune/schedulers.py)
         every = recipe.specialize.eval_every
+        # (a trial ends itself at its budget: ASHA stopping it there would stop its final
+        # report, before it publishes)
         scheduler = GroupedASHA(time_attr="step", metric="valid/loss", mode="min",
-                                grace_period=sw.asha_grace * every, max_t=max(2 * every, max(sw.budgets)))
+                                grace_period=sw.asha_grace * every, max_t=max(2 * every, max(sw.budgets)),
+                                stop_last_trials=False)
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
