@@ -20,6 +20,7 @@ from slm.config import Recipe, dump_recipe, load_recipe, load_run_recipe, overri
 from slm.configkit import add_flags
 from slm.errors import SlmError
 from slm.layout import RunLayout
+from slm.pipeline.config import STAGE_GROUPS
 from slm.runlock import run_lock
 from slm.stage import check_storage, rebuild_hint, storage_failure
 
@@ -72,7 +73,7 @@ def cmd_data_run(args) -> int:
     from slm.pipeline.run import run_pipeline  # lazy: imports Ray
 
     with _writing(args, recipe.run_dir, create=True), rebuild_hint("pass --force"):  # --force: every data stage
-        run_pipeline(recipe, force=args.force)
+        run_pipeline(recipe, force=args.force, until=args.until)
     return 0
 
 
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_data_run)
     _with_recipe(p)
     p.add_argument("--force", action="store_true", help="rebuild stages that are already done")
+    p.add_argument("--until", default="", metavar="STAGE",
+                   choices=("",) + STAGE_GROUPS,
+                   help=f"stop after this stage group ({', '.join(STAGE_GROUPS)}; default: all)")
 
     p = add("pretrain", cmd_pretrain, "pretrain model families with Ray Train + DeepSpeed")
     p.add_argument("--family", action="append", choices=["slm", "llm", "is", "mix", "pn"],

@@ -129,6 +129,7 @@ def resolve_paths(recipe: Recipe) -> Recipe:
     directory. Ray Tune runs trials in their own directories, so a relative ``run_dir`` read
     inside a trial would point elsewhere; idempotent."""
     corpus = replace(recipe.corpus, generic=_absolute(recipe.corpus.generic),
+                     hub_root=_absolute(recipe.corpus.hub_root),
                      domains={d: _absolute(p) for d, p in recipe.corpus.domains.items()})
     cluster = replace(recipe.cluster, storage=_absolute(recipe.cluster.storage))
     return replace(recipe, run_dir=_absolute(recipe.run_dir), corpus=corpus, cluster=cluster)
