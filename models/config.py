@@ -29,6 +29,7 @@ FAMILY_INFO: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("pn", "slm", "one", routed=True, help="projected network over k_pn clusters"),
 )}
 FAMILIES = tuple(FAMILY_INFO)
+LOGGERS = ("tensorboard", "mlflow", "wandb", "none")  # pretrain.logger (slm/needs.py: their packages)
 
 # Transformer presets: (layers, d_model, heads, d_ff). paper-* follow paper.md §6 (Table 6).
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -115,5 +116,5 @@ class PretrainConfig:
         positive(self, "pn_h", "pn_m")
         if not 0.0 < self.valid_fraction < 0.5:
             raise ConfigError(f"field 'valid_fraction' is {self.valid_fraction}; use a fraction in (0, 0.5), e.g. 0.01")
-        if self.logger not in ("tensorboard", "mlflow", "wandb", "none"):
-            raise ConfigError(f"field 'logger' is '{self.logger}'; use tensorboard, mlflow, wandb or none")
+        if self.logger not in LOGGERS:
+            raise ConfigError(f"field 'logger' is '{self.logger}'; use {', '.join(LOGGERS)}")
