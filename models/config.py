@@ -80,10 +80,14 @@ class ScalingConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per worker"})
     max_failures: int = field(default=3, metadata={"help": "worker failures to recover from (FailureConfig)"})
     parallel_experts: int = field(default=0, metadata={"help": "SLM-mix experts trained at once (0 = as resources allow)"})
+    spot_families: list[str] = field(default_factory=list, metadata={"help": "families whose runs go to spot nodes (their workers ask for the `spot` resource only spot node types declare), e.g. [mix]: many short expert runs, each resumed from its checkpoint when a node is preempted"})
 
     def validate(self) -> None:
         positive(self, "num_workers", "cpus_per_worker")
         positive(self, "max_failures", "parallel_experts", allow_zero=True)
+        for f in self.spot_families:
+            if f not in FAMILIES:
+                raise ConfigError(f"field 'spot_families' has unknown family '{f}'; known: {', '.join(FAMILIES)}")
 
 
 @dataclass

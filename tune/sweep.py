@@ -37,7 +37,8 @@ import ray
 import ray.tune
 from ray.tune.schedulers import ASHAScheduler
 
-from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session
+from slm.cluster.config import spot_resources
+from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session, warn_without_spot
 from slm.config import resolve_paths
 from slm.errors import StageError
 from slm.layout import TRIAL_ROW, RunLayout
@@ -113,6 +114,8 @@ def _tuner(recipe, phase: str, trials: list[Trial]):
         # every valid evaluation of the loop reaches Tune as one result with "valid/loss"
         scheduler = ASHAScheduler(time_attr="training_iteration", metric="valid/loss", mode="min",
                                   grace_period=sw.asha_grace, max_t=max(2, max(sw.budgets)))
+    if sw.spot:
+        warn_without_spot(f"sweep '{sw.name}'", "sweep.spot")
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
@@ -147,8 +150,9 @@ def trial_resources(sw) -> dict[str, float]:
     so it holds the trial's CPUs and GPU (a fraction of one reaches it as such). A ``train``
     trial only drives its Ray Train worker group, which holds them."""
     if sw.trial_runtime != "local":
-        return TRIAL_DRIVER_RESOURCES
-    return {"CPU": sw.cpus_per_trial} | ({"GPU": sw.gpus_per_trial} if sw.gpus_per_trial > 0 else {})
+        return TRIAL_DRIVER_RESOURCES  # its Train workers ask for spot (tune/finetune.py)
+    return ({"CPU": sw.cpus_per_trial} | ({"GPU": sw.gpus_per_trial} if sw.gpus_per_trial > 0 else {})
+            | spot_resources(sw.spot))
 
 
 def _concurrency(recipe) -> int:
