@@ -130,17 +130,20 @@ def _data_files(fs: pafs.FileSystem, base: str) -> list[str]:
     return sorted(out)
 
 
+def _words(rel: str) -> list[str]:
+    """A repo path's words: its directories and file name split at - . _ /."""
+    return re.split(r"[-._/]", rel.lower())
+
+
 def _split_of(rel: str) -> str | None:
     """The split a data file belongs to, from its directories and file name (Hub rules)."""
-    tokens = re.split(r"[-._/]", rel.lower())
-    for split, words in SPLIT_KEYWORDS.items():
-        if any(w in tokens for w in words):
-            return split
-    return None
+    words = _words(rel)
+    return next((split for split, keys in SPLIT_KEYWORDS.items() if any(k in words for k in keys)), None)
 
 
-def _split_words(split: str) -> tuple[str, ...]:
-    return SPLIT_KEYWORDS.get(split, (split,))
+def _in_split(rel: str, split: str) -> bool:
+    """Whether a data file belongs to ``split`` (a Hub split with its synonyms, or any name)."""
+    return any(k in _words(rel) for k in SPLIT_KEYWORDS.get(split, (split,)))
 
 
 def resolve(spec: HubSpec, root: str = "") -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
@@ -171,9 +174,7 @@ def resolve(spec: HubSpec, root: str = "") -> tuple[pafs.FileSystem, list[tuple[
             raise InputError(f"corpus '{spec.spec}': repo '{spec.repo}' has configs "
                              f"{', '.join(configs)}; name one, e.g. {spec.with_config(configs[0])}")
     config_dir = f"{repo_dir}/{spec.config}" if spec.config else repo_dir
-    words = _split_words(spec.split)
-    chosen = [f for f in files if _split_of(f) == spec.split or
-              any(w in re.split(r"[-._/]", f.lower()) for w in words)]
+    chosen = [f for f in files if _in_split(f, spec.split)]
     if not chosen:
         found = sorted({s for f in files if (s := _split_of(f))})
         if not found and spec.split == "train":
