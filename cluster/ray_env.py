@@ -18,7 +18,7 @@ from typing import Iterator
 import ray
 import ray.data
 
-from slm.cluster.config import ClusterConfig
+from slm.cluster.config import SPOT_RESOURCE, ClusterConfig
 from slm.errors import SlmError
 
 log = logging.getLogger(__name__)
@@ -125,3 +125,12 @@ def ray_session(cfg: ClusterConfig | None = None) -> Iterator[None]:
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def warn_without_spot(what: str, field: str) -> None:
+    """``what`` asks for spot nodes (the ``spot`` resource): say so when none is up, since it
+    then waits until the autoscaler starts one (and forever on a cluster without spot types)."""
+    if ray.cluster_resources().get(SPOT_RESOURCE, 0) <= 0:
+        log.warning("%s asks for spot nodes (%s) and none is up now: it waits for the autoscaler "
+                    "to start one (gpu-spot in cluster/launcher, cluster/kuberay); on a cluster "
+                    "without spot node types unset %s", what, field, field)

@@ -29,6 +29,7 @@ FAMILY_INFO: dict[str, FamilyInfo] = {f.name: f for f in (
     FamilyInfo("pn", "slm", "one", routed=True, help="projected network over k_pn clusters"),
 )}
 FAMILIES = tuple(FAMILY_INFO)
+LOGGERS = ("tensorboard", "mlflow", "wandb", "none")  # pretrain.logger (slm/needs.py: their packages)
 
 # Transformer presets: (layers, d_model, heads, d_ff). paper-* follow paper.md §6 (Table 6).
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -80,10 +81,14 @@ class ScalingConfig:
     max_failures: int = field(default=3, metadata={"help": "worker failures to recover from (FailureConfig)"})
     parallel_experts: int = field(default=0, metadata={"help": "SLM-mix experts trained at once (0 = as resources allow)"})
     parallel_families: int = field(default=0, metadata={"help": "families pretrained at once by slm run (0 = as many runs as the cluster holds; 1 = one after another)"})
+    spot_families: list[str] = field(default_factory=list, metadata={"help": "families whose runs go to spot nodes (their workers ask for the `spot` resource only spot node types declare), e.g. [mix]: many short expert runs, each resumed from its checkpoint when a node is preempted"})
 
     def validate(self) -> None:
         positive(self, "num_workers", "cpus_per_worker")
         positive(self, "max_failures", "parallel_experts", "parallel_families", allow_zero=True)
+        for f in self.spot_families:
+            if f not in FAMILIES:
+                raise ConfigError(f"field 'spot_families' has unknown family '{f}'; known: {', '.join(FAMILIES)}")
 
 
 @dataclass
@@ -118,8 +123,8 @@ class PretrainConfig:
         self.check_levels()
         if not 0.0 < self.valid_fraction < 0.5:
             raise ConfigError(f"field 'valid_fraction' is {self.valid_fraction}; use a fraction in (0, 0.5), e.g. 0.01")
-        if self.logger not in ("tensorboard", "mlflow", "wandb", "none"):
-            raise ConfigError(f"field 'logger' is '{self.logger}'; use tensorboard, mlflow, wandb or none")
+        if self.logger not in LOGGERS:
+            raise ConfigError(f"field 'logger' is '{self.logger}'; use {', '.join(LOGGERS)}")
 
     def check_levels(self) -> None:
         if not self.levels:

@@ -49,6 +49,8 @@ DEVICE_PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
     "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},  # SXM
     "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
 }
 
 
@@ -161,7 +163,7 @@ def device_peak_flops(device: str | torch.device | None = None, precision: str =
 
 def peak_flops_for_name(device_name: str, precision: str = "bf16") -> float | None:
     """Datasheet peak for a CUDA device name such as 'NVIDIA H100 80GB HBM3' (None if unknown)."""
-    for family in ("H100 PCIe", "H200", "H100", "A100"):  # most specific first
+    for family in ("H100 PCIe", "H200", "H100", "A100", "L40S", "L4"):  # most specific first
         if family in device_name:
             return DEVICE_PEAK_FLOPS[family].get(precision)
     return None

@@ -19,6 +19,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
+from slm.cluster.config import spot_resources
 from slm.errors import StageError, reraise_user_error
 from slm.layout import RunLayout
 from slm.stage import exists, filesystem, is_remote, join, manifest, publish, read_json, write_json
@@ -35,6 +36,14 @@ from .train import Trainer, signature, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
+def worker_resources(spec: "RunSpec") -> dict[str, float]:
+    """What each Ray Train worker of a run holds: its CPUs, one GPU with use_gpu, and a sliver
+    of the ``spot`` resource when the run goes to spot nodes."""
+    sc = spec.scaling
+    return ({"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {})
+            | spot_resources(spec.spot))
+
+
 @dataclass
 class RunSpec:
     """One training run: the loop's config (which also names the run and its storage) and
@@ -42,6 +51,7 @@ class RunSpec:
 
     loop: TrainLoopConfig
     scaling: ScalingConfig
+    spot: bool = False  # workers ask for the `spot` resource (cluster.config.spot_resources)
 
     @property
     def name(self) -> str:
@@ -123,7 +133,7 @@ def run_training(spec: RunSpec, train: ShardPlan, valid_ds, callbacks: list | No
     passes TuneReportCallback to forward the reports)."""
     prepare_resume(spec)
     sc = spec.scaling
-    resources = {"CPU": sc.cpus_per_worker} | ({"GPU": 1} if sc.use_gpu else {})
+    resources = worker_resources(spec)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=spec.loop.to_dict(),  # the worker rebuilds the typed config

@@ -36,7 +36,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session
+from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session, warn_without_spot
 from slm.config import resolve_paths
 from slm.configkit import ConfigError, validate
 from slm.errors import StageError, reraise_user_error
@@ -135,7 +135,7 @@ class _Family:
                                   data=data, run_name=name, storage=storage, logger=p.logger, group=r.name,
                                   data_fingerprint=self.data_fingerprint(sub, data),
                                   export_at=list(p.level_steps(self.info.name).values()))
-        return RunSpec(loop, p.scaling)
+        return RunSpec(loop, p.scaling, spot=self.info.name in p.scaling.spot_families)
 
     def shards(self, name: str, need: list[str]) -> ShardSet:
         return open_shards(self.layout, name, self.recipe_path, need, self.recipe.data.seq_len,
@@ -237,6 +237,8 @@ def _train_experts(job: _Family) -> dict[str, Any]:
     for i in todo:  # fail fast on a foreign/corrupted checkpoint, before any trial starts
         check_resumable(job.spec(expert_name(i), _expert_data(col, i)))
     if todo:
+        if f in job.recipe.pretrain.scaling.spot_families:
+            warn_without_spot(f"SLM-{f} pretraining", "pretrain.scaling.spot_families")
         storage, _ = job.location(expert_name(todo[0]))  # where the experts' runs live
         trainable = tune.with_resources(tune.with_parameters(_expert_trial, job=job),
                                         TRIAL_DRIVER_RESOURCES)  # the trial only drives its TorchTrainer

@@ -7,13 +7,18 @@ from dataclasses import dataclass, field
 
 from slm.configkit import ConfigError, positive
 
+# The data pipeline's stage groups, in order (pipeline/run.py); `slm data run --until G` stops
+# after G (e.g. check a new corpus through tokenizer and windows before paying for embeddings).
+STAGE_GROUPS = ("corpus", "tokenizer", "windows", "embeddings", "kmeans", "histograms", "shards")
+
 
 @dataclass
 class CorpusConfig:
     """Where the generic corpus and the domains come from."""
 
-    generic: str = field(default="demo", metadata={"help": "generic corpus: 'demo' (built-in Debian corpus), a path/URI (dir, glob, .parquet/.jsonl/.txt; s3://, gs://) or hf://DATASET[:SPLIT]"})
+    generic: str = field(default="demo", metadata={"help": "generic corpus: 'demo' (built-in Debian corpus), a path/URI (dir, glob, .parquet/.jsonl/.txt; s3://, gs://) or hf://OWNER/NAME[:CONFIG][/SPLIT] (a Hugging Face dataset repo's parquet/JSON-lines files, streamed)"})
     domains: dict[str, str] = field(default_factory=dict, metadata={"help": "domain name -> directory holding train/valid/test (files or sub-directories); empty with generic=demo uses the demo domains"})
+    hub_root: str = field(default="", metadata={"help": "directory or URI holding Hugging Face dataset repos as OWNER/NAME/ (a mirror or an offline copy, laid out as on the Hub) for hf:// sources; '' = $SLM_HUB_ROOT, else the Hub itself"})
     text_column: str = field(default="text", metadata={"help": "column/field holding the document text in parquet/jsonl"})
     format: str = field(default="auto", metadata={"help": "auto | parquet | jsonl | text"})
     on_bad_utf8: str = field(default="fail", metadata={"help": "fail | skip: what to do with a text file that is not UTF-8"})

@@ -9,7 +9,9 @@ Sources (``corpus.generic`` and each ``corpus.domains`` directory):
   ``.txt``/``.text``/``.md`` plain text, **one document per file**, except that a form feed
   (``\\f``) separates documents inside a file (the classic page/document break; blank lines are
   paragraph breaks, not document breaks, so they never split);
-* ``hf://DATASET[:SPLIT]`` through the ``datasets`` library (needs a reachable hub).
+* ``hf://owner/name[:config][/split]``: a Hugging Face dataset repo's data files
+  (``pipeline/hub.py``), from the Hub or a local/object-storage mirror (``corpus.hub_root``),
+  read by Ray Data like any other files.
 
 A domain directory holds ``train``/``valid``/``test`` either as files (``train.parquet``,
 ``train.jsonl``, ``train.txt``, ``train-00001.parquet`` ...) or as sub-directories.
@@ -35,6 +37,7 @@ import ray.data
 from slm.errors import InputError, StageError
 from slm.layout import SPLITS, RunLayout
 from slm.pipeline.artifacts import count_rows, write_dataset
+from slm.pipeline import hub
 from slm.pipeline.config import CorpusConfig
 from slm.pipeline.corpus_checks import json_problem, looks_utf16, walk_local
 from slm.pipeline.counters import fail, new_counter, report
@@ -88,8 +91,12 @@ def _files_under(fs: pafs.FileSystem, base: str) -> list[str]:
     return [i.path for i in infos if i.type == pafs.FileType.File]
 
 
-def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
-    """(filesystem, [(path, format)]) of a file, directory or glob; InputError when empty."""
+def list_source(source: str, fmt: str = "auto",
+                hub_root: str = "") -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
+    """(filesystem, [(path, format)]) of a file, directory, glob or hub spec (read from
+    ``hub_root`` when given); InputError when empty."""
+    if hub.is_hub(source):
+        return hub.resolve(hub.parse(source), hub.hub_root(hub_root))
     fs, path = filesystem(source)
     explicit = False  # the source is one file, named explicitly
     if _has_glob(path):
@@ -101,7 +108,7 @@ def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[t
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"corpus path '{source}' does not exist; give a file, a directory, a "
-                             "glob, an s3:// / gs:// URI or hf://DATASET[:SPLIT]")
+                             "glob, an s3:// / gs:// URI or hf://OWNER/NAME[:CONFIG][/SPLIT]")
         if info.type == pafs.FileType.File:
             files, explicit = [path], True
         else:
@@ -121,12 +128,14 @@ def list_source(source: str, fmt: str = "auto") -> tuple[pafs.FileSystem, list[t
     return fs, out
 
 
-def source_fingerprint(source: str, fmt: str = "auto") -> str:
+def source_fingerprint(source: str, fmt: str = "auto", hub_root: str = "") -> str:
     """Identity of a source's contents (file names relative to the source, and sizes), to
     notice a changed corpus; the same files elsewhere (a moved run's own sources) keep it."""
-    if source.startswith("hf://"):
-        return fingerprint(source)
-    fs, files = list_source(source, fmt)
+    fs, files = list_source(source, fmt, hub_root)
+    if hub.is_hub(source):  # the spec, and the files' names inside the repo and sizes
+        infos = fs.get_file_info([p for p, _ in files])
+        repo = hub.parse(source).repo
+        return fingerprint([source] + [(i.path.split(repo, 1)[-1], i.size) for i in infos])
     _, path = filesystem(source)
     base = path.split("*")[0].split("?")[0].split("[")[0] if _has_glob(path) else path
     base = base if fs.get_file_info(base).type == pafs.FileType.Directory else os.path.dirname(base)
@@ -242,11 +251,7 @@ class _Normalise:
 
 def read_documents(source: str, cfg: CorpusConfig, counter: Any = None):
     """A Ray Dataset of ``(doc_id, text)`` for a source (see module doc); streamed."""
-    if source.startswith("hf://"):
-        ds = _read_hf(source, cfg)
-        paths: list[tuple[str, str]] = []
-    else:
-        fs, paths = list_source(source, cfg.format)
+    fs, paths = list_source(source, cfg.format, cfg.hub_root)
     fn = _Normalise(cfg, counter, source)
     raw = []  # one raw dataset per format: each is normalised on its own, then unioned
     by_format: dict[str, list[str]] = {}
@@ -265,31 +270,9 @@ def read_documents(source: str, cfg: CorpusConfig, counter: Any = None):
                                           file_extensions=None))
         else:
             raw.append(ray.data.read_binary_files(files, filesystem=fs, include_paths=True))
-    if source.startswith("hf://"):
-        raw.append(ds)
     parts = [r.map_batches(fn, batch_format="default", batch_size=256,
                            compute=ray.data.TaskPoolStrategy()) for r in raw]
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-
-
-def _read_hf(source: str, cfg: CorpusConfig):
-    """hf://DATASET[:SPLIT] through the `datasets` library (hub access needed)."""
-    name, _, split = source.removeprefix("hf://").partition(":")
-    try:
-        import datasets  # an optional extra (slm[datasets]), needed only for hf:// corpora
-    except ImportError:
-        raise InputError(f"corpus '{source}' needs the 'datasets' package: pip install "
-                         "'slm[datasets]', or download the dataset and give a local path") from None
-    try:
-        hf = datasets.load_dataset(name, split=split or "train")
-    except Exception as e:
-        raise InputError(f"cannot load Hugging Face dataset '{name}' (split '{split or 'train'}'): "
-                         f"{e}. Check the name and that the hub is reachable, or export it to "
-                         "parquet/jsonl and give the path") from None
-    if cfg.text_column not in hf.column_names:
-        raise InputError(f"Hugging Face dataset '{name}' has no column '{cfg.text_column}' "
-                         f"(columns: {', '.join(hf.column_names)}); set corpus.text_column")
-    return ray.data.from_huggingface(hf.select_columns([cfg.text_column]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,9 +282,7 @@ def _read_hf(source: str, cfg: CorpusConfig):
 def _json_diagnosis(source: str, cfg: CorpusConfig) -> InputError | None:
     """After a failed read: the first JSON file of the source that is malformed, named with its
     line (Ray's reader error names neither), or None when every JSON file reads."""
-    if source.startswith("hf://"):
-        return None
-    fs, files = list_source(source, cfg.format)
+    fs, files = list_source(source, cfg.format, cfg.hub_root)
     for path, fmt in files:
         if fmt == "jsonl":
             problem = json_problem(fs, path)
@@ -323,7 +304,7 @@ def ingest_source(uri: str, source: str, cfg: CorpusConfig, *, what: str, limit:
     is known by its contents (``source_fingerprint``), not its path, so a run's own sources
     (``data/sources``) move with it; the manifest names it relative to ``run``."""
     config = {**_corpus_config(cfg), "limit": limit,
-              "source_fingerprint": source_fingerprint(source, cfg.format)}
+              "source_fingerprint": source_fingerprint(source, cfg.format, cfg.hub_root)}
     st = Stage(uri, stage="corpus", config=config, force=force)
     if st.done:
         return uri

@@ -21,6 +21,7 @@ from slm.config import dump_recipe
 from slm.configkit import ConfigError
 from slm.layout import SPLITS, RunLayout, domain_set, is_set, train_subset
 from slm.pipeline import embed, importance, kmeans
+from slm.pipeline.config import STAGE_GROUPS
 from slm.pipeline.demo_corpus import build_demo_corpus, demo_corpus_sources
 from slm.pipeline.ingest import ingest_domain_split, ingest_generic
 from slm.pipeline.shards import build_shards, build_train_subset
@@ -83,18 +84,38 @@ class _Stages:
         return result
 
 
-def run_pipeline(recipe, force: bool = False) -> dict[str, Any]:
-    """Run every data stage of ``recipe`` (skipping completed ones unless ``force``).
+def run_pipeline(recipe, force: bool = False, until: str = "") -> dict[str, Any]:
+    """Run every data stage of ``recipe`` (skipping completed ones unless ``force``), or the
+    stages up to and including the group ``until`` (one of ``STAGE_GROUPS``).
     Returns ``{"run_dir", "stages": [{stage, uri, status, rows, seconds}], "sets": {...}}``."""
+    if until and until not in STAGE_GROUPS:
+        raise ConfigError(f"unknown stage group '{until}' for --until; use one of "
+                          f"{', '.join(STAGE_GROUPS)}")
     layout = RunLayout(recipe.run_dir)
-    data = recipe.data
     ks = recipe.kmeans.ks()
     stage = _Stages()
     t0 = time.time()
+    corpora: dict[str, tuple[str, str]] = {}
+    domains: list[str] = []
+    _run_stages(recipe, layout, stage, force, until, corpora, domains)
+    total = time.time() - t0
+    done = sum(r["status"] == "done" for r in stage.records)
+    log.info("data pipeline: %d stages (%d run, %d skipped) in %.1fs; run dir %s",
+             len(stage.records), done, len(stage.records) - done, total, layout.root)
+    return {"run_dir": layout.root, "stages": stage.records, "seconds": round(total, 3),
+            "sets": {"windows": list(corpora), "domains": domains, "ks": ks}}
+
+
+def _run_stages(recipe, layout: RunLayout, stage: _Stages, force: bool,
+                until: str, corpora: dict[str, tuple[str, str]],
+                domains: list[str]) -> None:
+    """The stages, in order; fills ``corpora`` (windows sets) and ``domains`` as it goes."""
+    data = recipe.data
+    ks = recipe.kmeans.ks()
     with ray_session(recipe.cluster):
         save_recipe(recipe, layout)
         generic_src, domain_dirs = corpus_sources(recipe)
-        domains = sorted(domain_dirs)
+        domains.extend(sorted(domain_dirs))
 
         # corpus
         stage("corpus generic", layout.corpus_generic(), ingest_generic, layout, recipe.corpus,
@@ -103,12 +124,16 @@ def run_pipeline(recipe, force: bool = False) -> dict[str, Any]:
             for split in SPLITS:
                 stage(f"corpus {d} {split}", layout.corpus_domain(d, split), ingest_domain_split,
                       layout, recipe.corpus, d, domain_dirs[d], split, force=force)
+        if until == "corpus":
+            return
 
         # tokenizer
         stage("tokenizer", layout.tokenizer, build_tokenizer, layout, recipe.tokenizer, force=force)
+        if until == "tokenizer":
+            return
 
         # windows: generic + every domain split
-        corpora = {"generic": (layout.corpus_generic(), "generic corpus")}
+        corpora["generic"] = (layout.corpus_generic(), "generic corpus")
         for d in domains:
             for split in SPLITS:
                 corpora[domain_set(d, split)] = (layout.corpus_domain(d, split),
@@ -116,23 +141,31 @@ def run_pipeline(recipe, force: bool = False) -> dict[str, Any]:
         for name, (corpus_uri, what) in corpora.items():
             stage(f"windows {name}", layout.windows(name), build_windows, layout, name, corpus_uri,
                   data.seq_len, what=what, rows_per_file=data.rows_per_file, force=force)
+        if until == "windows":
+            return
 
         # embeddings, k-means, assignments
         for name in corpora:
             stage(f"embeddings {name}", layout.embeddings(name), embed.embed_windows, layout, name,
                   recipe.embed, force=force)
+        if until == "embeddings":
+            return
         for k in ks:
             stage(f"kmeans k={k}", layout.kmeans(k), kmeans.fit_kmeans, layout, k, recipe.kmeans,
                   recipe.seed, force=force)
             for name in corpora:
                 stage(f"assign k={k} {name}", layout.assignments(k, name), kmeans.assign, layout,
                       k, name, force=force)
+        if until == "kmeans":
+            return
 
         # histograms: generic + domain train sets
         hist_sets = ["generic"] + [domain_set(d, "train") for d in domains]
         for k in ks:
             stage(f"histograms k={k}", layout.histograms(k), kmeans.histograms, layout, k,
                   hist_sets, force=force)
+        if until == "histograms":
+            return
 
         # shards: every windows set, then the nested train subsets
         for name in corpora:
@@ -151,9 +184,3 @@ def run_pipeline(recipe, force: bool = False) -> dict[str, Any]:
                   importance.write_is_shard, layout, k_is, d, data.is_tokens, data.seq_len,
                   recipe.seed, force=force)
 
-    total = time.time() - t0
-    done = sum(r["status"] == "done" for r in stage.records)
-    log.info("data pipeline: %d stages (%d run, %d skipped) in %.1fs; run dir %s",
-             len(stage.records), done, len(stage.records) - done, total, layout.root)
-    return {"run_dir": layout.root, "stages": stage.records, "seconds": round(total, 3),
-            "sets": {"windows": list(corpora), "domains": domains, "ks": ks}}

@@ -69,3 +69,37 @@ def write_domain(root: str, name: str, n_train: int, n_valid: int, n_test: int,
     for i, t in enumerate(texts[n_train + n_valid:]):
         write_text(os.path.join(d, "test", f"doc{i:03d}.txt"), [t])
     return d
+
+
+def write_hub_repo(root: str, repo: str = "allenai/c4", configs: tuple[str, ...] = ("en",),
+                   splits: dict[str, int] | None = None, shards: int = 2,
+                   style: str = "parquet") -> str:
+    """A local copy of a Hugging Face dataset repo, laid out as on the Hub (configs as
+    sub-directories, shards per split), under ``root/<owner>/<name>`` (give ``root`` as
+    ``corpus.hub_root``; ``pipeline/hub.py`` reads it). ``style``: "parquet" =
+    ``<config>/<split>/0000.parquet`` (the Hub's parquet conversion), "c4" =
+    ``<config>/c4-<split>.00000-of-00002.json.gz`` (allenai/c4's own files). Each config and
+    split holds different paragraphs. Returns the repo directory."""
+    import gzip  # only here: the other writers are plain files
+
+    splits = splits or {"train": 40, "validation": 8}
+    base = os.path.join(root, repo)
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, "README.md"), "w", encoding="utf-8") as f:
+        f.write(f"---\npretty_name: {repo} (local copy for slm)\n---\n")
+    offset = 0
+    for config in configs:
+        for split, n in splits.items():
+            texts = paragraphs(n, offset=offset)
+            offset += n
+            for i in range(shards):
+                part = texts[i::shards]
+                if style == "parquet":
+                    write_parquet(os.path.join(base, config, split, f"{i:04d}.parquet"), part)
+                else:
+                    path = os.path.join(base, config, f"c4-{split}.{i:05d}-of-{shards:05d}.json.gz")
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with gzip.open(path, "wt", encoding="utf-8") as f:
+                        for t in part:
+                            f.write(json.dumps({"text": t, "url": "local"}) + "\n")
+    return base

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ from slm.config import Recipe, dump_recipe, load_recipe, load_run_recipe, overri
 from slm.configkit import add_flags
 from slm.errors import SlmError
 from slm.layout import RunLayout
+from slm.pipeline.config import STAGE_GROUPS
 from slm.runlock import run_lock
 from slm.stage import check_storage, rebuild_hint, storage_failure
 
@@ -72,7 +74,7 @@ def cmd_data_run(args) -> int:
     from slm.pipeline.run import run_pipeline  # lazy: imports Ray
 
     with _writing(args, recipe.run_dir, create=True), rebuild_hint("pass --force"):  # --force: every data stage
-        run_pipeline(recipe, force=args.force)
+        run_pipeline(recipe, force=args.force, until=args.until)
     return 0
 
 
@@ -127,6 +129,18 @@ def cmd_plan(args) -> int:
                   domain_tokens=args.domain_tokens, results=args.results, run=args.run)
     print(format_plan(result))
     return 0 if result.method else 1  # nothing fits the budgets: say so in the exit status
+
+
+def cmd_estimate(args) -> int:
+    recipe = load_recipe(args.recipe, overrides_from_args(args)) if not args.run else \
+        load_run_recipe(args.run, overrides_from_args(args))
+    from slm.cluster.nodes import node_type  # lazy: the FLOPs code imports torch
+    from slm.estimate import Cluster, estimate, format_estimate
+
+    cluster = Cluster(node_type(args.node_type, args.gpus_per_node), args.nodes, args.price_per_hour)
+    e = estimate(recipe, cluster, domains=args.domains, mfu=args.mfu, from_run=bool(args.run))
+    print(json.dumps(e, indent=2) if args.json else format_estimate(e))
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -227,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_data_run)
     _with_recipe(p)
     p.add_argument("--force", action="store_true", help="rebuild stages that are already done")
+    p.add_argument("--until", default="", metavar="STAGE",
+                   choices=("",) + STAGE_GROUPS,
+                   help=f"stop after this stage group ({', '.join(STAGE_GROUPS)}; default: all)")
 
     p = add("pretrain", cmd_pretrain, "pretrain model families with Ray Train + DeepSpeed")
     p.add_argument("--family", action="append", choices=["slm", "llm", "is", "mix", "pn"],
@@ -238,6 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", required=True, help="domain data: a directory or file of text/jsonl/parquet")
     p.add_argument("--name", default="", help="domain name (default: the directory name)")
     p.add_argument("--method", action="append", help="methods (default: the run's sweep methods)")
+
+    p = add("estimate", cmd_estimate, "a recipe's training cost before running it: FLOPs, "
+            "GPU-hours, wall time and price per stage on a given cluster")
+    p.add_argument("--nodes", type=int, default=1, help="nodes in the cluster")
+    p.add_argument("--node-type", default="p5.48xlarge",
+                   help="node type (cluster/nodes.py: p5.48xlarge, p4de.24xlarge, g6e.xlarge, "
+                        "a3-highgpu-8g, ...) or a GPU model (H100, A100, ...)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default: the node type's)")
+    p.add_argument("--price-per-hour", type=float, default=0.0, help="price of one node-hour (e.g. USD)")
+    p.add_argument("--domains", type=int, default=0,
+                   help="domains to specialize when the recipe names none (default 1)")
+    p.add_argument("--mfu", type=float, default=0.0,
+                   help="model-FLOPs utilisation to assume (default: measured in "
+                        "bench/results/gpu-*.json, else 30%%)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     add("sweep", cmd_sweep, "Ray Tune sweep of specialization: domains × methods × budgets × sizes × seeds")
     p = add("report", cmd_report, "write the HTML report (tables and figures) of a run")

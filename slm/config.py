@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from slm.cluster.config import ClusterConfig
+from slm.cluster.config import ClusterConfig, default_storage
 from slm.configkit import (ConfigError, add_flags, apply_overrides, from_dict, load_yaml,  # noqa: F401
                            overrides_from_args, to_dict, validate)
 from slm.errors import InputError
@@ -127,10 +127,12 @@ def _absolute(path: str) -> str:
 def resolve_paths(recipe: Recipe) -> Recipe:
     """The recipe with its local paths absolute, resolved against the caller's working
     directory. Ray Tune runs trials in their own directories, so a relative ``run_dir`` read
-    inside a trial would point elsewhere; idempotent."""
+    inside a trial would point elsewhere; idempotent. An empty ``cluster.storage`` takes
+    ``$SLM_STORAGE`` (set by the cluster, cluster/kuberay)."""
     corpus = replace(recipe.corpus, generic=_absolute(recipe.corpus.generic),
+                     hub_root=_absolute(recipe.corpus.hub_root),
                      domains={d: _absolute(p) for d, p in recipe.corpus.domains.items()})
-    cluster = replace(recipe.cluster, storage=_absolute(recipe.cluster.storage))
+    cluster = replace(recipe.cluster, storage=_absolute(default_storage(recipe.cluster.storage)))
     return replace(recipe, run_dir=_absolute(recipe.run_dir), corpus=corpus, cluster=cluster)
 
 

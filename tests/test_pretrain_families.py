@@ -16,11 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spec_run import build_tiny_run
 
-from slm.config import dump_recipe
+from slm.cluster.nodes import node_type
+from slm.config import dump_recipe, load_run_recipe
+from slm.estimate import Cluster, estimate
 from slm.models.flops import train_flops_per_token
 from slm.models.lm import lm_config
 from slm.models.pretrain import _parallel_experts, pretrain
 from slm.models.projected import ProjectedLM
+from slm.tune.costs import load_pretrain_costs
 
 COST_KEYS = {"flops", "device_seconds", "tokens", "steps", "params"}
 
@@ -185,3 +188,17 @@ def test_families_whose_runs_fit_pretrain_at_once(run, tmp_path):
     s = [(c["first_step_at"], c["last_step_at"]) for c in
          (_costs(os.path.join(tmp_path, "one", "pretrain", f, "costs.json")) for f in ("slm", "llm"))]
     assert s[0][1] < s[1][0]
+def test_estimate_matches_the_flops_the_run_recorded(run):
+    """`slm estimate --run` on this run, before the fact, vs the FLOPs each family's training
+    metered into its costs.json: within 5 % (SLM-pn's routing is measured per micro-batch in
+    the run, uniform in the estimate)."""
+    root, _ = run
+    e = estimate(load_run_recipe(root), Cluster(node_type("H100", 1), 1), from_run=True,
+                 results_glob="/nonexistent/gpu-*.json")
+    assert e["vocab_from"] == "the run's tokenizer" and e["vocab_size"] == _vocab(root)
+    stages = {s["stage"]: s for s in e["stages"]}
+    recorded = load_pretrain_costs(root)
+    for fam in ("slm", "llm", "is", "mix", "pn"):
+        got = recorded[fam]
+        flops = sum(c["flops"] for c in got.values()) if fam == "is" else got["flops"]
+        assert stages[f"pretrain {fam}"]["flops"] == pytest.approx(flops, rel=0.05), fam

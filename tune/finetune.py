@@ -121,7 +121,8 @@ def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: fl
                        data_fingerprint=data_fingerprint(layout, sets, init_dir, teacher),
                        test_at_end="test" in sets)
     spec = RunSpec(loop, ScalingConfig(num_workers=sw.workers_per_trial, use_gpu=sw.gpus_per_trial > 0,
-                                       cpus_per_worker=sw.cpus_per_trial, max_failures=0))
+                                       cpus_per_worker=sw.cpus_per_trial, max_failures=0),
+                   spot=sw.spot)
     try:
         check_resumable(spec)
     except StageError as e:  # the trial's own leftover work, from another config or data

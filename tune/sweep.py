@@ -36,7 +36,8 @@ import pyarrow.fs as pafs
 import ray
 import ray.tune
 
-from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session
+from slm.cluster.config import spot_resources
+from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session, warn_without_spot
 from slm.config import resolve_paths
 from slm.errors import StageError
 from slm.layout import TRIAL_ROW, RunLayout
@@ -118,6 +119,8 @@ def _tuner(recipe, phase: str, trials: list[Trial]):
         scheduler = GroupedASHA(time_attr="step", metric="valid/loss", mode="min",
                                 grace_period=sw.asha_grace * every, max_t=max(2 * every, max(sw.budgets)),
                                 stop_last_trials=False)
+    if sw.spot:
+        warn_without_spot(f"sweep '{sw.name}'", "sweep.spot")
     return ray.tune.Tuner(
         trainable,
         param_space=param_space,
@@ -152,8 +155,9 @@ def trial_resources(sw) -> dict[str, float]:
     so it holds the trial's CPUs and GPU (a fraction of one reaches it as such). A ``train``
     trial only drives its Ray Train worker group, which holds them."""
     if sw.trial_runtime != "local":
-        return TRIAL_DRIVER_RESOURCES
-    return {"CPU": sw.cpus_per_trial} | ({"GPU": sw.gpus_per_trial} if sw.gpus_per_trial > 0 else {})
+        return TRIAL_DRIVER_RESOURCES  # its Train workers ask for spot (tune/finetune.py)
+    return ({"CPU": sw.cpus_per_trial} | ({"GPU": sw.gpus_per_trial} if sw.gpus_per_trial > 0 else {})
+            | spot_resources(sw.spot))
 
 
 def _concurrency(recipe) -> int:

@@ -1,0 +1,104 @@
+"""`slm estimate` (slm/estimate.py) on the built-in recipes: how FLOPs become GPU-hours, wall
+time and price on a cluster, measured MFU taken from bench results, bad clusters refused.
+(The estimate against the FLOPs a real run recorded is in test_pretrain_families.py, on the
+run that test module trains.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from slm.cli import main
+from slm.cluster.nodes import NODE_TYPES, node_type
+from slm.config import load_recipe
+from slm.configkit import ConfigError
+from slm.errors import InputError
+from slm.estimate import DEFAULT_MFU, Cluster, estimate, measured_mfu
+from slm.models.flops import DEVICE_PEAK_FLOPS
+
+NONE = "/nonexistent/gpu-*.json"  # no measured MFU: the default applies
+
+
+def _stages(e):
+    return {s["stage"]: s for s in e["stages"]}
+
+
+def test_gpu_hours_are_flops_over_peak_times_mfu_and_wall_time_follows_the_gpus():
+    paper = load_recipe("paper")
+    small = estimate(paper, Cluster(node_type("p5.48xlarge"), 1), results_glob=NONE)
+    big = estimate(paper, Cluster(node_type("p5.48xlarge"), 4), results_glob=NONE)
+    peak = DEVICE_PEAK_FLOPS["H100"]["bf16"]
+    for s in small["stages"]:
+        assert s["mfu"] == DEFAULT_MFU and s["mfu_source"] == "default"
+        assert s["device_hours"] == pytest.approx(s["flops"] / (peak * DEFAULT_MFU) / 3600)
+    a, b = _stages(small), _stages(big)
+    # 8 workers per run: one run at a time on 8 GPUs, four SLM-mix experts at once on 32
+    assert a["pretrain llm"]["wall_hours"] == pytest.approx(a["pretrain llm"]["device_hours"] / 8)
+    assert b["pretrain mix"]["device_hours"] == pytest.approx(a["pretrain mix"]["device_hours"])
+    assert b["pretrain mix"]["wall_hours"] == pytest.approx(a["pretrain mix"]["wall_hours"] / 4)
+    assert a["pretrain mix"]["runs"] == paper.kmeans.k_mix
+    # the 771M LLM costs more than the 126M SLM for about as many tokens
+    assert a["pretrain llm"]["flops"] > 5 * a["pretrain slm"]["flops"]
+    assert small["total"]["flops"] == pytest.approx(sum(s["flops"] for s in small["stages"]))
+
+
+def test_price_is_busy_node_hours_times_the_node_price():
+    e = estimate(load_recipe("paper"), Cluster(node_type("p4de.24xlarge"), 2, price_per_hour=40.0),
+                 results_glob=NONE)
+    for s in e["stages"]:
+        assert s["price"] == pytest.approx(s["device_hours"] / 8 * 40.0)
+    assert e["total"]["price"] == pytest.approx(e["total"]["device_hours"] / 8 * 40.0)
+
+
+def test_measured_mfu_from_gpu_bench_results(tmp_path):
+    (tmp_path / "gpu-h100.json").write_text(json.dumps(
+        {"device": "NVIDIA H100 80GB HBM3",
+         "throughput": [{"size": "paper-slm", "mfu": 0.45, "tokens_per_s": 1e6},
+                        {"size": "paper-llm", "mfu": 0.52}]}))
+    pattern = str(tmp_path / "gpu-*.json")
+    assert measured_mfu(pattern) == {"paper-slm": (0.45, "gpu-h100.json"), "paper-llm": (0.52, "gpu-h100.json")}
+    e = _stages(estimate(load_recipe("paper"), Cluster(node_type("H100", 8), 1), results_glob=pattern))
+    assert e["pretrain slm"]["mfu"] == 0.45 and e["pretrain llm"]["mfu"] == 0.52
+    assert e["pretrain slm"]["mfu_source"] == "gpu-h100.json"
+    forced = _stages(estimate(load_recipe("paper"), Cluster(node_type("H100", 8), 1), mfu=0.4,
+                              results_glob=pattern))
+    assert forced["pretrain slm"]["mfu"] == 0.4 and forced["pretrain slm"]["mfu_source"] == "--mfu"
+
+
+def test_a_cluster_too_small_or_unknown_is_refused_with_the_fix():
+    with pytest.raises(ConfigError) as e:
+        estimate(load_recipe("paper"), Cluster(node_type("g6e.xlarge"), 4), results_glob=NONE)
+    assert "pretrain slm needs 8 GPUs per run" in str(e.value) and "num_workers" in str(e.value)
+    with pytest.raises(InputError) as e:
+        node_type("p3.2xlarge")
+    assert "unknown node type 'p3.2xlarge'" in str(e.value) and "p5.48xlarge" in str(e.value)
+    assert all(n.gpu in DEVICE_PEAK_FLOPS for n in NODE_TYPES.values())
+
+
+def test_sweep_counts_the_grid_and_the_teacher():
+    demo = load_recipe("demo")
+    e = _stages(estimate(demo, Cluster(node_type("L4", 1), 1), results_glob=NONE))
+    sw = demo.sweep
+    assert e["specialize sweep"]["runs"] == len(sw.methods) * len(sw.budgets) * len(sw.domain_tokens) * len(sw.seeds)
+    no_d = _stages(estimate(load_recipe("demo", {"sweep.methods": "[slm, llm, is, mix, pn]"}),
+                            Cluster(node_type("L4", 1), 1), results_glob=NONE))
+    slm_only = _stages(estimate(load_recipe("demo", {"sweep.methods": "[slm]"}),
+                                Cluster(node_type("L4", 1), 1), results_glob=NONE))
+    # SLM-d = an SLM fine-tuning + the LLM teacher's forward on the same tokens
+    d_flops = e["specialize sweep"]["flops"] - no_d["specialize sweep"]["flops"]
+    assert d_flops > slm_only["specialize sweep"]["flops"]
+
+
+def test_cli_prints_the_table_and_json(capsys):
+    assert main(["estimate", "--recipe", "paper", "--nodes", "2", "--node-type", "a3-highgpu-8g",
+                 "--price-per-hour", "88", "--domains", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "2 x a3-highgpu-8g (16 x H100" in out and "domains 3 (--domains)" in out
+    assert "pretrain llm" in out and "price" in out and "MFU 'default' = 30%" in out
+    assert main(["estimate", "--recipe", "demo", "--node-type", "L4", "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)
+    assert e["gpus"] == 1 and math.isclose(e["total"]["flops"], sum(s["flops"] for s in e["stages"]))
+    assert main(["estimate", "--recipe", "paper", "--node-type", "nope"]) == 2
+    assert "unknown node type 'nope'" in capsys.readouterr().err
