@@ -49,9 +49,11 @@ def test_interrupted_sweep_reruns_only_unfinished_trials(recipe, tmp_path):
     from slm.tune.results import RESULT_COLUMNS
     from slm.tune.sweep import run_sweep
 
+    # trials run in their Tune actors and a 6-step trial of the tiny model takes well under a
+    # second: 300 steps give the kill below time to land between two trials
     r = _sweep(recipe, name="interrupt", domains=["numeric"], methods=["slm", "nopt"],
-               budgets=[6], domain_tokens=[1024], seeds=[0], max_concurrent=1)
-    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=3))
+               budgets=[300], domain_tokens=[1024], seeds=[0], max_concurrent=1)
+    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=100, max_steps=300))
     trials = sweep_trials(r)
     assert len(trials) == 3  # slm from both pretraining levels (0.5, 1) + nopt (pretrains nothing)
     path = tmp_path / "recipe.yaml"
@@ -67,7 +69,7 @@ def test_interrupted_sweep_reruns_only_unfinished_trials(recipe, tmp_path):
     try:
         deadline = time.time() + 400
         while time.time() < deadline and len(_finished(r)) < 1 and proc.poll() is None:
-            time.sleep(1)
+            time.sleep(0.1)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the subprocess's own group: its Ray goes too
         proc.wait()
