@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .families import FamilySpec
+from .hooks import Hook
 from .loop_config import (CheckpointSection, DataSection, DistillationSection, EngineSection,
                           LoggingSection, OptimSection, ScheduleSection, TrainLoopConfig)
 from .runtime import LocalRuntime, local_process_group
@@ -45,13 +46,27 @@ def probe_config(model: FamilySpec, *, run_uri: str, steps: int, micro_batch: in
         distillation=DistillationSection(teacher=teacher) if teacher else None)
 
 
-def train_in_process(cfg: TrainLoopConfig, sets: dict[str, dict[str, np.ndarray]]) -> tuple[Trainer, list[dict[str, Any]]]:
+class StepRecorder(Hook):
+    """Keeps every step's metrics (a probe's per-step throughput)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+
+    def on_step(self, tr, metrics: dict[str, float]) -> None:
+        self.steps.append(dict(metrics))
+
+
+def train_in_process(cfg: TrainLoopConfig, sets: dict[str, dict[str, np.ndarray]],
+                     recorder: StepRecorder | None = None) -> tuple[Trainer, list[dict[str, Any]]]:
     """Run ``cfg`` in this process (world 1) on ``sets`` ({"train": rows, "valid": rows});
-    returns the finished Trainer (its engine still holds the weights) and every report."""
+    returns the finished Trainer (its engine still holds the weights) and every report.
+    A ``recorder`` sees every step's metrics."""
     local_process_group()
     reports: list[dict[str, Any]] = []
     runtime = LocalRuntime(sets, cfg.logging.run_uri, reports.append)
     trainer = Trainer(cfg, runtime)
+    if recorder is not None:
+        trainer.hooks.insert(-1, recorder)  # before the checkpoint hook, after every metric
     diverged = trainer.fit()
     if diverged is not None:
         raise RuntimeError(diverged)
