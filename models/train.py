@@ -48,9 +48,9 @@ from . import checkpoint as ckpt
 from . import memory
 from .ds_config import deepspeed_config, offloads
 from .families import LMFamily, build_family
-from .lm import lm_param_count
 from .flops import device_peak_flops, mfu
 from .hooks import hooks_for, loss_hook
+from .lm import lm_param_count
 from .loop_config import TrainLoopConfig
 from .metrics import Costs, console
 from .runtime import RayTrainRuntime

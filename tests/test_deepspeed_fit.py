@@ -20,8 +20,10 @@ from slm.errors import InputError
 from slm.models import memory
 from slm.models.config import TrainConfig
 from slm.models.ds_config import deepspeed_config
-from slm.models.families import FamilySpec
+from slm.models.families import FamilySpec, build_family
+from slm.models.hooks import Distillation
 from slm.models.lm import count_params, lm_config, lm_param_count, make_lm
+from slm.models.loop_config import DistillationSection
 from slm.models.losses import kd_loss, lm_loss
 from slm.models.probe import probe_config, random_rows, train_in_process
 
@@ -197,3 +199,21 @@ def test_memory_check_refuses_what_cannot_fit_and_names_the_fixes():
                             loss_chunk=128)
     memory.check_fits(small, 80 * memory.GIB, "llm", checkpointing=True)
     assert small.total < big.total / 4
+
+
+def test_distillation_teacher_has_no_gradients_and_kd_uses_the_chunked_loss(tmp_path):
+    """The teacher only runs forward: no parameter of it takes a gradient (on a GPU in bf16 it
+    is also loaded in bf16; on this CPU run, in the run's float32)."""
+    make_lm(lm_config("tiny", VOCAB, SEQ), seed=1).save_pretrained(tmp_path / "teacher")
+    family = build_family(TINY, loss_chunk=4)
+    hook = Distillation(family, DistillationSection(teacher=str(tmp_path / "teacher"), weight=0.5),
+                        torch.device("cpu"), "bf16")
+    assert not any(p.requires_grad for p in hook.teacher.parameters())
+    assert next(hook.teacher.parameters()).dtype == torch.float32  # bf16 only on a CUDA device
+    student = family.build(0)
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    chunked = hook(student, ids, None)
+    with torch.no_grad():
+        t_logits = hook.teacher(input_ids=ids).logits
+    plain = kd_loss(student(input_ids=ids).logits, t_logits, ids, 0.5, 1.0)
+    assert torch.allclose(chunked, plain, atol=1e-6)
