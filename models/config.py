@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from slm.configkit import ConfigError, positive
 
@@ -59,16 +62,69 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "steps between console progress lines"})
     shuffle_window: int = field(default=16384, metadata={"help": "rows permuted together per epoch (seeded by seed and epoch; rounded down to a multiple of the global batch)"})
     zero_stage: int = field(default=1, metadata={"help": "DeepSpeed ZeRO stage (0-3)"})
+    zero_stages: dict[str, int] = field(default_factory=dict, metadata={"help": "per-family ZeRO stage overriding zero_stage, e.g. {llm: 3} (parameters partitioned too: the 771M LLM on smaller GPUs)"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each transformer block's activations in the backward (plain LM families): less memory per micro-batch, ~1/3 more compute"})
+    loss_chunk: int = field(default=128, metadata={"help": "positions per chunk of the float32 loss (models/losses.py): no full float32 copy of the logits; 0 = one piece"})
+    deepspeed: str = field(default="", metadata={"help": "JSON file of DeepSpeed settings merged into the generated config (offload, bucket sizes...); keys slm sets are refused"})
+
+    def zero_stage_of(self, family: str) -> int:
+        return int(self.zero_stages.get(family, self.zero_stage))
+
+    def deepspeed_overrides(self) -> dict[str, Any]:
+        """The user's DeepSpeed JSON (``deepspeed``), checked against the keys slm sets."""
+        return read_deepspeed_json(self.deepspeed) if self.deepspeed else {}
 
     def validate(self) -> None:
         positive(self, "micro_batch", "grad_accum", "lr", "eval_every", "eval_batches", "ckpt_every", "clip",
                  "keep_checkpoints", "log_every", "shuffle_window")
-        positive(self, "warmup", "weight_decay", allow_zero=True)
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"field 'zero_stage' is {self.zero_stage}; use 0, 1, 2 or 3")
+        positive(self, "warmup", "weight_decay", "loss_chunk", allow_zero=True)
+        for where, stage in (("zero_stage", self.zero_stage),
+                             *((f"zero_stages.{f}", s) for f, s in self.zero_stages.items())):
+            if stage not in (0, 1, 2, 3):
+                raise ConfigError(f"field '{where}' is {stage}; use 0, 1, 2 or 3")
+        for fam in self.zero_stages:
+            if fam not in FAMILIES:
+                raise ConfigError(f"field 'zero_stages' has unknown family '{fam}'; known: {', '.join(FAMILIES)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"field 'precision' is '{self.precision}'; use auto, bf16 or fp32")
+        self.deepspeed_overrides()
+
+
+# DeepSpeed config keys slm writes itself (models/ds_config.py), and the recipe field that sets
+# each: a user JSON may add to the generated config but not contradict these.
+DEEPSPEED_OWNED: dict[str, str] = {
+    "train_batch_size": "pretrain.train.micro_batch × grad_accum × scaling.num_workers",
+    "train_micro_batch_size_per_gpu": "pretrain.train.micro_batch",
+    "gradient_accumulation_steps": "pretrain.train.grad_accum",
+    "gradient_clipping": "pretrain.train.clip",
+    "zero_optimization.stage": "pretrain.train.zero_stage / zero_stages",
+    "bf16": "pretrain.train.precision",
+    "fp16": "pretrain.train.precision (slm trains in bf16 or fp32)",
+    "optimizer": "pretrain.train.lr / weight_decay (slm builds AdamW)",
+    "scheduler": "pretrain.train.warmup / min_lr_ratio (slm builds the LR schedule)",
+    "activation_checkpointing": "pretrain.train.activation_checkpointing",
+}
+
+
+def read_deepspeed_json(path: str) -> dict[str, Any]:
+    """The user's DeepSpeed settings: a JSON object whose keys do not include those slm sets."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"field 'deepspeed': file '{path}' does not exist; give the path of a "
+                          "DeepSpeed JSON file (or '' for none)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"field 'deepspeed': '{path}' is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"field 'deepspeed': '{path}' must hold a JSON object, got {type(data).__name__}")
+    zero = data.get("zero_optimization", {})
+    keys = set(data) | {f"zero_optimization.{k}" for k in (zero if isinstance(zero, dict) else {})}
+    for key in sorted(keys & set(DEEPSPEED_OWNED)):
+        raise ConfigError(f"field 'deepspeed': '{path}' sets '{key}', which slm sets from "
+                          f"{DEEPSPEED_OWNED[key]}; remove it from the JSON and set that field instead")
+    return data
 
 
 @dataclass

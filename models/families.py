@@ -49,18 +49,23 @@ class FamilySpec:
 class LMFamily:
     """Every family that is not routed (slm, llm, is, mix): a plain GPT-2 LM on next-token loss."""
 
-    def __init__(self, spec: FamilySpec):
+    def __init__(self, spec: FamilySpec, loss_chunk: int = 0):
         self.spec = spec
         self.config = lm_config(spec.size, spec.vocab_size, spec.seq_len)
+        self.loss_chunk = loss_chunk  # positions per float32 loss chunk (models/losses.py)
 
     route_column: str | None = None
 
     def build(self, seed: int) -> nn.Module:
         return make_lm(self.config, seed=seed)
 
+    def checkpoint_activations(self, model: nn.Module) -> None:
+        """Recompute each block's activations in the backward (HF's gradient checkpointing)."""
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def loss(self, model: nn.Module, input_ids: torch.Tensor,
              cluster: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        return lm_loss(model(input_ids=input_ids).logits, input_ids)
+        return lm_loss(model(input_ids=input_ids).logits, input_ids, self.loss_chunk)
 
     def micro_flops(self, input_ids: torch.Tensor, cluster: torch.Tensor | None) -> float:
         """Model FLOPs of one forward+backward on this micro-batch (flops.py formula)."""
@@ -89,8 +94,8 @@ class PNFamily(LMFamily):
     its cluster id. Exported whole (``ProjectedLM.save_pretrained``); ``materialize(i)`` gives
     expert i."""
 
-    def __init__(self, spec: FamilySpec):
-        super().__init__(spec)
+    def __init__(self, spec: FamilySpec, loss_chunk: int = 0):
+        super().__init__(spec, loss_chunk)
         if spec.n_experts <= 0 or spec.pn_h <= 0 or spec.pn_m <= 0:
             raise ConfigError(f"family pn needs n_experts, pn_h, pn_m > 0, got {spec.n_experts}, "
                               f"{spec.pn_h}, {spec.pn_m}; set kmeans.k_pn, pretrain.pn_h, pretrain.pn_m")
@@ -99,11 +104,15 @@ class PNFamily(LMFamily):
     def build(self, seed: int) -> nn.Module:
         return ProjectedLM(self.config, self.spec.n_experts, self.spec.pn_h, self.spec.pn_m, seed=seed)
 
+    def checkpoint_activations(self, model: nn.Module) -> None:
+        raise ConfigError("pretrain.train.activation_checkpointing is available for the plain LM "
+                          "families (slm, llm, is, mix), not pn; lower micro_batch for pn instead")
+
     def loss(self, model: nn.Module, input_ids: torch.Tensor,
              cluster: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         if cluster is None:
             raise ConfigError("family pn needs a cluster column in the batch")
-        return lm_loss(model(input_ids=input_ids, cluster=cluster).logits, input_ids)
+        return lm_loss(model(input_ids=input_ids, cluster=cluster).logits, input_ids, self.loss_chunk)
 
     def micro_flops(self, input_ids: torch.Tensor, cluster: torch.Tensor | None) -> float:
         """Dense FLOPs + materialising the experts present in this micro-batch (measured)."""
@@ -127,11 +136,11 @@ class PNFamily(LMFamily):
                 "pn_m": self.spec.pn_m}
 
 
-def build_family(spec: FamilySpec | dict[str, Any]) -> LMFamily:
+def build_family(spec: FamilySpec | dict[str, Any], loss_chunk: int = 0) -> LMFamily:
     """The behaviour object for a family spec (on the worker): a routed family trains a
     projected network, every other one a plain LM."""
     if isinstance(spec, dict):
         spec = FamilySpec(**spec)
     if spec.family not in FAMILIES:
         raise ConfigError(f"unknown family '{spec.family}'; known: {', '.join(FAMILIES)}")
-    return PNFamily(spec) if FAMILY_INFO[spec.family].routed else LMFamily(spec)
+    return (PNFamily if FAMILY_INFO[spec.family].routed else LMFamily)(spec, loss_chunk)

@@ -72,19 +72,23 @@ class FamilyLoss:
 class Distillation(FamilyLoss):
     """SLM-d: ``kd_loss`` against the teacher's next-token distributions (the teacher runs even
     at weight 0, and its forward FLOPs count as the run's). The teacher directory may be a URI:
-    this worker reads it through its node's cached copy (slm.stage ``local_dir``)."""
+    this worker reads it through its node's cached copy (slm.stage ``local_dir``). The teacher
+    only runs forward: no gradients (``requires_grad_(False)``), and in bf16 on a GPU run in
+    bf16 (half the memory of float32 weights and logits; the KD loss works in float32)."""
 
-    def __init__(self, family, cfg: DistillationSection, device: torch.device):
+    def __init__(self, family, cfg: DistillationSection, device: torch.device, precision: str = "fp32"):
         super().__init__(family)
         self.cfg = cfg
-        self.teacher = AutoModelForCausalLM.from_pretrained(local_dir(cfg.teacher, "teacher")).to(device).eval()
+        dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
+        self.teacher = AutoModelForCausalLM.from_pretrained(
+            local_dir(cfg.teacher, "teacher"), torch_dtype=dtype).to(device).eval().requires_grad_(False)
         self.teacher_flops_per_token = inference_flops_per_token(self.teacher.config, family.spec.seq_len)
 
     def __call__(self, model, ids: torch.Tensor, cluster: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids).logits
         return kd_loss(model(input_ids=ids).logits, teacher_logits, ids, self.cfg.weight,
-                       self.cfg.temperature)
+                       self.cfg.temperature, self.family.loss_chunk)
 
     def flops(self, ids: torch.Tensor, cluster: torch.Tensor | None) -> float:
         return super().flops(ids, cluster) + self.teacher_flops_per_token * ids.numel()
@@ -299,8 +303,8 @@ def level_export_uri(run_uri: str, step: int) -> str:
     return join(run_uri, "levels", ckpt.step_dir_name(step))
 
 
-def loss_hook(cfg: TrainLoopConfig, family, device: torch.device) -> FamilyLoss:
-    return Distillation(family, cfg.distillation, device) if cfg.distillation else FamilyLoss(family)
+def loss_hook(cfg: TrainLoopConfig, family, device: torch.device, precision: str = "fp32") -> FamilyLoss:
+    return Distillation(family, cfg.distillation, device, precision) if cfg.distillation else FamilyLoss(family)
 
 
 def hooks_for(cfg: TrainLoopConfig, rank: int) -> list[Hook]:

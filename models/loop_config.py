@@ -65,6 +65,9 @@ class EngineSection:
 
     precision: str = _help("auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32", default="auto")
     zero_stage: int = _help("DeepSpeed ZeRO stage (0-3)", default=1)
+    activation_checkpointing: bool = _help("recompute each block's activations in the backward", default=False)
+    loss_chunk: int = _help("positions per chunk of the float32 loss (0: one piece)", default=0)
+    deepspeed: dict = _help("user DeepSpeed settings merged into the generated config (models/ds_config.py)", default_factory=dict)
 
     def resolved_precision(self, use_gpu: bool) -> str:
         return self.precision if self.precision != "auto" else ("bf16" if use_gpu else "fp32")
@@ -179,6 +182,8 @@ def pretraining_config(train: TrainConfig, model: FamilySpec, *, steps: int, see
         schedule=ScheduleSection(steps=int(steps), eval_every=train.eval_every,
                                  ckpt_every=train.ckpt_every, log_every=train.log_every,
                                  export_at=sorted(s for s in (export_at or []) if s < steps)),
-        engine=EngineSection(precision=train.precision, zero_stage=train.zero_stage),
+        engine=EngineSection(precision=train.precision, zero_stage=train.zero_stage_of(model.family),
+                             activation_checkpointing=train.activation_checkpointing,
+                             loss_chunk=train.loss_chunk, deepspeed=train.deepspeed_overrides()),
         checkpointing=CheckpointSection(keep=train.keep_checkpoints),
         logging=LoggingSection(run_name=run_name, storage=storage, logger=logger, group=group))

@@ -39,15 +39,18 @@ from typing import Any, Iterable, Iterator
 import deepspeed
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from slm.errors import InputError, StageError
 from slm.stage import join, local_dir
 
 from . import checkpoint as ckpt
+from . import memory
+from .ds_config import deepspeed_config, offloads
 from .families import LMFamily, build_family
 from .flops import device_peak_flops, mfu
 from .hooks import hooks_for, loss_hook
+from .lm import lm_param_count
 from .loop_config import TrainLoopConfig
 from .metrics import Costs, console
 from .runtime import RayTrainRuntime
@@ -105,20 +108,6 @@ def skip_shm_comm_op() -> None:
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     else:
         ops["deepspeed_shm_comm"] = False
-
-
-def deepspeed_config(cfg: TrainLoopConfig, world_size: int, bf16: bool) -> dict[str, Any]:
-    d = cfg.data
-    return {
-        "train_micro_batch_size_per_gpu": d.micro_batch,
-        "gradient_accumulation_steps": d.grad_accum,
-        "train_batch_size": d.micro_batch * d.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.clip,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**12,  # our own progress lines instead
-        "wall_clock_breakdown": False,
-    }
 
 
 def signature(cfg: TrainLoopConfig, family: LMFamily, world_size: int, precision: str) -> dict[str, Any]:
@@ -184,9 +173,14 @@ def grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over the ranks. The tensor lives on ``device``, the
+    engine's: the process group's backend is the device's (NCCL takes only CUDA tensors and
+    fails "No backend type associated with device type cpu" on a CPU one; gloo takes CPU
+    tensors). Float64: byte counts stay exact. Every run, a 1-process one included, takes this
+    path, so what the tests run is what a GPU group runs."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t.tolist()
 
@@ -259,11 +253,15 @@ class Trainer:
             os.makedirs(cfg.pid_dir, exist_ok=True)
             with open(os.path.join(cfg.pid_dir, f"rank{self.rank}.pid"), "w") as f:
                 f.write(str(os.getpid()))
-        self.family = build_family(cfg.model)
+        self.family = build_family(cfg.model, cfg.engine.loss_chunk)
         model = self.family.build(cfg.seed)  # same seed on every rank: identical initial weights
         if cfg.init_from:                     # specialization: start from a pretrained model
             model = load_init(model, cfg.init_from)
+        if cfg.engine.activation_checkpointing:
+            self.family.checkpoint_activations(model)
         params = self.family.params(model)   # before ZeRO partitions the parameters
+        ds_config = deepspeed_config(cfg, self.world, self.precision == "bf16")
+        self.memory = self.estimate_memory(model, params, ds_config)
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -271,11 +269,11 @@ class Trainer:
         skip_shm_comm_op()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
-            config=deepspeed_config(cfg, self.world, self.precision == "bf16"), dist_init_required=False)
+            config=ds_config, dist_init_required=False)
         self.signature = signature(cfg, self.family, self.world, self.precision)
         self.peak = device_peak_flops(self.engine.device, "bf16" if self.precision == "bf16" else "fp32")
         self.data = RankData(cfg, runtime, self.family.route_column is not None, self.engine.device)
-        self.loss = loss_hook(cfg, self.family, self.engine.device)
+        self.loss = loss_hook(cfg, self.family, self.engine.device, self.precision)
         self.hooks = hooks_for(cfg, self.rank)
         # DeepSpeed's ZeRO and bf16 optimizers keep the gradient norm they clip with (clip > 0
         # always); a plain torch optimizer (ZeRO 0, fp32) does not: measure it before its step
@@ -286,6 +284,33 @@ class Trainer:
                            world_size=self.world, device=str(self.engine.device.type))
         self.stopping = False
         self.step_cost = (0, 0.0, 0.0)  # the last step's (tokens, seconds, FLOPs of all workers)
+
+    def estimate_memory(self, model: torch.nn.Module, params: int,
+                        ds_config: dict[str, Any]) -> memory.MemoryEstimate:
+        """This worker's memory need (models/memory.py), before the engine allocates anything:
+        on a GPU, printed by rank 0 and refused when it exceeds the device's memory."""
+        cfg = self.cfg
+        teacher = AutoConfig.from_pretrained(local_dir(cfg.distillation.teacher, "teacher")) \
+            if cfg.distillation else None
+        off_opt, off_par = offloads(ds_config)
+        est = memory.estimate(
+            family=cfg.model.family, config=self.family.config, params=params,
+            largest_layer=memory.largest_layer_params(model), stage=cfg.engine.zero_stage,
+            world=self.world, micro_batch=cfg.data.micro_batch, seq_len=cfg.model.seq_len,
+            bf16=self.precision == "bf16", checkpointing=cfg.engine.activation_checkpointing,
+            loss_chunk=cfg.engine.loss_chunk, offload_optimizer=off_opt, offload_params=off_par,
+            teacher_config=teacher, teacher_params=lm_param_count(teacher) if teacher else 0)
+        if torch.cuda.is_available():
+            if self.rank == 0:
+                console(f"run '{cfg.logging.run_name}': {est.line()}")
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            memory.check_fits(est, total, cfg.logging.run_name,
+                              checkpointing=cfg.engine.activation_checkpointing)
+        return est
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sums over the ranks, on the engine's device (the backend's)."""
+        return all_reduce_sum(values, self.engine.device)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -341,7 +366,7 @@ class Trainer:
         norm = own_norm if self.own_grad_norm else float(self.engine.get_global_grad_norm())
         read = [0.0] * self.world  # each rank's feed bytes so far, in its own slot
         read[self.rank] = float(self.data.read_bytes)
-        mean_loss, flops, norm, *read = all_reduce_sum([loss_sum / self.data.accum, flops, norm, *read])
+        mean_loss, flops, norm, *read = self.all_reduce_sum([loss_sum / self.data.accum, flops, norm, *read])
         mean_loss, norm = mean_loss / self.world, norm / self.world  # NaN/inf on any rank: on all
         check_finite(self.cfg.logging.run_name, self.step, mean_loss, norm, self.last_checkpoint, lr)
         self.batch_in_epoch += 1
@@ -386,7 +411,7 @@ class Trainer:
                         sums[0] += float(loss) * n
                         sums[1] += n
         self.engine.train()
-        total_loss, total_n = all_reduce_sum(sums)
+        total_loss, total_n = self.all_reduce_sum(sums)
         return total_loss / max(total_n, 1)
 
     @property

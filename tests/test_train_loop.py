@@ -18,10 +18,13 @@ import threading
 import time
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_shards import make_run, tiny_recipe  # noqa: E402
+
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from slm.configkit import ConfigError  # noqa: E402
 
@@ -139,6 +142,22 @@ def test_two_workers_read_their_own_share_in_a_repeatable_order(env):
     assert m1["data/read_bytes_worker_max"] > 0 and m2["data/read_bytes_worker_min"] > 0
     print("bytes read per worker: 1 worker", m1["data/read_bytes_worker_max"],
           "| 2 workers", m2["data/read_bytes_worker_min"], "-", m2["data/read_bytes_worker_max"])
+
+
+def test_zero3_on_two_cpu_workers_trains_like_zero1_and_exports_the_gathered_model(env):
+    """ZeRO-3 (parameters partitioned over the two workers) runs on DeepSpeed's CPU accelerator
+    with gloo: the same losses as ZeRO-1 (fp32: the same arithmetic up to summation order), and
+    the export at the end gathers the partitions into the whole served model."""
+    w2 = {"num_workers": 2, "cpus_per_worker": 0.5}
+    runs = {z: spec(env, f"w2-zero{z}", 3, w2, zero_stage=z, ckpt_every=3) for z in (1, 3)}
+    results = {z: launch.run_training(s, env["train"], env["valid"]) for z, s in runs.items()}
+    assert all(r["finished"] for r in results.values())
+    l1, l3 = tb_losses(runs[1].run_uri), tb_losses(runs[3].run_uri)
+    assert sorted(l3) == [1, 2, 3] and max(abs(l1[k] - l3[k]) for k in l1) < 1e-5 * l1[1]
+    one, three = (AutoModelForCausalLM.from_pretrained(launch.export_of(results[z]["checkpoint"])[0]).state_dict()
+                  for z in (1, 3))
+    assert one.keys() == three.keys()
+    assert all(torch.allclose(one[k], three[k], atol=1e-5) for k in one)
 
 
 def test_killed_worker_recovers_from_last_checkpoint(env):

@@ -20,7 +20,8 @@ class SpecializeConfig:
     lr: float = field(default=1e-4, metadata={"help": "fine-tuning LR"})
     small_data_tokens: int = field(default=1_000_000, metadata={"help": "at or below this many domain tokens the LR is divided by small_data_lr_div (paper: 1M -> LR/3)"})
     small_data_lr_div: float = field(default=3.0, metadata={"help": "LR divisor for small domains"})
-    micro_batch: int = field(default=8, metadata={"help": "windows per step"})
+    micro_batch: int = field(default=8, metadata={"help": "windows per worker per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step (a step's batch: micro_batch × grad_accum × workers)"})
     warmup: int = field(default=0, metadata={"help": "warm-up steps"})
     eval_every: int = field(default=50, metadata={"help": "steps between valid evaluations"})
     patience: int = field(default=3, metadata={"help": "evaluations without improvement before stopping"})
@@ -32,7 +33,7 @@ class SpecializeConfig:
     clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping while fine-tuning"})
 
     def validate(self) -> None:
-        positive(self, "max_steps", "lr", "micro_batch", "eval_every", "patience", "small_data_lr_div", "kd_temperature")
+        positive(self, "max_steps", "lr", "micro_batch", "grad_accum", "eval_every", "patience", "small_data_lr_div", "kd_temperature")
         positive(self, "clip")
         positive(self, "warmup", "small_data_tokens", "inference_budget", "eval_batches", allow_zero=True)
         if not 0.0 <= self.kd_weight <= 1.0:

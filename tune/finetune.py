@@ -69,14 +69,16 @@ def loop_config(recipe, init_dir: str, *, steps: int, lr: float, seed: int, teac
                          seq_len=recipe.data.seq_len),
         seed=int(seed),
         data=DataSection(name=run_name, fingerprint=data_fingerprint, micro_batch=spec.micro_batch,
-                         grad_accum=1, shuffle_window=t.shuffle_window),
+                         grad_accum=spec.grad_accum, shuffle_window=t.shuffle_window),
         optim=OptimSection(lr=lr, weight_decay=0.0, clip=spec.clip, warmup=spec.warmup,
                            min_lr_ratio=t.min_lr_ratio),
         schedule=ScheduleSection(steps=int(steps), eval_every=spec.eval_every,
                                  ckpt_every=_NO_MID_CHECKPOINTS, log_every=max(spec.eval_every, 1)),
         # one worker: ZeRO-3 partitioning buys nothing, and the loop keeps the best-valid
         # weights by copying the (unpartitioned) module state
-        engine=EngineSection(precision=t.precision, zero_stage=min(int(t.zero_stage), 2)),
+        engine=EngineSection(precision=t.precision, zero_stage=min(t.zero_stage_of("slm"), 2),
+                             activation_checkpointing=t.activation_checkpointing,
+                             loss_chunk=t.loss_chunk, deepspeed=t.deepspeed_overrides()),
         checkpointing=CheckpointSection(keep=t.keep_checkpoints),
         # each trial's fine-tuning is one tracker run (the run's logger), grouped by its sweep;
         # TensorBoard events go beside the sweep's results, since a trial's work is removed
