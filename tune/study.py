@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def run_study(recipe, force: bool = False) -> str:
     """Run the study of ``recipe``; returns the report's path. ``force`` rebuilds the data
-    stages (pretraining and trials resume from what is published; delete them to redo them)."""
+    stages, and pretrainings published from another config or data (models/pretrain.py);
+    trials resume from what is published (a stale one is refused: delete it to redo it)."""
     layout = RunLayout(recipe.run_dir)
     lines: list[tuple[str, float, str]] = []  # (stage, seconds, what it left), for the summary
     t_all = time.time()
@@ -43,7 +44,8 @@ def run_study(recipe, force: bool = False) -> str:
             t = time.time()
             # a family pretrained per domain (SLM-is): only for the domains the sweep specializes
             per_domain = FAMILY_INFO[family].runs == "per_domain"
-            out = pretrain(recipe, family, domains=(recipe.sweep.domains or None) if per_domain else None)
+            out = pretrain(recipe, family, domains=(recipe.sweep.domains or None) if per_domain else None,
+                           force=force)
             lines.append((f"pretrain {family}", time.time() - t, _pretrain_result(layout, out)))
         t = time.time()
         results = run_sweep(recipe)
