@@ -60,6 +60,7 @@ class SweepConfig:
     workers_per_trial: int = field(default=1, metadata={"help": "Ray Train workers per trial (trial_runtime train), each with cpus_per_trial CPUs and one GPU when gpus_per_trial > 0"})
     asha_grace: int = field(default=2, metadata={"help": "ASHA: valid evaluations a trial gets before it may be stopped"})
     max_failures: int = field(default=1, metadata={"help": "retries of a failed trial"})
+    pid_dir: str = field(default="", metadata={"help": "each trial's training process writes <pid_dir>/<run>/rank<r>.pid (operators and the fault tests find them); '' = none"})
 
     def validate(self) -> None:
         for m in self.methods:
