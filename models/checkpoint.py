@@ -40,7 +40,7 @@ import torch
 from slm.errors import StageError
 from slm.hashing import sha256_file
 from slm.layout import COSTS
-from slm.stage import exists, filesystem, join, write_json
+from slm.stage import exists, filesystem, join, remove, write_json
 
 TAG = "ds"
 RECORD = "slm_checkpoint.json"
@@ -171,6 +171,29 @@ def unregister(run_uri: str, uris: list[str]) -> None:
     except (KeyError, TypeError):
         raise _unknown_snapshot(run_uri) from None
     write_json(join(run_uri, RAY_SNAPSHOT), snap)
+
+
+def clear(run_uri: str) -> list[str]:
+    """Forget a run's checkpoints, so that it starts afresh (``slm pretrain --force`` over a run
+    of another config): Ray Train's record, and the ``step=*`` directories slm wrote (they hold
+    its RECORD or a rank marker); anything else in the run's storage stays. Returns what was
+    removed (URIs)."""
+    gone = []
+    record = join(run_uri, RAY_SNAPSHOT)
+    if exists(record):
+        remove(record)
+        gone.append(record)
+    fs, base = filesystem(run_uri)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return gone
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        if info.type != pafs.FileType.Directory or not re.fullmatch(r"step=\d+", info.base_name):
+            continue
+        uri = join(run_uri, info.base_name)
+        if exists(join(uri, RECORD)) or exists(join(uri, "slm-rank0.json")):
+            remove(uri)
+            gone.append(uri)
+    return gone
 
 
 def _snapshot(run_uri: str) -> dict[str, Any] | None:

@@ -89,6 +89,22 @@ def _resume_point(spec: RunSpec) -> tuple[str | None, list[tuple[str, str]]]:
     return uri, torn
 
 
+def clear_foreign(spec: RunSpec) -> bool:
+    """``--force``: when the run's checkpoints cannot be resumed by this config (another
+    model/config, or none complete), forget them (``checkpoint.clear``) so that the run starts
+    afresh; checkpoints of this very config are kept (an interrupted rebuild resumes). True when
+    something was cleared."""
+    try:
+        check_resumable(spec)
+        return False
+    except StageError as e:
+        gone = ckpt.clear(spec.run_uri)
+        if gone:
+            log.warning("run '%s': --force: starting afresh; removed its checkpoints of another "
+                        "config (%s)", spec.name, str(e).split(". ")[0])
+        return bool(gone)
+
+
 def prepare_resume(spec: RunSpec) -> str | None:
     """``check_resumable``, then make Ray Train resume from that checkpoint: the newer torn
     ones (a crash during an upload, a lost file) are named in a warning and dropped from Ray's

@@ -47,10 +47,10 @@ from slm.stage import fingerprint, input_fingerprints, join, manifest, read_json
 from .config import FAMILY_INFO, FamilyInfo, level_name
 from .data import ShardSet, check_cluster_ids, open_shards, shard_dataset, valid_dataset
 from .families import FamilySpec
-from .launch import (RunSpec, check_resumable, publish_final, publish_levels, run_done, run_training,
-                     storage_path)
+from .launch import (RunSpec, check_resumable, clear_foreign, publish_final, publish_levels, run_done,
+                     run_training, storage_path)
 from .loop_config import pretraining_config
-from .metrics import sum_costs
+from .metrics import console, sum_costs
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class _Family:
     info: FamilyInfo
     recipe_path: str
     vocab: int
+    force: bool = False  # rebuild a run published from another config or data
 
     @property
     def layout(self) -> RunLayout:
@@ -114,18 +115,24 @@ class _Family:
 
     def done(self, sub: str, data: str) -> bool:
         """A run published from this very config and data is not retrained; one published from
-        another config or data is refused, naming what differs (never silently reused)."""
+        another config or data is refused, naming what differs (never silently reused), or,
+        with ``force``, rebuilt (its ``final/`` is replaced only once the rebuild finishes)."""
         if not run_done(self.layout, self.info.name, sub):
             return False
         final = self.layout.pretrain_final(self.info.name, sub)
         found = (manifest(final) or {}).get("config") or {}
         want = json.loads(json.dumps(self.final_config(sub, data), default=str))  # as stored
         diffs = sorted(k for k in set(found) | set(want) if k != "recipe" and found.get(k) != want.get(k))
+        if diffs and self.force:
+            console(f"pretrained model '{final}' was built from another config or data (differs "
+                    f"in: {', '.join(diffs)}); --force: rebuilding it")
+            return False
         if diffs:
             raise StageError(
                 f"pretrained model '{final}' was built from another config or data (differs in: "
-                f"{', '.join(diffs)}). Use another run_dir, or restore the recipe it was built "
-                "with; its checkpoints are kept under the run's Train storage")
+                f"{', '.join(diffs)}). Rebuild it with `slm pretrain --force` (or `slm run "
+                "--force`), use another run_dir, or restore the recipe it was built with; its "
+                "checkpoints are kept under the run's Train storage")
         return True
 
     def spec(self, sub: str, data: str) -> RunSpec:
@@ -145,6 +152,8 @@ class _Family:
         """Train (or resume) one run on ``train_ds``, evaluated on the first held-out rows of
         ``valid_ds``; publish it when finished."""
         r, spec = self.recipe, self.spec(sub, data)
+        if self.force:  # checkpoints of another config would be refused: start afresh
+            clear_foreign(spec)
         valid = valid_dataset(valid_ds, r.pretrain.train.eval_batches * spec.global_batch(), what)
         out = run_training(spec, train_ds, valid)
         if not out["finished"]:
@@ -235,7 +244,10 @@ def _train_experts(job: _Family) -> dict[str, Any]:
     check_cluster_ids(job.shards("generic", [col]), col, k)
     todo = [i for i in range(k) if not job.done(expert_name(i), _expert_data(col, i))]
     for i in todo:  # fail fast on a foreign/corrupted checkpoint, before any trial starts
-        check_resumable(job.spec(expert_name(i), _expert_data(col, i)))
+        spec = job.spec(expert_name(i), _expert_data(col, i))
+        if job.force:
+            clear_foreign(spec)
+        check_resumable(spec)
     if todo:
         if f in job.recipe.pretrain.scaling.spot_families:
             warn_without_spot(f"SLM-{f} pretraining", "pretrain.scaling.spot_families")
@@ -290,10 +302,14 @@ def _train_domains(job: _Family, domains: list[str]) -> dict[str, Any]:
 # pretrain(recipe, family)
 # --------------------------------------------------------------------------------------------
 
-def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path: str | None = None) -> dict[str, Any]:
+def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path: str | None = None,
+             force: bool = False) -> dict[str, Any]:
     """Pretrain one family of the recipe (see the module docstring); returns
     ``{"family", "runs": {name: final_uri}, "costs": {...}}``. Finished runs are not retrained;
-    unfinished ones resume from their latest checkpoint."""
+    unfinished ones resume from their latest checkpoint. A run finished from another config or
+    data is refused, or with ``force`` rebuilt (its checkpoints of the other config removed; a
+    run finished from this very config is still kept: rebuilding it would give the same
+    model)."""
     recipe = resolve_paths(recipe)  # experts run as Tune trials, in their own directories
     if family not in FAMILY_INFO:
         raise ConfigError(f"unknown family '{family}'; known: {', '.join(FAMILY_INFO)}")
@@ -304,7 +320,7 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
     recipe_path = recipe_path or recipe.name
     layout, info = RunLayout(recipe.run_dir), FAMILY_INFO[family]
     one_run = info.runs == "one"
-    job = _Family(recipe, info, recipe_path, run_vocab_size(layout, recipe_path))
+    job = _Family(recipe, info, recipe_path, run_vocab_size(layout, recipe_path), force)
     if one_run and job.done("", "generic"):  # finished from this config and data: nothing to start
         return {"family": family, "runs": {family: layout.pretrain_final(family)},
                 "costs": read_json(layout.pretrain_costs(family))}
@@ -320,18 +336,19 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
 
 
 def pretrain_families(recipe, families: list[str], domains: list[str] | None = None,
-                      recipe_path: str | None = None) -> list[dict[str, Any]]:
+                      recipe_path: str | None = None, force: bool = False) -> list[dict[str, Any]]:
     """Pretrain several families, as many at once as the cluster holds runs of
     ``pretrain.scaling`` (``runs_that_fit``; ``scaling.parallel_families`` caps it): each
     family's ``pretrain`` in a thread of this driver, each driving its own TorchTrainer (or its
     experts' Tune grid), so GPUs are not left idle while one family trains. Returns, in the
     order of ``families``, ``{"family", "seconds", "started", "ended", "out"}``; the first
     failure is raised once every family has stopped (the others' runs are kept). ``domains``
-    (per-domain families only) as in ``pretrain``."""
+    (per-domain families only) and ``force`` as in ``pretrain``."""
     def one(family: str) -> dict[str, Any]:
         per_domain = FAMILY_INFO[family].runs == "per_domain"
         t0 = time.time()
-        out = pretrain(recipe, family, domains=domains if per_domain else None, recipe_path=recipe_path)
+        out = pretrain(recipe, family, domains=domains if per_domain else None, recipe_path=recipe_path,
+                       force=force)
         return {"family": family, "seconds": time.time() - t0, "started": t0, "ended": time.time(), "out": out}
 
     with ray_session(recipe.cluster):

@@ -5,7 +5,10 @@ from. Two runtimes:
 * ``RayTrainRuntime``: a Ray Train worker (``TorchTrainer``; every pretraining run and
   multi-worker trials). Data are the Ray Datasets the launcher gave the run, reports and
   checkpoints go through ``ray.train.report`` (Ray persists and registers them; a restarted
-  worker group resumes from the newest one).
+  worker group resumes from the newest one). Rank 0 waits until Ray Train has registered a
+  reported checkpoint before training on: ``report`` only queues it for the controller, which
+  polls every ~2 s, and a driver killed meanwhile would resume from the one before, losing
+  more than one checkpoint interval.
 * ``LocalRuntime``: the calling process itself (a 1-worker specialization trial, inside its
   Ray Tune trial's actor). Nothing is started: no worker group, no Ray Data executor. Its data
   are rows already in memory (models/data.py ``load_rows``, cached per process, so a Tune
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,8 +39,10 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from slm.errors import StageError
 from slm.stage import copy_dir, join
 
+from . import checkpoint as ckpt
 from .data import train_stream_name
 
 log = logging.getLogger(__name__)
@@ -48,10 +54,12 @@ class RayTrainRuntime:
     """The Trainer inside a Ray Train worker of a ``TorchTrainer``."""
 
     resumable = True  # Ray Train registers the reported checkpoints and hands back the newest
+    register_timeout_s = 600.0  # then warn and train on (a controller that slow is stuck anyway)
 
-    def __init__(self):
+    def __init__(self, run_uri: str):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.run_uri = run_uri  # Ray Train's storage of the run: where its record lives
 
     def train_windows(self, rows: int) -> Iterator[Batch]:
         shard = ray.train.get_dataset_shard(train_stream_name(self.rank))
@@ -70,6 +78,26 @@ class RayTrainRuntime:
         else:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
                              checkpoint_dir_name=dir_name)
+            if self.rank == 0 and dir_name:  # the others wait for rank 0 at the next all-reduce
+                self.wait_registered(dir_name)
+
+    def wait_registered(self, dir_name: str) -> None:
+        """Until Ray Train's record of the run (checkpoint.registered) names ``dir_name``."""
+        want = join(self.run_uri, dir_name)
+        deadline = time.monotonic() + self.register_timeout_s
+        while want not in _registered(self.run_uri):
+            if time.monotonic() > deadline:
+                log.warning("checkpoint '%s' is not registered by Ray Train after %.0f s; training "
+                            "on (a crash now resumes from an older one)", want, self.register_timeout_s)
+                return
+            time.sleep(0.1)
+
+
+def _registered(run_uri: str) -> list[str]:
+    try:
+        return ckpt.registered(run_uri)
+    except StageError:  # the record caught mid-write: read it again
+        return []
 
 
 class LocalRuntime:

@@ -434,4 +434,5 @@ class Trainer:
 def train_loop_per_worker(config: dict[str, Any]) -> str | None:
     """Ray Train worker function: ``config`` is ``TrainLoopConfig.to_dict()``. Returns the
     run's ``Diverged`` message, if any (``Trainer.fit``)."""
-    return Trainer(TrainLoopConfig.from_dict(config), RayTrainRuntime()).fit()
+    cfg = TrainLoopConfig.from_dict(config)
+    return Trainer(cfg, RayTrainRuntime(cfg.logging.run_uri)).fit()

@@ -85,7 +85,7 @@ def cmd_pretrain(args) -> int:
     families = args.family or recipe.pretrain.families
     with _writing(args, recipe.run_dir):
         for fam in families:
-            pretrain(recipe, fam, recipe_path=_recipe_path(args))
+            pretrain(recipe, fam, recipe_path=_recipe_path(args), force=args.force)
     return 0
 
 
@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "the whole study end to end: data pipeline, pretraining of every "
             "family, specialization sweep, report")
-    p.add_argument("--force", action="store_true", help="rebuild stages that are already done")
+    p.add_argument("--force", action="store_true", help="rebuild data stages that are already done, "
+                   "and pretrainings published from another config or data")
 
     data = sub.add_parser("data", help="the data pipeline (corpus → tokenizer → windows → "
                           "embeddings → k-means → histograms → shards)")
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("pretrain", cmd_pretrain, "pretrain model families with Ray Train + DeepSpeed")
     p.add_argument("--family", action="append", choices=["slm", "llm", "is", "mix", "pn"],
                    help="family to pretrain (repeatable; default: the recipe's families)")
+    p.add_argument("--force", action="store_true", help="rebuild a pretraining published from "
+                   "another config or data (refused without it); its checkpoints of that config "
+                   "are removed, its model replaced once the rebuild finishes")
 
     p = add("specialize", cmd_specialize, "add a new domain to an existing run: embed, "
             "histogram and specialize it without pretraining again", recipe=False)

@@ -85,3 +85,40 @@ def test_a_finished_model_built_from_another_config_is_refused_not_reused(recipe
         changed = dataclasses.replace(recipe, pretrain=dataclasses.replace(
             recipe.pretrain, steps={**recipe.pretrain.steps, "slm": 31}))
         _job(changed).done("", "generic")
+
+
+def test_a_finished_trial_is_refused_once_its_pretrained_model_is_rebuilt(tmp_path):
+    """A trial's fingerprint covers the pretrained models its method starts from: a family
+    pretrained again from another config makes its finished trials stale (refused, naming the
+    fix), where before they were reused silently; trials of methods that do not start from
+    that family stay finished."""
+    from slm.config import load_recipe
+    from slm.stage import publish
+    from slm.tune.grid import Trial, trial_done, trial_stage
+
+    recipe = load_recipe("demo", {"run_dir": str(tmp_path / "run")})
+    layout = RunLayout(recipe.run_dir)
+
+    def pretrained(family: str, lr: float, sub: str = "") -> None:
+        with publish(layout.pretrain_final(family, sub), stage=f"pretrain-{family}",
+                     config={"train": {"lr": lr}}, force=True):
+            pass
+
+    pretrained("slm", 1e-3)
+    for i in range(recipe.kmeans.k_mix):
+        pretrained("mix", 1e-3, f"expert-{i}")
+    slm, mix, nopt = (Trial("jargon", m, 10, 1000, 0, 1e-3) for m in ("slm", "mix", "nopt"))
+    uris = {t.method: str(tmp_path / t.key()) for t in (slm, mix, nopt)}
+    for t in (slm, mix, nopt):
+        with trial_stage(recipe, t, uris[t.method]).publish():
+            pass
+        assert trial_done(recipe, t, uris[t.method])
+
+    pretrained("slm", 5e-3)                      # `slm pretrain --force` from another config
+    with pytest.raises(StageError, match="different config") as e:
+        trial_done(recipe, slm, uris["slm"])
+    assert f"delete '{uris['slm']}'" in str(e.value)
+    assert trial_done(recipe, mix, uris["mix"]) and trial_done(recipe, nopt, uris["nopt"])
+    pretrained("mix", 5e-3, "expert-1")           # one expert of a mixture is enough
+    with pytest.raises(StageError, match="different config"):
+        trial_done(recipe, mix, uris["mix"])

@@ -185,3 +185,56 @@ def test_asha_stopped_trials_are_recorded_as_stopped_and_not_announced_as_retrya
     assert _newest_mtime(trial_workdir(r, bad)) == before
     assert read_json(RunLayout(r.run_dir).sweep_stopped("asha"))["trials"] == record
     assert "re-run `slm sweep` to retry" not in text
+
+
+def test_a_trial_process_killed_mid_training_is_retried_and_the_sweep_completes(recipe, tmp_path):
+    """SIGKILL of a trial's training process (a local trial trains in its Tune actor) after its
+    first evaluation: Tune retries the trial (sweep.max_failures), which trains again whole,
+    and the sweep ends with every trial's row."""
+    import threading
+
+    import pyarrow.parquet as pq
+
+    from slm.tune.grid import sweep_trials
+    from slm.tune.sweep import run_sweep
+
+    pid_dir = str(tmp_path / "pids")
+    r = _sweep(recipe, name="killed-trial", domains=["numeric"], methods=["slm", "nopt"],
+               budgets=[40], domain_tokens=[1024], seeds=[0], max_concurrent=1, max_failures=1,
+               pid_dir=pid_dir)
+    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=2, patience=100))
+    trials = sweep_trials(r)
+    from slm.layout import RunLayout
+
+    tb = RunLayout(r.run_dir).sweep_tensorboard("killed-trial")
+    killed: dict[str, object] = {}
+
+    def pid_files() -> dict[str, str]:
+        return {d: os.path.join(d, f) for d, _, fs in os.walk(pid_dir) for f in fs if f == "rank0.pid"}
+
+    def events_size(run: str) -> int:
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tb) for f in fs
+                   if "tfevents" in f and run in d)
+
+    def killer() -> None:
+        deadline = time.time() + 1500
+        while time.time() < deadline and not pid_files():
+            time.sleep(0.2)
+        run, path = next(iter(pid_files().items()))
+        name = os.path.basename(run)
+        start = events_size(name)
+        while time.time() < deadline and events_size(name) <= start:  # its first evaluation is flushed
+            time.sleep(0.1)
+        pid = int(open(path).read())
+        os.kill(pid, signal.SIGKILL)
+        killed.update(pid=pid, path=path, run=name)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    out = run_sweep(r)
+    th.join(timeout=5)
+    assert "pid" in killed, "the trial was not killed"
+    assert int(open(killed["path"]).read()) != killed["pid"]   # a new process trained it again
+    table = pq.read_table(out).to_pylist()
+    assert sorted(row["trial"] for row in table) == sorted(t.key() for t in trials)
+    assert all(row["steps_run"] == 40 for row in table)

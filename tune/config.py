@@ -62,6 +62,7 @@ class SweepConfig:
     asha_grace: int = field(default=2, metadata={"help": "ASHA: valid evaluations a trial gets before it may be stopped"})
     max_failures: int = field(default=1, metadata={"help": "retries of a failed trial"})
     spot: bool = field(default=False, metadata={"help": "trials go to spot nodes: each trial (or Train worker) asks for the `spot` resource only spot node types declare (cluster/launcher, cluster/kuberay); a preempted trial is retried (max_failures)"})
+    pid_dir: str = field(default="", metadata={"help": "each trial's training process writes <pid_dir>/<run>/rank<r>.pid (operators and the fault tests find them); '' = none"})
 
     def validate(self) -> None:
         for m in self.methods:

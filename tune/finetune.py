@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -122,6 +123,8 @@ def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: fl
                        run_name=name, storage=storage_path(join(workdir, "ray")),
                        data_fingerprint=data_fingerprint(layout, sets, init_dir, teacher),
                        test_at_end="test" in sets)
+    if sw.pid_dir:
+        loop.pid_dir = os.path.join(sw.pid_dir, name)
     spec = RunSpec(loop, ScalingConfig(num_workers=sw.workers_per_trial, use_gpu=sw.gpus_per_trial > 0,
                                        cpus_per_worker=sw.cpus_per_trial, max_failures=0),
                    spot=sw.spot)

@@ -13,8 +13,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from slm.configkit import ConfigError, to_dict
-from slm.layout import SPLITS, RunLayout, domain_set, train_root
-from slm.models.config import level_name
+from slm.layout import SPLITS, RunLayout, domain_set, expert_name, train_root
+from slm.models.config import FAMILY_INFO, level_name
 from slm.models.lm import lm_config, lm_param_count
 from slm.stage import Stage, join, local_dir, manifest, subdirs
 
@@ -71,9 +71,28 @@ def trial_config(recipe, trial: Trial) -> dict[str, Any]:
     return {"trial": trial.to_dict(), "recipe": recipe.name, "specialize": to_dict(recipe.specialize)}
 
 
+def pretrained_inputs(recipe, trial: Trial) -> dict[str, str]:
+    """The fingerprints of the pretrained models the trial's method is built from (its
+    ``pretrains`` families at the trial's pretraining level: the trial's domain's run of a
+    per-domain family, every expert of a per-expert one), keyed run-relative; "" for one not published. A family pretrained again
+    from another config changes them, so its finished trials are refused, not reused."""
+    layout = RunLayout(recipe.run_dir)
+    out = {}
+    for family in get_method(trial.method).pretrains:
+        runs = FAMILY_INFO[family].runs
+        subs = ([trial.domain] if runs == "per_domain"
+                else [expert_name(i) for i in range(recipe.kmeans.k_mix)] if runs == "per_expert" else [""])
+        for sub in subs:  # the models of the trial's pretraining level
+            model = layout.pretrain_level(family, sub, trial.level)
+            out[layout.relative(model)] = (manifest(model) or {}).get("fingerprint", "")
+    return out
+
+
 def trial_stage(recipe, trial: Trial, uri: str) -> Stage:
-    """The trial as a stage: published at ``uri`` with its config (``trial_config``)."""
-    return Stage(uri, stage="specialize", config=trial_config(recipe, trial))
+    """The trial as a stage: published at ``uri`` with its config (``trial_config``) and the
+    pretrained models it starts from (``pretrained_inputs``)."""
+    return Stage(uri, stage="specialize", config=trial_config(recipe, trial),
+                 inputs=pretrained_inputs(recipe, trial))
 
 
 def trial_done(recipe, trial: Trial, uri: str) -> bool:

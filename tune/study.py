@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def run_study(recipe, force: bool = False) -> str:
     """Run the study of ``recipe``; returns the report's path. ``force`` rebuilds the data
-    stages (pretraining and trials resume from what is published; delete them to redo them)."""
+    stages, and pretrainings published from another config or data (models/pretrain.py);
+    trials resume from what is published (a stale one is refused: delete it to redo it)."""
     layout = RunLayout(recipe.run_dir)
     lines: list[tuple[str, float, str]] = []  # (stage, seconds, what it left), for the summary
     t_all = time.time()
@@ -40,7 +41,8 @@ def run_study(recipe, force: bool = False) -> str:
         lines.append(("data", time.time() - t, _data_result(data)))
         # families train at once where the cluster holds several runs; a family pretrained
         # per domain (SLM-is) only for the domains the sweep specializes
-        for done in pretrain_families(recipe, recipe.pretrain.families, domains=recipe.sweep.domains or None):
+        for done in pretrain_families(recipe, recipe.pretrain.families, domains=recipe.sweep.domains or None,
+                                      force=force):
             lines.append((f"pretrain {done['family']}", done["seconds"], _pretrain_result(layout, done["out"])))
         t = time.time()
         results = run_sweep(recipe)
