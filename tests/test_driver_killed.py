@@ -31,8 +31,7 @@ import sys
 import threading
 import time
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from train_shards import make_run, tiny_recipe
+from train_shards import make_run, tb_scalars, tiny_recipe
 
 from slm.config import dump_recipe
 from slm.errors import StageError
@@ -61,16 +60,6 @@ def _env() -> dict[str, str]:
 
 def _cmd(recipe: str) -> list[str]:
     return [sys.executable, "-m", "slm.cli", "pretrain", "--recipe", recipe, "--family", "slm"]
-
-
-def _valid_losses(run_uri: str) -> dict[int, float]:
-    out: dict[int, float] = {}
-    d = os.path.join(run_uri, "tensorboard")
-    for f in sorted(os.listdir(d)):
-        acc = EventAccumulator(os.path.join(d, f))
-        acc.Reload()
-        out.update({e.step: e.value for e in acc.Scalars("valid/loss")})
-    return out
 
 
 def _newest_complete_dir(run_uri: str) -> int:
@@ -130,7 +119,7 @@ def test_killed_driver_resumes_from_its_last_checkpoint_and_matches_an_uninterru
     plain = subprocess.run(_cmd(_recipe_file(plain_root)), capture_output=True, text=True,
                            env=_env(), timeout=1200)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    resumed_loss = _valid_losses(run_uri)[STEPS]
-    plain_loss = _valid_losses(os.path.join(plain_root, "pretrain", "slm"))[STEPS]
+    resumed_loss = tb_scalars(run_uri, "valid/loss")[STEPS]
+    plain_loss = tb_scalars(os.path.join(plain_root, "pretrain", "slm"), "valid/loss")[STEPS]
     print(f"final valid loss: resumed {resumed_loss:.6f}, uninterrupted {plain_loss:.6f}")
     assert abs(resumed_loss - plain_loss) <= TOLERANCE

@@ -19,10 +19,9 @@ import time
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_shards import make_run, tiny_recipe  # noqa: E402
+from train_shards import make_run, tb_scalars, tiny_recipe  # noqa: E402
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -63,14 +62,8 @@ def spec(env, name: str, steps: int, scaling: dict | None = None, *, stop_at: in
 
 
 def tb_losses(run_uri: str) -> dict[int, float]:
-    """train/loss per step from the run's TensorBoard event files (rank 0 logs every step)."""
-    out = {}
-    d = os.path.join(run_uri, "tensorboard")
-    for f in sorted(os.listdir(d)):
-        acc = EventAccumulator(os.path.join(d, f))
-        acc.Reload()
-        out.update({e.step: e.value for e in acc.Scalars("train/loss")})
-    return out
+    """train/loss per step (rank 0 logs every step)."""
+    return tb_scalars(run_uri, "train/loss")
 
 
 def test_loop_config_round_trips_and_refuses_unknown_keys(tmp_path):

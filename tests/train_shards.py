@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from slm.config import Recipe
 from slm.layout import RunLayout
 from slm.models.synthetic import VOCAB, windows, write_shards, write_tokenizer  # noqa: F401
@@ -44,3 +46,14 @@ def make_run(run_dir: str, n_generic: int = 512, ks: tuple[int, ...] = (2, 4)) -
     with open(os.path.join(run_dir, "NOTE.json"), "w") as f:
         json.dump({"what": "tiny training test run"}, f)
     return layout
+
+
+def tb_scalars(run_uri: str, tag: str) -> dict[int, float]:
+    """{step: value} of one scalar from a training run's TensorBoard event files (rank 0 logs)."""
+    out = {}
+    d = os.path.join(run_uri, "tensorboard")
+    for f in sorted(os.listdir(d)):
+        acc = EventAccumulator(os.path.join(d, f))
+        acc.Reload()
+        out.update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
