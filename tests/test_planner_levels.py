@@ -116,3 +116,15 @@ def test_leave_one_cell_out(results):
     assert all(c["measured_best"] != "llm" for c in small["per_cell"])
     assert "planner accuracy (leave one cell out" in format_plan(
         plan(1e30, 1e30, 1e9, domain_tokens=8192, results=path))
+
+
+def test_interpolation_in_any_unit_and_from_zero_cost():
+    from slm.tune.planner import interpolate
+
+    # device-hours are often < 1: log-cost interpolation must not clamp them
+    v, idx = interpolate([(0.001, 3.0), (0.1, 2.0)], 0.01)
+    assert v == pytest.approx(2.5) and idx == [0, 1]
+    # from a zero cost (nothing pretrained) there is no log scale: the zero-cost point until
+    # the next point is affordable
+    assert interpolate([(0.0, 3.0), (0.01, 2.0)], 0.005) == (3.0, [0])
+    assert interpolate([(0.0, 3.0), (0.01, 2.0)], 0.01) == (2.0, [1])

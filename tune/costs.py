@@ -46,7 +46,6 @@ from slm.models.config import FAMILY_INFO
 from slm.stage import exists, read_json, subdirs
 
 from .methods import Method, get_method
-from .units import COST_UNITS, CostUnit, cost_unit  # noqa: F401 - re-exported
 
 TRIAL_KEY = ("recipe", "domain", "method", "budget_steps", "domain_tokens", "pretrain_level",
              "pretrain_seed", "seed")

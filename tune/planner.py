@@ -44,9 +44,10 @@ from slm.layout import RunLayout
 from slm.stage import exists
 
 from . import paper_findings as paper
-from .costs import cost_unit, load_pretrain_costs, method_costs
+from .costs import load_pretrain_costs, method_costs
 from .methods import METHODS, Method, get_method
 from .results import check_one_recipe, find_results, read_results
+from .units import cost_unit
 
 
 @dataclass
@@ -87,10 +88,6 @@ class PlanResult:
 # Interpolation
 # --------------------------------------------------------------------------------------------
 
-def _log(x: float) -> float:
-    return math.log(max(float(x), 1e-300)) if x > 0 else 0.0  # a zero cost (is/nopt pretraining)
-
-
 def envelope_weights(points: list[tuple[float, float]], x: float) -> list[tuple[int, float]] | None:
     """Weights (index, weight) of ``points`` (cost, nll) that give the value at cost ``x`` of
     their non-increasing envelope, linear in log-cost; None when ``x`` is below the cheapest
@@ -112,10 +109,12 @@ def envelope_weights(points: list[tuple[float, float]], x: float) -> list[tuple[
     if x >= costs[-1]:
         return [(arg[-1], 1.0)]
     j = max(k for k in range(len(costs)) if costs[k] <= x)
-    lo, hi = _log(costs[j]), _log(costs[j + 1])
-    if hi == lo or arg[j] == arg[j + 1]:
+    if costs[j] <= 0 or costs[j + 1] == costs[j] or arg[j] == arg[j + 1]:
+        # from a zero cost (is/nopt pretraining) there is no log-scale to interpolate on: below
+        # the next point only the zero-cost point is affordable (any unit: FLOPs or hours < 1)
         return [(arg[j], 1.0)]
-    w = (_log(x) - lo) / (hi - lo)
+    lo, hi = math.log(costs[j]), math.log(costs[j + 1])
+    w = (math.log(x) - lo) / (hi - lo)
     return [(arg[j], 1.0 - w), (arg[j + 1], w)]
 
 

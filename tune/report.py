@@ -36,7 +36,8 @@ from .costs import aggregate_points, amortization_table, load_pretrain_costs, ma
 from .findings import evaluate_findings, findings_json, findings_markdown, summary
 from .methods import get_method, method_names
 from .planner import format_accuracy, leave_one_cell_out, measured_levels, rank_levels
-from .units import CostUnit, cost_unit
+from .units import CostUnit
+from .units import cost_unit as get_unit
 from .results import check_one_recipe, find_results, read_results
 
 AMORTIZATION_NS = (1, 7, 50)
@@ -185,7 +186,7 @@ def decision_grid(points: pd.DataFrame, inference_budget: float, domain_tokens: 
     """(pretrain budgets, specialization budgets, best method per cell or '') over a log grid
     spanning the measured costs in ``unit``; the choice is the planner's (rank_levels) at
     each cell."""
-    u = cost_unit(unit)
+    u = get_unit(unit)
     pre = points[u.pretrain] / n_domains
     pos = pre[pre > 0]
     lo_p = float(pos.min()) / 10 if len(pos) else 1.0
@@ -225,8 +226,8 @@ def fig_decision(points: pd.DataFrame, small_params: float, n_domains: int = 1,
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{label} ({inf:,.0f} params), {t:,} tokens", fontsize=9)
-            ax.set_xlabel(f"pretraining budget per domain [{cost_unit(unit).label}] (N = {n_domains})")
-            ax.set_ylabel(f"specialization budget per domain, to best step [{cost_unit(unit).label}]")
+            ax.set_xlabel(f"pretraining budget per domain [{get_unit(unit).label}] (N = {n_domains})")
+            ax.set_ylabel(f"specialization budget per domain, to best step [{get_unit(unit).label}]")
     fig.subplots_adjust(hspace=0.4)
     fig.legend(handles=[Patch(color=_color(m), label=m) for m in methods]
                + [Patch(facecolor="#ffffff", edgecolor="#999999", label="nothing fits")],
@@ -303,7 +304,7 @@ def write_report(recipe, extra_results: Iterable[str] = (), cost_unit: str = "fl
     on the results, the planner's leave-one-cell-out accuracy) for ``recipe``, costs in
     ``cost_unit`` ('flops' or 'device-hours'); returns the index.html URI. Every path it shows
     or stores is relative to the run directory."""
-    unit = _unit(cost_unit)
+    unit = get_unit(cost_unit)
     layout = RunLayout(recipe.run_dir)
     raw, trials, paths = load_report_inputs(recipe, extra_results)
     sources = [shown_path(layout, p) for p in paths]
@@ -350,10 +351,6 @@ def write_report(recipe, extra_results: Iterable[str] = (), cost_unit: str = "fl
         out.manifest.update({"files": sorted(files), "sources": sources, "rows": len(raw),
                              "cost_unit": unit.name})
     return join(layout.report, "index.html")
-
-
-def _unit(name: str) -> CostUnit:
-    return cost_unit(name)
 
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;
