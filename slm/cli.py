@@ -24,6 +24,7 @@ from slm.layout import RunLayout
 from slm.pipeline.config import STAGE_GROUPS
 from slm.runlock import run_lock
 from slm.stage import check_storage, rebuild_hint, storage_failure
+from slm.tune.units import COST_UNIT_NAMES
 
 # Rust tokenizer threads and the processes Ray forks do not mix (tokenizers warns and turns
 # them off in every fork); off from the start, unless the user set it.
@@ -113,7 +114,11 @@ def cmd_report(args) -> int:
     from slm.tune.report import write_report  # lazy: imports matplotlib, pandas
 
     with _writing(args, recipe.run_dir):
-        path = write_report(recipe, extra_results=args.results)
+        path = write_report(recipe, extra_results=args.results, cost_unit=args.cost_unit)
+    if args.findings_md:  # the generated findings table, for the README
+        from slm.tune.report import read_findings_md
+
+        print(read_findings_md(path))
     print(f"report: {path}")
     return 0
 
@@ -126,7 +131,8 @@ def cmd_plan(args) -> int:
 
     result = plan(pretrain_budget=args.pretrain_budget, specialize_budget=args.specialize_budget,
                   inference_budget=args.inference_budget, domains=args.domains,
-                  domain_tokens=args.domain_tokens, results=args.results, run=args.run)
+                  domain_tokens=args.domain_tokens, results=args.results, run=args.run,
+                  unit=args.cost_unit)
     print(format_plan(result))
     return 0 if result.method else 1  # nothing fits the budgets: say so in the exit status
 
@@ -278,11 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("sweep", cmd_sweep, "Ray Tune sweep of specialization: domains × methods × budgets × sizes × seeds")
     p = add("report", cmd_report, "write the HTML report (tables and figures) of a run")
     p.add_argument("--results", action="append", default=[], help="extra results.parquet to include")
+    p.add_argument("--cost-unit", choices=COST_UNIT_NAMES, default="flops",
+                   help="unit of the cost axes, tables and decision chart")
+    p.add_argument("--findings-md", action="store_true",
+                   help="also print the generated findings table (markdown, for the README)")
 
     p = add("plan", cmd_plan, "recommend a method for given budgets (from measured results, or "
             "the paper's findings when there are none)", recipe=False)
-    p.add_argument("--pretrain-budget", type=float, required=True, help="pretraining budget in FLOPs")
-    p.add_argument("--specialize-budget", type=float, required=True, help="per-domain specialization budget in FLOPs")
+    p.add_argument("--pretrain-budget", type=float, required=True,
+                   help="pretraining budget per domain, in --cost-unit")
+    p.add_argument("--specialize-budget", type=float, required=True,
+                   help="per-domain specialization budget (to the best step), in --cost-unit")
+    p.add_argument("--cost-unit", choices=COST_UNIT_NAMES, default="flops",
+                   help="unit of the compute budgets: measured FLOPs or device-hours")
     p.add_argument("--inference-budget", type=float, required=True, help="max parameters of the served model")
     p.add_argument("--domains", type=int, default=1, help="number of domains N")
     p.add_argument("--domain-tokens", type=float, default=1e6, help="in-domain training tokens")

@@ -156,9 +156,29 @@ def test_mix_expert_selection_lowest_loss_and_all(recipe):
     low = specialize_trial(_with(recipe, expert_selection="lowest_loss"), t,
                            trial_uri(recipe, t, sweep="mix-low"))
     assert low["expert"] == min(range(len(before)), key=before.__getitem__)
+    # choosing the expert is paid for: every expert's valid evaluation, forward FLOPs per token
+    # x the tokens it read, charged to the trial (total and to-best)
+    from slm.models.flops import inference_flops_per_token
+    from slm.tune.evaluation import evaluate_counted
+
+    spec = recipe.specialize
+    expected = 0.0
+    for i in range(recipe.kmeans.k_mix):
+        m = load_lm(pretrain_final(layout, "mix", expert=i))
+        expected += inference_flops_per_token(m.config) * evaluate_counted(
+            m, valid, spec.micro_batch, spec.eval_batches)[1]
+    assert low["select_flops"] == pytest.approx(expected, rel=1e-9) and expected > 0
+    assert low["select_device_seconds"] > 0
+    assert low["spec_flops"] >= low["spec_flops_to_best"] >= low["select_flops"]
+    steps = low["steps_run"]
+    tuned = low["spec_flops"] - low["select_flops"]
+    assert low["spec_flops_to_best"] - low["select_flops"] == pytest.approx(
+        tuned * min(low["best_step"], steps) / steps, rel=1e-9)
     every = specialize_trial(_with(recipe, expert_selection="all"), t, trial_uri(recipe, t, sweep="mix-all"))
     assert every["expert"] in range(recipe.kmeans.k_mix)
-    assert every["spec_flops"] > low["spec_flops"] * 1.5   # every expert was fine-tuned
+    # every expert was fine-tuned (compared without low's selection evaluations)
+    assert every["spec_flops"] > (low["spec_flops"] - low["select_flops"]) * 1.5
+    assert every["select_flops"] == 0.0                     # nothing evaluated to choose
 
 
 def test_inference_budget_errors_and_llm_exclusion(recipe, caplog):

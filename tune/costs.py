@@ -47,9 +47,21 @@ from slm.stage import exists, join, manifest, read_json, subdirs
 
 from .methods import Method, get_method
 
-TRIAL_KEY = ("recipe", "domain", "method", "budget_steps", "domain_tokens", "seed", "pretrain_level")
+TRIAL_KEY = ("recipe", "domain", "method", "budget_steps", "domain_tokens", "pretrain_level",
+             "pretrain_seed", "seed")
 POINT_KEY = ("method", "budget_steps", "domain_tokens", "pretrain_level")
 COST_KEYS = ("flops", "device_seconds")
+# A results table without pretraining levels is of one level: the family's full pretraining
+# (level 1.0), pretraining seed 0.
+LEVEL_DEFAULTS = {"pretrain_level": 1.0, "pretrain_seed": 0}
+
+
+def with_levels(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with ``pretrain_level``/``pretrain_seed`` (LEVEL_DEFAULTS where absent or null)."""
+    out = df.copy()
+    for col, default in LEVEL_DEFAULTS.items():
+        out[col] = (out[col].fillna(default) if col in out else default)
+    return out.astype({"pretrain_level": float, "pretrain_seed": int})
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,12 +76,6 @@ def _costs_file(uri: str) -> dict[str, Any]:
             raise InputError(f"'{uri}' has {k}={v!r}; costs.json needs non-negative numbers "
                              f"{', '.join(COST_KEYS)} (re-run that pretraining)")
     return c
-
-
-def with_levels(df: pd.DataFrame) -> pd.DataFrame:
-    """Results rows with a ``pretrain_level`` column (rows written before pretraining levels
-    existed were all specialized from the final model: level 1)."""
-    return df if "pretrain_level" in df.columns else df.assign(pretrain_level=1.0)
 
 
 def _run_costs(layout: RunLayout, fam: str, sub: str) -> dict[str, Any] | None:
@@ -157,28 +163,51 @@ def select_trials(df: pd.DataFrame) -> pd.DataFrame:
 
 def trial_costs(df: pd.DataFrame, pretrain_costs: dict[str, Any] | None = None) -> pd.DataFrame:
     """Selected trials (``select_trials``) with the cost model's columns added:
-    ``c_pretrain_flops/_hours`` (shared), ``c_spec_flops/_hours`` (per domain) and
+    ``c_pretrain_flops/_hours`` (shared), ``c_spec_flops/_hours`` (per domain, fine-tuning to
+    its best validation step: the paper's convention, §3.7, and what the planner uses),
+    ``c_spec_total_flops/_hours`` (per domain, every step run, patience tail included) and
     ``cost_basis`` (where the pretraining cost came from: 'costs.json', 'results' (the row's
-    own columns, when the run's costs.json files do not cover the method) or 'none')."""
+    own columns: when the run's costs.json files and level manifests do not cover the method
+    at the row's pretraining level) or 'none').
+
+    Specialization to the best step: the row's ``spec_flops_to_best`` /
+    ``spec_device_seconds_to_best`` (tune/specialize.py); a row written before those columns
+    existed is charged ``spec_* x best_step / steps_run`` (fine-tuning steps cost the same)."""
     pc = pretrain_costs or {}
     t = select_trials(df)
-    pre_f, pre_s, spec_f, spec_s, basis = [], [], [], [], []
-    for row in t.itertuples(index=False):
-        method = get_method(row.method)
-        shared, own, missing = pretrain_split(method, pc, row.domain, row.pretrain_level)
+    pre_f, pre_s, spec_f, spec_s, tot_f, tot_s, basis = [], [], [], [], [], [], []
+    for row in t.to_dict("records"):
+        method = get_method(row["method"])
+        shared, own, missing = pretrain_split(method, pc, row["domain"], float(row["pretrain_level"]))
         src = "costs.json" if method.pretrains else "none"
-        if missing:  # the row's pretraining columns, per domain only if every family is
-            src = "results"
-            measured = {"flops": float(row.pretrain_flops), "device_seconds": float(row.pretrain_device_seconds)}
+        if missing:  # e.g. another run's results, or a level the run's files do not hold
+            src = "results"  # the row's columns, per domain only if every family is
+            measured = {"flops": float(row["pretrain_flops"]),
+                        "device_seconds": float(row["pretrain_device_seconds"])}
             zero = {k: 0.0 for k in COST_KEYS}
             shared, own = (measured, zero) if method.shared_families else (zero, measured)
+        total = {"flops": float(row["spec_flops"]), "device_seconds": float(row["spec_device_seconds"])}
+        best = {k: _to_best(row, k, v) for k, v in total.items()}
         pre_f.append(shared["flops"])
         pre_s.append(shared["device_seconds"])
-        spec_f.append(float(row.spec_flops) + own["flops"])
-        spec_s.append(float(row.spec_device_seconds) + own["device_seconds"])
+        spec_f.append(best["flops"] + own["flops"])
+        spec_s.append(best["device_seconds"] + own["device_seconds"])
+        tot_f.append(total["flops"] + own["flops"])
+        tot_s.append(total["device_seconds"] + own["device_seconds"])
         basis.append(src)
     return t.assign(c_pretrain_flops=pre_f, c_pretrain_hours=np.array(pre_s) / 3600.0,
-                    c_spec_flops=spec_f, c_spec_hours=np.array(spec_s) / 3600.0, cost_basis=basis)
+                    c_spec_flops=spec_f, c_spec_hours=np.array(spec_s) / 3600.0,
+                    c_spec_total_flops=tot_f, c_spec_total_hours=np.array(tot_s) / 3600.0,
+                    cost_basis=basis)
+
+
+def _to_best(row: dict[str, Any], key: str, total: float) -> float:
+    """The row's specialization ``key`` ('flops'/'device_seconds') spent up to its best step."""
+    v = row.get(f"spec_{key}_to_best")
+    if v is not None and not (isinstance(v, float) and math.isnan(v)):
+        return float(v)
+    steps = int(row["steps_run"])
+    return total * min(int(row["best_step"]), steps) / steps if steps > 0 else total
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,46 +221,53 @@ def macro_nll(trials: pd.DataFrame) -> float:
 
 
 def macro_ppl_by_seed(trials: pd.DataFrame) -> list[float]:
-    """exp(mean test NLL over domains) for each seed that has every domain of ``trials``."""
+    """exp(mean test NLL over domains) for each (pretraining seed, fine-tuning seed) that has
+    every domain of ``trials``."""
     n_dom = trials["domain"].nunique()
+    keys = [k for k in ("pretrain_seed", "seed") if k in trials]
     out = []
-    for _, g in trials.groupby("seed"):
+    for _, g in trials.groupby(keys):
         if g["domain"].nunique() == n_dom:
             out.append(math.exp(g.groupby("domain")["test_loss"].mean().mean()))
     return out
 
 
 def method_costs(results_df: pd.DataFrame, pretrain_costs: dict[str, Any] | None = None) -> pd.DataFrame:
-    """One row per measured point (method, budget_steps, domain_tokens, C_pretrain level):
-    C_pretrain and the mean per-domain C_specialize (FLOPs, device-hours), the served model's
-    inference cost, the macro perplexity (± std over seeds) and what it averages over."""
+    """One row per measured point (method, budget_steps, domain_tokens, pretraining level):
+    C_pretrain and the mean per-domain C_specialize (to the best step, and in total; FLOPs,
+    device-hours), the served model's inference cost, the macro perplexity (± std over seeds),
+    the macro valid NLL (what the planner selects on) and what it averages over."""
     return aggregate_points(trial_costs(results_df, pretrain_costs))
 
 
 def aggregate_points(trials: pd.DataFrame) -> pd.DataFrame:
     """``method_costs`` from already costed trials (``trial_costs``; several sources may be
     concatenated: a trial key seen twice keeps its lowest-valid-loss row)."""
-    t = (trials.sort_values("valid_loss", kind="stable")
+    t = (with_levels(trials).sort_values("valid_loss", kind="stable")
          .drop_duplicates(list(TRIAL_KEY), keep="first"))
     rows = []
-    for key, g in t.groupby(list(POINT_KEY) + ["c_pretrain_flops"], sort=True):
+    for key, g in t.groupby(list(POINT_KEY), sort=True):
         nll = macro_nll(g)
         by_seed = macro_ppl_by_seed(g)
         rows.append({
-            **dict(zip(list(POINT_KEY) + ["c_pretrain_flops"], key)),
+            **dict(zip(POINT_KEY, key)),
+            "c_pretrain_flops": float(g["c_pretrain_flops"].mean()),
             "c_pretrain_hours": float(g["c_pretrain_hours"].mean()),
             "c_spec_flops": float(g["c_spec_flops"].mean()),
             "c_spec_hours": float(g["c_spec_hours"].mean()),
+            "c_spec_total_flops": float(g["c_spec_total_flops"].mean()),
+            "c_spec_total_hours": float(g["c_spec_total_hours"].mean()),
             "inference_params": int(g["inference_params"].max()),
             "inference_flops_per_token": float(g["inference_flops_per_token"].max()),
             "macro_nll": nll, "macro_ppl": math.exp(nll),
+            "macro_valid_nll": float(g.groupby("domain")["valid_loss"].mean().mean()),
             "macro_ppl_std": float(np.std(by_seed, ddof=1)) if len(by_seed) > 1 else 0.0,
             "n_domains": int(g["domain"].nunique()), "n_seeds": int(g["seed"].nunique()),
+            "n_pretrain_seeds": int(g["pretrain_seed"].nunique()),
             "domains": ",".join(sorted(g["domain"].unique())),
             "cost_basis": ",".join(sorted(g["cost_basis"].unique())),
         })
-    cols = list(POINT_KEY) + ["c_pretrain_flops"]
-    return pd.DataFrame(rows).sort_values(cols, kind="stable").reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(list(POINT_KEY), kind="stable").reset_index(drop=True)
 
 
 def total_cost(method_costs: pd.DataFrame, n_domains: int) -> pd.DataFrame:

@@ -39,21 +39,29 @@ def shard_batches(uri: str, batch_size: int, max_batches: int = 0) -> Iterator[t
 
 
 def evaluate(model, uri: str, batch_size: int = 8, max_batches: int = 0) -> float:
-    """Mean next-token loss (nats) of ``model`` over a shard (token-weighted), on this process's
+    """Mean next-token loss (nats) of ``model`` over a shard (token-weighted)."""
+    return evaluate_counted(model, uri, batch_size, max_batches)[0]
+
+
+def evaluate_counted(model, uri: str, batch_size: int = 8, max_batches: int = 0) -> tuple[float, int]:
+    """(``evaluate``'s loss, the number of input tokens the model read): what an evaluation
+    costs is charged by its tokens (e.g. expert selection by lowest loss). On this process's
     GPU when it has one (a sweep trial's actor that holds a GPU), else on its CPUs."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    read = 0
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in shard_batches(uri, batch_size, max_batches):
             ids = ids.to(device)
+            read += int(ids.numel())
             loss, n = lm_loss(model(input_ids=ids).logits, ids)
             total += float(loss) * n
             count += n
     if count == 0:
         raise InputError(f"shard '{uri}' holds no windows; the domain split is too small for "
                          "one window of data.seq_len tokens: add text or lower data.seq_len")
-    return total / count
+    return total / count, read
 
 
 def load_lm(uri: str):

@@ -51,6 +51,13 @@ TABLE8 = {
     "llm": [(100, 29.22, 17.11, 15.49, 11.55), (200, 28.18, 15.62, 14.03, 10.81),
             (400, 28.98, 15.03, 13.05, 10.28), (600, 28.62, 14.50, 12.64, 10.07)],
 }
+# Generic (pre)training throughput in GPU-hours per 1B tokens [paper.md §4 Table 2]; SLM-is
+# trains the SLM (2.2). recipes/paper.yaml's step counts are set from these.
+TRAIN_GPUH_PER_BTOK = {"slm": 2.2, "mix": 2.2, "pn": 3.6, "is": 2.2, "llm": 7.7}
+# The matched pretraining budget recipes/paper.yaml gives the shared families (a Table 8 row,
+# where all four families are measured) and SLM-is's per-domain budget (Table 3).
+RECIPE_PRETRAIN_GPUH = {"slm": 400.0, "mix": 400.0, "pn": 400.0, "llm": 400.0, "is": 130.0}
+
 # SLM-nopt (domain data only) [paper.md §5 Table 4], FT 1M / 8M / 64M.
 NOPT_PPL = (227.1, 45.6, 17.6)
 

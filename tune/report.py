@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import io
+import json
 import math
 import os
 import time
@@ -32,11 +33,17 @@ from slm.layout import RunLayout
 from slm.stage import is_remote, join, publish
 
 from .costs import aggregate_points, amortization_table, load_pretrain_costs, macro_ppl_by_seed, trial_costs
+from .findings import evaluate_findings, findings_json, findings_markdown, summary
 from .methods import get_method, method_names
-from .planner import measured_levels, rank_levels
+from .planner import format_accuracy, leave_one_cell_out, measured_levels, rank_levels
+from .units import CostUnit
+from .units import cost_unit as get_unit
 from .results import check_one_recipe, find_results, read_results
 
 AMORTIZATION_NS = (1, 7, 50)
+FINDINGS_MD = "findings.md"
+FINDINGS_JSON = "findings.json"
+PLANNER_ACCURACY = "planner_accuracy.json"
 FIGURES = ("ppl_vs_pretrain.png", "ppl_vs_pretrain_levels.png", "ppl_vs_specialize.png", "amortization.png",
            "decision.png")
 PERPLEXITY_TABLE = "perplexity_table.csv"
@@ -136,8 +143,8 @@ def fig_ppl_vs_cost(points: pd.DataFrame, cost: str, xlabel: str) -> bytes:
     for ax, t in zip(axes[0], sizes):
         at = points[points["domain_tokens"] == t]
         for m, g in at.groupby("method"):
-            if cost == "c_pretrain_flops":
-                g = g.loc[g.groupby("c_pretrain_flops")["macro_nll"].idxmin()]
+            if cost.startswith("c_pretrain"):  # one point per level: its best-valid budget
+                g = g.loc[g.groupby("pretrain_level")["macro_valid_nll"].idxmin()]
             g = g.sort_values(cost)
             ax.plot(g[cost], g["macro_ppl"], marker="o", color=_color(m), label=m)
         positive = at[cost][at[cost] > 0]
@@ -151,7 +158,8 @@ def fig_ppl_vs_cost(points: pd.DataFrame, cost: str, xlabel: str) -> bytes:
     return _png(fig)
 
 
-def fig_pretrain_levels(points: pd.DataFrame) -> bytes:
+def fig_pretrain_levels(points: pd.DataFrame, cost: str = "c_pretrain_flops",
+                        xlabel: str = "C_pretrain of the level [FLOPs]") -> bytes:
     """The paper's Fig. 4 view: macro perplexity against the pretraining cost of the level the
     models were specialized from (pretrain.levels), one panel per (specialization budget,
     domain size), one curve per method (a method that pretrains nothing: a point at 0)."""
@@ -163,13 +171,13 @@ def fig_pretrain_levels(points: pd.DataFrame) -> bytes:
         for ax, t in zip(row, sizes):
             at = points[(points["budget_steps"] == b) & (points["domain_tokens"] == t)]
             for m, g in at.groupby("method"):
-                g = g.sort_values("c_pretrain_flops")
-                ax.plot(g["c_pretrain_flops"], g["macro_ppl"], marker="o", color=_color(m), label=m)
-            positive = at["c_pretrain_flops"][at["c_pretrain_flops"] > 0]
+                g = g.sort_values(cost)
+                ax.plot(g[cost], g["macro_ppl"], marker="o", color=_color(m), label=m)
+            positive = at[cost][at[cost] > 0]
             ax.set_xscale("symlog", linthresh=float(positive.min()) / 10 if len(positive) else 1.0)
             ax.set_yscale("log")
             ax.set_title(f"{b} steps, {t:,} domain tokens", fontsize=9)
-            ax.set_xlabel("C_pretrain of the level [FLOPs]")
+            ax.set_xlabel(xlabel)
             ax.set_ylabel("macro test perplexity")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -200,28 +208,32 @@ def fig_amortization(amort: pd.DataFrame) -> bytes:
 
 
 def decision_grid(points: pd.DataFrame, inference_budget: float, domain_tokens: int,
-                  n_domains: int = 1, resolution: int = 24) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+                  n_domains: int = 1, resolution: int = 24, unit: str = "flops"
+                  ) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
     """(pretrain budgets, specialization budgets, best method per cell or '') over a log grid
-    spanning the measured costs; the choice is the planner's (rank_measured) at each cell."""
-    pre = points["c_pretrain_flops"] / n_domains
+    spanning the measured costs in ``unit``; the choice is the planner's (rank_levels) at
+    each cell."""
+    u = get_unit(unit)
+    pre = points[u.pretrain] / n_domains
     pos = pre[pre > 0]
     lo_p = float(pos.min()) / 10 if len(pos) else 1.0
     hi_p = float(pre.max()) * 3 if pre.max() > 0 else 10.0
-    spec = points["c_spec_flops"]
+    spec = points[u.spec]
     xs = np.geomspace(lo_p, hi_p, resolution)
-    ys = np.geomspace(float(spec.min()) / 3, float(spec.max()) * 3, resolution)
-    levels = measured_levels(points, domain_tokens)
+    ys = np.geomspace(max(float(spec.min()), 1e-12) / 3, max(float(spec.max()), 1e-12) * 3, resolution)
+    levels = measured_levels(points, u.name)
     grid = []
     for y in ys:
         row = []
         for x in xs:
-            cands = rank_levels(levels, x, y, inference_budget, n_domains)
+            cands = rank_levels(levels, x, y, inference_budget, n_domains, domain_tokens)
             row.append(cands[0].method if cands and cands[0].fits else "")
         grid.append(row)
     return xs, ys, grid
 
 
-def fig_decision(points: pd.DataFrame, small_params: float, n_domains: int = 1) -> bytes:
+def fig_decision(points: pd.DataFrame, small_params: float, n_domains: int = 1,
+                 unit: str = "flops") -> bytes:
     """Paper Fig. 1 from measurements: best measured method over pretraining × specialization
     budgets, one row per inference budget (the small served model; any model), one column per
     domain size."""
@@ -235,14 +247,14 @@ def fig_decision(points: pd.DataFrame, small_params: float, n_domains: int = 1) 
     for i, (label, inf) in enumerate(budgets):
         for j, t in enumerate(sizes):
             ax = axes[i][j]
-            xs, ys, grid = decision_grid(points, inf, t, n_domains)
+            xs, ys, grid = decision_grid(points, inf, t, n_domains, unit=unit)
             z = np.array([[0 if m == "" else methods.index(m) + 1 for m in row] for row in grid])
             ax.pcolormesh(xs, ys, z, cmap=cmap, vmin=0, vmax=len(methods), shading="nearest")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{label} ({inf:,.0f} params), {t:,} tokens", fontsize=9)
-            ax.set_xlabel(f"pretraining budget per domain [FLOPs] (N = {n_domains})")
-            ax.set_ylabel("specialization budget per domain [FLOPs]")
+            ax.set_xlabel(f"pretraining budget per domain [{get_unit(unit).label}] (N = {n_domains})")
+            ax.set_ylabel(f"specialization budget per domain, to best step [{get_unit(unit).label}]")
     fig.subplots_adjust(hspace=0.4)
     fig.legend(handles=[Patch(color=_color(m), label=m) for m in methods]
                + [Patch(facecolor="#ffffff", edgecolor="#999999", label="nothing fits")],
@@ -300,9 +312,26 @@ def portable_recipe(recipe, layout: RunLayout):
     return dataclasses.replace(recipe, run_dir=".", corpus=corpus, cluster=cluster)
 
 
-def write_report(recipe, extra_results: Iterable[str] = ()) -> str:
-    """Write ``RUN/report/`` (index.html, figures, raw results) for ``recipe``; returns the
-    index.html URI. Every path it shows or stores is relative to the run directory."""
+def report_command(recipe, unit: str) -> str:
+    """The command that writes this report (the findings table says how it was generated)."""
+    return f"slm report --recipe {recipe.name}" + (f" --cost-unit {unit}" if unit != "flops" else "")
+
+
+def read_findings_md(index_uri: str) -> str:
+    """The findings table a report wrote (next to its index.html)."""
+    from slm.stage import filesystem  # the report may be on object storage
+
+    fs, path = filesystem(index_uri.rsplit("/", 1)[0] + "/" + FINDINGS_MD)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
+def write_report(recipe, extra_results: Iterable[str] = (), cost_unit: str = "flops") -> str:
+    """Write ``RUN/report/`` (index.html, figures, raw results, the paper's findings computed
+    on the results, the planner's leave-one-cell-out accuracy) for ``recipe``, costs in
+    ``cost_unit`` ('flops' or 'device-hours'); returns the index.html URI. Every path it shows
+    or stores is relative to the run directory."""
+    unit = get_unit(cost_unit)
     layout = RunLayout(recipe.run_dir)
     raw, trials, paths = load_report_inputs(recipe, extra_results)
     sources = [shown_path(layout, p) for p in paths]
@@ -320,15 +349,23 @@ def write_report(recipe, extra_results: Iterable[str] = ()) -> str:
                   or (small_served["inference_params"].max() if len(small_served)
                       else points["inference_params"].min()))
     figures = {
-        "ppl_vs_pretrain.png": fig_ppl_vs_cost(points, "c_pretrain_flops", "C_pretrain [FLOPs] (0 = none shared)"),
-        "ppl_vs_pretrain_levels.png": fig_pretrain_levels(points),
-        "ppl_vs_specialize.png": fig_ppl_vs_cost(points[points["pretrain_level"] >= 1.0], "c_spec_flops",
-                                                 "C_specialize per domain [FLOPs] (final pretrained models)"),
+        "ppl_vs_pretrain.png": fig_ppl_vs_cost(points, unit.pretrain,
+                                               f"C_pretrain [{unit.label}] (0 = none shared)"),
+        "ppl_vs_pretrain_levels.png": fig_pretrain_levels(points, unit.pretrain,
+                                                          f"C_pretrain of the level [{unit.label}]"),
+        "ppl_vs_specialize.png": fig_ppl_vs_cost(points[points["pretrain_level"] >= 1.0], unit.spec,
+                                                 f"C_specialize per domain, to best step [{unit.label}] "
+                                                 "(final pretrained models)"),
         "amortization.png": fig_amortization(amort),
-        "decision.png": fig_decision(points, small),
+        "decision.png": fig_decision(points, small, unit=unit.name),
     }
+    command = report_command(recipe, unit.name)
+    found = evaluate_findings(trials, unit.name)
+    summ = summary(trials)
+    accuracy = {"any_model": leave_one_cell_out(points, unit.name),
+                "small_model": leave_one_cell_out(points, unit.name, small)}
     page = _page(recipe, sources, pt, points, amort, small,
-                 dump_recipe(portable_recipe(recipe, layout)), trials)
+                 dump_recipe(portable_recipe(recipe, layout)), trials, found, accuracy, unit)
     csv = raw.to_csv(index=False).encode("utf-8")
     pq_buf = io.BytesIO()
     raw.to_parquet(pq_buf, index=False)
@@ -337,11 +374,15 @@ def write_report(recipe, extra_results: Iterable[str] = ()) -> str:
         files = {**figures, "index.html": page.encode("utf-8"), "results.csv": csv,
                  "results.parquet": pq_buf.getvalue(),
                  METHOD_COSTS: points.to_csv(index=False).encode("utf-8"),
-                 PERPLEXITY_TABLE: pt.to_csv(index=False).encode("utf-8")}
+                 PERPLEXITY_TABLE: pt.to_csv(index=False).encode("utf-8"),
+                 FINDINGS_MD: findings_markdown(found, summ, command).encode("utf-8"),
+                 FINDINGS_JSON: findings_json(found, summ, command).encode("utf-8"),
+                 PLANNER_ACCURACY: json.dumps(accuracy, indent=2, default=float).encode("utf-8")}
         for name, data in files.items():
             with out.fs.open_output_stream(f"{out.path}/{name}") as f:
                 f.write(data)
-        out.manifest.update({"files": sorted(files), "sources": sources, "rows": len(raw)})
+        out.manifest.update({"files": sorted(files), "sources": sources, "rows": len(raw),
+                             "cost_unit": unit.name})
     return join(layout.report, "index.html")
 
 
@@ -359,8 +400,11 @@ def _assumptions(methods: list, n_lrs: int, small: float) -> list[str]:
         ("C_total(N) = C_pretrain + N · C_specialize (paper Eq. 1), in measured FLOPs and device-hours "
          "(device-seconds / 3600 as recorded by the runs: GPU-seconds on GPUs, worker-seconds on CPU)."),
         "C_pretrain (shared): " + "; ".join(f"{m.name}: {m.pretrain_note()}" for m in methods) + ".",
-        ("C_specialize (per domain, averaged over domains and seeds): fine-tuning FLOPs actually "
-         "spent (steps run, not only to the best step)" + (f"; {extras}" if extras else "") + "."),
+        ("C_specialize (per domain, averaged over domains and seeds): fine-tuning to the best "
+         "validation step (the paper's convention, §3.7; the planner and charts use it), and in "
+         "total (every step run, patience tail included: c_spec_total_*); expert selection by "
+         "lowest loss (every expert's valid evaluation) is charged to the trial"
+         + (f"; {extras}" if extras else "") + "."),
         ("Costs of pretraining come from the run's pretrain/**/costs.json where present, else from "
          "the results rows (column cost_basis says which)."),
         (f"Learning rate: the LR with the lowest valid loss per trial key is kept (up to {n_lrs} LR(s) "
@@ -374,11 +418,29 @@ def _assumptions(methods: list, n_lrs: int, small: float) -> list[str]:
     ]
 
 
+def _findings_html(found, accuracy: dict, unit: CostUnit) -> str:
+    e = html.escape
+    rows = "".join("<tr>" + "".join(f"<td class='finding'>{e(str(c))}</td>" for c in (
+        f"{r.claim} ({r.source})", r.comparison, r.sign, r.effect, r.test,
+        f"{r.verdict}: {r.reason}")) + "</tr>" for r in found)
+    acc = "".join(f"<li>{e(k.replace('_', ' '))}: {e(format_accuracy(a))}</li>" for k, a in accuracy.items())
+    return (f"<h2>The paper's findings, computed on these results</h2>"
+            f"<p>From <a href='{FINDINGS_JSON}'>{FINDINGS_JSON}</a> "
+            f"(<a href='{FINDINGS_MD}'>{FINDINGS_MD}</a>); tune/findings.py states the test.</p>"
+            "<table><tr><th>finding (paper)</th><th>comparison</th><th>sign</th><th>effect size</th>"
+            f"<th>test</th><th>verdict</th></tr>{rows}</table>"
+            f"<h2>Planner accuracy</h2><p>Costs in {e(unit.label)}; "
+            f"<a href='{PLANNER_ACCURACY}'>{PLANNER_ACCURACY}</a>.</p><ul>{acc}</ul>")
+
+
 def _page(recipe, sources: list[str], pt: pd.DataFrame, points: pd.DataFrame, amort: pd.DataFrame,
-          small: float, recipe_yaml: str, trials: pd.DataFrame) -> str:
-    cost_cols = ["method", "budget_steps", "domain_tokens", "c_pretrain_flops", "c_pretrain_hours",
-                 "c_spec_flops", "c_spec_hours", "inference_params", "inference_flops_per_token",
-                 "macro_ppl", "macro_ppl_std", "n_domains", "n_seeds", "cost_basis"]
+          small: float, recipe_yaml: str, trials: pd.DataFrame, found, accuracy: dict,
+          unit: CostUnit) -> str:
+    cost_cols = ["method", "budget_steps", "domain_tokens", "pretrain_level", "c_pretrain_flops",
+                 "c_pretrain_hours", "c_spec_flops", "c_spec_hours", "c_spec_total_flops",
+                 "c_spec_total_hours", "inference_params", "inference_flops_per_token",
+                 "macro_ppl", "macro_ppl_std", "n_domains", "n_seeds", "n_pretrain_seeds",
+                 "cost_basis"]
     fmt = {c: ".4g" for c in cost_cols if c.startswith(("c_", "inference_f"))}
     fmt.update({"macro_ppl": ".2f", "macro_ppl_std": ".2f", "inference_params": ","})
     am = amort[["n", "method", "budget_steps", "domain_tokens", "c_total_flops", "c_total_hours",
@@ -409,6 +471,7 @@ table: <a href='{PERPLEXITY_TABLE}'>{PERPLEXITY_TABLE}</a>.</p>
 {_df_html(points[cost_cols], fmt)}
 <h2>Amortization over N domains</h2>
 {_df_html(am, {"c_total_flops": ".4g", "c_total_hours": ".4g", "macro_ppl": ".2f"})}
+{_findings_html(found, accuracy, unit)}
 <h2>Cost assumptions</h2><ul>{assumptions}</ul>
 <h2>Recipe</h2><pre>{e(recipe_yaml)}</pre>
 </body></html>

@@ -85,10 +85,14 @@ def _fine_tune_starts(recipe, trial: Trial, starts: list[Start], sets: dict[str,
                         workdir=join(work, f"run-{max(start.expert, 0)}"),
                         name=f"{recipe.sweep.name}-{trial.key()}-e{start.expert}", in_tune=in_tune)
         run["expert"] = start.expert
+        steps = max(int(run["steps_run"]), 1)  # a fine-tuning step costs the same at every step
+        for k in ("flops", "device_seconds"):
+            run[f"{k}_to_best"] = float(run[k]) * min(int(run["best_step"]), steps) / steps
         if best is None:
             best = run
         else:  # every start's fine-tuning is paid for; the best one is kept
-            spent = {k: best[k] + run[k] for k in ("flops", "device_seconds", "eval_device_seconds")}
+            spent = {k: best[k] + run[k] for k in ("flops", "device_seconds", "eval_device_seconds",
+                                                    "flops_to_best", "device_seconds_to_best")}
             phases = {k: best["phases"][k] + v for k, v in run["phases"].items()}
             if run["valid_loss"] < best["valid_loss"]:
                 best = run
@@ -116,7 +120,9 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
     pretrain = method_pretrain_costs(layout, method, trial.domain, trial.level)
     work = trial_workdir(recipe, trial)
     t_start = time.perf_counter()
-    starts = StartContext(recipe, work).starts(trial)
+    context = StartContext(recipe, work)
+    starts = context.starts(trial)
+    select = context.selection  # expert selection's evaluations: paid by the trial
     t_starts = time.perf_counter() - t_start
     best = _fine_tune_starts(recipe, trial, starts, sets, lr, teacher_uri, work, in_tune)
     test_loss = best["test_loss"]  # of the best-valid model, measured where it was trained
@@ -130,8 +136,16 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
         "valid_loss": float(best["valid_loss"]), "test_loss": float(test_loss),
         "test_ppl": float(math.exp(min(test_loss, 50.0))),
         "steps_run": int(best["steps_run"]), "best_step": int(best["best_step"]),
-        "spec_flops": float(best["flops"]) + float(teacher_row.get("spec_flops", 0.0)),
-        "spec_device_seconds": float(best["device_seconds"]) + float(teacher_row.get("spec_device_seconds", 0.0)),
+        "spec_flops": float(best["flops"]) + float(teacher_row.get("spec_flops", 0.0)) + select["flops"],
+        "spec_device_seconds": (float(best["device_seconds"]) + select["device_seconds"]
+                                + float(teacher_row.get("spec_device_seconds", 0.0))),
+        # to the best valid step (the paper's cost, §3.7): each start's and the teacher's
+        "spec_flops_to_best": (best["flops_to_best"] + select["flops"]
+                               + float(teacher_row.get("spec_flops_to_best", teacher_row.get("spec_flops", 0.0)))),
+        "spec_device_seconds_to_best": (best["device_seconds_to_best"] + select["device_seconds"]
+                                        + float(teacher_row.get("spec_device_seconds_to_best",
+                                                                teacher_row.get("spec_device_seconds", 0.0)))),
+        "select_flops": select["flops"], "select_device_seconds": select["device_seconds"],
         **pretrain,
         "inference_params": int(lm_param_count(config)),
         "inference_flops_per_token": float(inference_flops_per_token(config)),

@@ -12,6 +12,7 @@ run, or one the trial writes into its work directory on the run's Train storage
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -20,12 +21,13 @@ import pyarrow.parquet as pq
 from slm.errors import InputError, StageError
 from slm.layout import RunLayout, domain_set, expert_name, train_subset
 from slm.models.config import FAMILY_INFO
+from slm.models.flops import inference_flops_per_token
 from slm.models.lm import lm_config, make_lm
 from slm.models.projected import ProjectedLM
 from slm.pipeline.artifacts import parquet_files
 from slm.stage import Stage, exists, filesystem, join, local_dir, manifest
 
-from .evaluation import evaluate, load_lm, save_model
+from .evaluation import evaluate_counted, load_lm, save_model
 from .grid import Trial, vocab_size
 from .methods import Start, get_method
 
@@ -79,6 +81,9 @@ class StartContext:
         self.recipe = recipe
         self.layout = RunLayout(recipe.run_dir)
         self.workdir = workdir
+        # what choosing the start cost (lowest_loss: every expert's valid evaluation), charged
+        # to the trial's specialization (tune/specialize.py)
+        self.selection = {"flops": 0.0, "device_seconds": 0.0}
 
     def written(self, name: str, config: dict, build: Callable[[], object]) -> str:
         """The starting model ``build()`` makes, published as ``<workdir>/<name>`` with
@@ -106,12 +111,22 @@ class StartContext:
             experts = [top_cluster(self.layout, k, train_subset(trial.domain, trial.domain_tokens))]
         elif spec.expert_selection == "lowest_loss":
             valid = self.layout.shards(domain_set(trial.domain, "valid"))
-            losses = {i: evaluate(load_lm(pretrain_final(self.layout, family, expert=i, level=trial.level)), valid,
-                                  spec.micro_batch, spec.eval_batches) for i in experts}
+            losses = {i: self._charged_loss(pretrain_final(self.layout, family, expert=i, level=trial.level), valid)
+                      for i in experts}
             experts = [min(losses, key=losses.get)]
             log.info("%s/%s: valid losses before fine-tuning %s -> expert %d", trial.method,
                      trial.domain, losses, experts[0])
         return [Start(pretrain_final(self.layout, family, expert=i, level=trial.level), i) for i in experts]
+
+    def _charged_loss(self, model_uri: str, shard: str) -> float:
+        """The model's loss on ``shard``, its forward FLOPs and seconds added to ``selection``."""
+        spec = self.recipe.specialize
+        model = load_lm(model_uri)
+        t0 = time.perf_counter()
+        loss, tokens = evaluate_counted(model, shard, spec.micro_batch, spec.eval_batches)
+        self.selection["device_seconds"] += time.perf_counter() - t0
+        self.selection["flops"] += inference_flops_per_token(model.config) * tokens
+        return loss
 
     def materialized(self, family: str, trial: Trial) -> Start:
         """The routed family's expert of the train subset's most frequent cluster, written as
