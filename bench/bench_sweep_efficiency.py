@@ -58,7 +58,7 @@ def grid_recipe(recipe, grid: str, runtime: str, stamp: str):
         sw = dataclasses.replace(sw, methods=["slm", "pn", "mix", "is", "nopt"], seeds=[0, 1, 2, 3, 4],
                                  domain_tokens=list(recipe.data.domain_train_tokens)[:2],
                                  domains=(recipe.sweep.domains or [])[:1] or sw.domains)
-        return dataclasses.replace(recipe, sweep=sw, pretrain=dataclasses.replace(recipe.pretrain, levels=[1.0]))
+        return dataclasses.replace(recipe, sweep=dataclasses.replace(sw, levels=[1.0]))
     return dataclasses.replace(recipe, sweep=sw)
 
 

@@ -58,6 +58,14 @@ def test_trials_of_each_level_and_their_keys():
     assert Trial.from_dict({k: v for k, v in final.to_dict().items() if k != "level"}) == final
 
 
+def test_a_sweep_can_specialize_from_some_levels_only():
+    r = load_recipe("demo", {"pretrain.levels": "[0.25, 0.5, 1.0]", "sweep.levels": "[0.5, 1.0]"})
+    assert method_levels(r, "pn") == [0.5, 1.0] and method_levels(r, "nopt") == [1.0]
+    r = load_recipe("demo", {"sweep.levels": "[0.25]"})  # demo saves 0.5 and 1
+    with pytest.raises(ConfigError, match="sweep.levels.*0.25.*pretrain.levels"):
+        method_levels(r, "slm")
+
+
 def _costs(flops: float, seconds: float, steps: int) -> dict:
     return {"flops": flops, "device_seconds": seconds, "tokens": steps * 10, "steps": steps, "params": 1}
 

@@ -176,7 +176,7 @@ def test_sweep_on_s3_writes_results_and_products(s3_server, s3_trials):
 
     r = s3_trials["recipes"]["slm"]
     sw = dataclasses.replace(r.sweep, methods=METHODS, budgets=[STEPS], domain_tokens=[1024],
-                             seeds=[0], lrs=[LR], domains=["numeric"])
+                             seeds=[0], lrs=[LR], domains=["numeric"], levels=[1.0])  # the final models
     out = run_sweep(dataclasses.replace(r, sweep=sw))
     layout = RunLayout(s3_trials["uri"])
     assert out == layout.results("s3")

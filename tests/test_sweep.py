@@ -111,6 +111,8 @@ def test_sweep_rejects_what_it_does_not_know(recipe):
     fam = dataclasses.replace(recipe.pretrain, families=["slm", "llm"])
     with pytest.raises(ConfigError, match="needs the 'pn' family"):
         sweep_trials(dataclasses.replace(_sweep(recipe, methods=["pn"]), pretrain=fam))
+    with pytest.raises(ConfigError, match="sweep.levels.*0.25.*pretrain.levels"):
+        sweep_trials(_sweep(recipe, levels=[0.25]))
     # the domain named: other tests may add domains to the shared run (`slm specialize`)
     every_size = _sweep(recipe, domains=["numeric"], methods=["slm", "pn"], seeds=[0, 1],
                         budgets=[5, 9], domain_tokens=[])
@@ -156,8 +158,8 @@ def test_asha_stopped_trials_are_recorded_as_stopped_and_not_announced_as_retrya
     r = _sweep(recipe, name="asha", domains=["numeric"], methods=["slm"], budgets=[6],
                domain_tokens=[1024], seeds=[0], lrs=[1e-4, 0.1], asha=True, asha_grace=2,
                max_concurrent=1)
-    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=2, patience=5),
-                            pretrain=dataclasses.replace(r.pretrain, levels=[1.0]))  # the final models only
+    r = _sweep(r, levels=[1.0])  # from the final models only
+    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=2, patience=5))
     good, bad = sweep_trials(r)
     assert (good.lr, bad.lr) == (1e-4, 0.1)
     text = _sweep_in_subprocess(r, tmp_path / "recipe.yaml")

@@ -52,6 +52,7 @@ class SweepConfig:
     budgets: list[int] = field(default_factory=lambda: [2000], metadata={"help": "specialization budgets in steps"})
     domain_tokens: list[int] = field(default_factory=list, metadata={"help": "domain train sizes ([] = all of data.domain_train_tokens)"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds"})
+    levels: list[float] = field(default_factory=list, metadata={"help": "pretraining levels to specialize from ([] = every one of pretrain.levels; each must be one of them)"})
     lrs: list[float] = field(default_factory=list, metadata={"help": "LRs to search ([] = specialize.lr)"})
     asha: bool = field(default=False, metadata={"help": "ASHA early termination on valid loss, ranking only like trials (same domain, method, domain size, budget and pretraining level: LRs and seeds compete; tune/schedulers.py)"})
     max_concurrent: int = field(default=0, metadata={"help": "trials at once (0 = as resources allow)"})

@@ -216,7 +216,14 @@ def sweep_trials(recipe, domains: list[str] | None = None) -> list[Trial]:
 
 
 def method_levels(recipe, method: str) -> list[float]:
-    """The pretraining levels a method is specialized from: every one of pretrain.levels for a
-    method built from pretrained families, the final model's (1) alone for one that pretrains
-    nothing (SLM-nopt: its cost is the same at every level)."""
-    return [float(lv) for lv in recipe.pretrain.levels] if get_method(method).pretrains else [1.0]
+    """The pretraining levels a method is specialized from: those of sweep.levels (default:
+    every one of pretrain.levels) for a method built from pretrained families, the final
+    model's (1) alone for one that pretrains nothing (SLM-nopt: its cost is the same at every
+    level). ConfigError names a sweep level the pretraining does not save."""
+    saved = [float(lv) for lv in recipe.pretrain.levels]
+    wanted = [float(lv) for lv in recipe.sweep.levels] or saved
+    for lv in wanted:
+        if lv not in saved:
+            raise ConfigError(f"field 'sweep.levels' has {lv:g}, which pretraining does not save "
+                              f"(pretrain.levels = {recipe.pretrain.levels}); use some of those")
+    return wanted if get_method(method).pretrains else [1.0]
