@@ -50,10 +50,10 @@ def test_interrupted_sweep_reruns_only_unfinished_trials(recipe, tmp_path):
     from slm.tune.sweep import run_sweep
 
     # trials run in their Tune actors and a 6-step trial of the tiny model takes well under a
-    # second: 300 steps give the kill below time to land between two trials
+    # second: 150 steps give the kill below (polled every 0.1 s) time to land between two trials
     r = _sweep(recipe, name="interrupt", domains=["numeric"], methods=["slm", "nopt"],
-               budgets=[300], domain_tokens=[1024], seeds=[0], max_concurrent=1)
-    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=100, max_steps=300))
+               budgets=[150], domain_tokens=[1024], seeds=[0], max_concurrent=1)
+    r = dataclasses.replace(r, specialize=dataclasses.replace(r.specialize, eval_every=50, max_steps=150))
     trials = sweep_trials(r)
     assert len(trials) == 3  # slm from both pretraining levels (0.5, 1) + nopt (pretrains nothing)
     path = tmp_path / "recipe.yaml"
