@@ -291,8 +291,7 @@ class LevelExport(Hook):
             if tr.rank == 0:
                 dst = level_export_uri(tr.cfg.logging.run_uri, tr.step)
                 copy_dir(os.path.join(d, ckpt.EXPORT_DIR), join(dst, ckpt.EXPORT_DIR))
-                with open(os.path.join(d, ckpt.COSTS_FILE)) as f:
-                    write_json(join(dst, ckpt.COSTS_FILE), json.load(f))
+                write_json(join(dst, ckpt.COSTS_FILE), tr.costs.to_json())  # last: marks it whole
         finally:
             shutil.rmtree(d, ignore_errors=True)
         tr.costs.checkpoint_seconds += time.perf_counter() - t0

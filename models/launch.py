@@ -215,17 +215,26 @@ def export_of(checkpoint_uri: str) -> tuple[str, dict[str, Any]]:
     return join(checkpoint_uri, ckpt.EXPORT_DIR), read_json(join(checkpoint_uri, ckpt.COSTS_FILE))
 
 
-def publish_final(checkpoint_uri: str, layout: RunLayout, family: str, sub: str = "", *,
-                  stage: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Copy the final checkpoint's export to the run's ``final/`` (atomic publish; costs and
-    the run-relative checkpoint in the manifest), then write its ``costs.json``. Returns the
-    costs."""
-    export, costs = export_of(checkpoint_uri)
+def publish_export(src_uri: str, dst: str, layout: RunLayout, *, stage: str,
+                   config: dict[str, Any]) -> dict[str, Any]:
+    """Copy the export a run wrote under ``src_uri`` (a checkpoint, or a level's export) to
+    ``dst`` (atomic publish; its costs and the run-relative source in the manifest). Returns
+    the costs."""
+    export, costs = export_of(src_uri)
     src_fs, src = filesystem(export)
-    with publish(layout.pretrain_final(family, sub), stage=stage, config=config, force=True) as out:
+    with publish(dst, stage=stage, config=config, force=True) as out:
         pafs.copy_files(src, out.path, source_filesystem=src_fs, destination_filesystem=out.fs)
         out.manifest["costs"] = costs
-        out.manifest["checkpoint"] = layout.relative(checkpoint_uri)
+        out.manifest["checkpoint"] = layout.relative(src_uri)
+    return costs
+
+
+def publish_final(checkpoint_uri: str, layout: RunLayout, family: str, sub: str = "", *,
+                  stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Publish the final checkpoint's export as the run's ``final/``, then write its
+    ``costs.json``. Returns the costs."""
+    costs = publish_export(checkpoint_uri, layout.pretrain_final(family, sub), layout, stage=stage,
+                           config=config)
     write_json(layout.pretrain_costs(family, sub), costs)
     return costs
 
@@ -245,21 +254,9 @@ def publish_levels(run_uri: str, layout: RunLayout, family: str, sub: str, level
         if not exists(join(src, ckpt.COSTS_FILE)):
             raise StageError(f"training run '{run_uri}' has no complete export at step {step} "
                              f"(level {level:g}): re-run the pretraining with --force to rebuild it")
-        export, costs = export_of(src)
-        src_fs, path = filesystem(export)
-        with publish(layout.pretrain_level(family, sub, level), stage=stage,
-                     config={**config, "level": level, "level_step": step}, force=True) as out:
-            pafs.copy_files(path, out.path, source_filesystem=src_fs, destination_filesystem=out.fs)
-            out.manifest["costs"] = costs
-            out.manifest["checkpoint"] = layout.relative(src)
-        out_costs[level] = costs
+        out_costs[level] = publish_export(src, layout.pretrain_level(family, sub, level), layout, stage=stage,
+                                          config={**config, "level": level, "level_step": step})
     return out_costs
-
-
-def level_costs(layout: RunLayout, family: str, sub: str, level: float) -> dict[str, Any] | None:
-    """A published level's costs (its manifest's), or None when it is not published."""
-    found = manifest(layout.pretrain_level(family, sub, level))
-    return None if found is None else found.get("costs")
 
 
 def run_done(layout: RunLayout, family: str, sub: str = "") -> bool:
