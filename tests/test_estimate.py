@@ -39,8 +39,10 @@ def test_gpu_hours_are_flops_over_peak_times_mfu_and_wall_time_follows_the_gpus(
     assert b["pretrain mix"]["device_hours"] == pytest.approx(a["pretrain mix"]["device_hours"])
     assert b["pretrain mix"]["wall_hours"] == pytest.approx(a["pretrain mix"]["wall_hours"] / 4)
     assert a["pretrain mix"]["runs"] == paper.kmeans.k_mix
-    # the 771M LLM costs more than the 126M SLM for about as many tokens
-    assert a["pretrain llm"]["flops"] > 5 * a["pretrain slm"]["flops"]
+    # per token the 771M LLM costs over 5x the 126M SLM (the paper recipe matches the families'
+    # GPU-hours, so the LLM sees fewer tokens and its total is only ~1.7x)
+    per_token = {f: a[f"pretrain {f}"]["flops"] / a[f"pretrain {f}"]["tokens"] for f in ("llm", "slm")}
+    assert per_token["llm"] > 5 * per_token["slm"]
     assert small["total"]["flops"] == pytest.approx(sum(s["flops"] for s in small["stages"]))
 
 
