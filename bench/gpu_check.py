@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ from slm.models.families import FamilySpec  # noqa: E402
 from slm.models.lm import lm_config, make_lm  # noqa: E402
 from slm.models.probe import StepRecorder, probe_config, random_rows, train_in_process  # noqa: E402
 from slm.pipeline.config import EmbedConfig  # noqa: E402
-from slm.pipeline.embed import embed_texts, offline_model_dir, resolve_model  # noqa: E402
+from slm.pipeline.embed import embed_texts, resolve_model  # noqa: E402
 
 GOALS = {"paper-slm": 0.40, "paper-llm": 0.50}  # MFU goals on an H100/H200 class GPU (bf16)
 MEMORY_TOLERANCE = 0.15
@@ -66,7 +67,8 @@ MEMORY_TOLERANCE = 0.15
 # The plan: which probes, at which sizes
 # --------------------------------------------------------------------------------------------
 
-def plan(recipe_path: str, dry_run: bool, steps: int) -> list[dict[str, Any]]:
+def plan(recipe_path: str, dry_run: bool, steps: int, embed_model: str = "",
+         embed_random_weights: bool = False, micro_batch: int = 0) -> list[dict[str, Any]]:
     """The probes' specs (JSON-able: each runs in its own process)."""
     r = load_recipe(recipe_path)
     t, spec = r.pretrain.train, r.specialize
@@ -83,14 +85,15 @@ def plan(recipe_path: str, dry_run: bool, steps: int) -> list[dict[str, Any]]:
         for z in (1, 3)
     ] + [
         {**common, "name": f"paper-{f}", "family": f, "size": size[f"paper-{f}"], "seq": seq,
-         "micro": micro(t.micro_batch), "accum": t.grad_accum, "zero": t.zero_stage_of(f)}
+         "micro": micro(micro_batch or t.micro_batch), "accum": t.grad_accum, "zero": t.zero_stage_of(f)}
         for f in ("slm", "llm")
     ] + [
         {**common, "name": "finetune", "family": "slm", "size": size["paper-slm"], "seq": seq,
          "micro": micro(spec.micro_batch), "accum": spec.grad_accum, "steps": 1,
          "zero": min(t.zero_stage_of("slm"), 2), "teacher_size": size["paper-llm"],
          "kd_weight": spec.kd_weight},
-        {"name": "embed", "model": r.embed.model, "batch_size": 64 if dry_run else r.embed.batch_size,
+        {"name": "embed", "model": embed_model or r.embed.model, "random_weights": embed_random_weights,
+         "batch_size": 64 if dry_run else r.embed.batch_size,
          "texts": 256 if dry_run else 20000, "num_gpus": 0 if dry_run else 1},
     ]
     return probes
@@ -146,22 +149,37 @@ def run_training_probe(p: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def random_weights_copy(model_dir: str) -> str:
+    """A copy of a sentence-transformers directory whose transformer has random weights of the
+    same architecture: for a GPU machine the model's weights cannot travel to (throughput does
+    not depend on the weights' values; the tokenizer, sequence length and pooling are the model's)."""
+    out = tempfile.mkdtemp(prefix="slm-embed-random-")
+    shutil.copytree(model_dir, out, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "onnx", "openvino"))
+    transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(out)).save_pretrained(out)
+    return out
+
+
 def run_embed_probe(p: dict[str, Any], emit) -> None:
     """Embedding throughput on one Ray Data actor; ``emit``s the result before Ray shuts down
     (a slow shutdown does not lose it)."""
-    with open(os.path.join(offline_model_dir() or resolve_model(p["model"]), "vocab.txt"), encoding="utf-8") as f:
+    model_dir = resolve_model(p["model"])
+    if p.get("random_weights"):
+        model_dir = random_weights_copy(model_dir)
+    with open(os.path.join(model_dir, "vocab.txt"), encoding="utf-8") as f:
         vocab = [w.strip() for w in f if w.strip().isalpha() and len(w.strip()) > 2]
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(vocab, size=90)) for _ in range(p["texts"])]
     with ray_session(ClusterConfig(num_cpus=min(os.cpu_count() or 1, 8))):
         ds = ray.data.from_items([{"text": t} for t in texts]).materialize()
-        cfg = EmbedConfig(model=p["model"], batch_size=p["batch_size"], pool_size=1, num_gpus=p["num_gpus"])
+        cfg = EmbedConfig(model=model_dir, batch_size=p["batch_size"], pool_size=1, num_gpus=p["num_gpus"])
         t0 = time.perf_counter()
         n = embed_texts(ds, cfg).materialize().count()
         seconds = time.perf_counter() - t0
         if n != len(texts):
             raise RuntimeError(f"embedded {n} of {len(texts)} texts")
         emit({"texts": n, "seconds": seconds, "texts_per_s": n / seconds, "num_gpus": p["num_gpus"],
+              "model": p["model"], "random_weights": bool(p.get("random_weights")),
               "note": "includes the actor's start and model load"})
 
 
@@ -239,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="steps per training probe (0: 20, dry run 3)")
     ap.add_argument("--only", default="", help="comma-separated probe names (default: all)")
     ap.add_argument("--probe-timeout", type=float, default=150.0, help="seconds per probe")
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="paper-slm/paper-llm micro-batch instead of the recipe's (MFU against the per-GPU batch)")
+    ap.add_argument("--embed-model", default="", help="embedding model directory (default: the recipe's)")
+    ap.add_argument("--embed-random-weights", action="store_true",
+                    help="embed with random weights of the model's architecture (when its weights cannot travel)")
     ap.add_argument("--out", default="", help="JSON path (default bench/results/gpu-<gpu>.json)")
     ap.add_argument("--probe", default="", help=argparse.SUPPRESS)  # child mode
     a = ap.parse_args(argv)
@@ -253,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: run with --dry-run for the CPU check, or on a GPU machine", file=sys.stderr)
         return 2
     steps = a.steps or (3 if a.dry_run else 20)
-    probes = plan(a.recipe, a.dry_run, steps)
+    probes = plan(a.recipe, a.dry_run, steps, a.embed_model, a.embed_random_weights, a.micro_batch)
     if a.only:
         keep = set(a.only.split(","))
         probes = [p for p in probes if p["name"] in keep]

@@ -22,7 +22,10 @@ count with the GELU's extra intermediates. With activation checkpointing each bl
 its input (d) and one block is recomputed at a time. On top: the logits (b·s·V·e, twice with
 their gradient) and the float32 loss work (one ``loss_chunk`` of positions, or all of them, ×3
 for the float32 copy, its log-softmax and its gradient), and for distillation the teacher's
-weights and logits. ``bench/gpu_check.py`` measures the estimate against
+weights and logits. ZeRO-3 also allocates its gradient reduce bucket up front, whatever the model's
+size (``reduce_bucket_size`` elements in 16-bit, 5e8 by default: 0.93 GiB; stage3.py "IPG"), measured
+on an H200 as the whole difference between the demo model's ZeRO-1 and ZeRO-3 peaks.
+``bench/gpu_check.py`` measures the estimate against
 ``torch.cuda.max_memory_allocated``.
 """
 
@@ -36,6 +39,7 @@ from transformers import GPT2Config
 from slm.errors import InputError
 
 GIB = 1024**3
+ZERO3_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
 HEADROOM = 0.9  # of the device's memory: CUDA context, allocator fragmentation, NCCL buffers
 
 
@@ -58,6 +62,14 @@ def model_state_bytes(params: int, largest_layer: int, *, stage: int, world: int
             return 4 * largest_layer + (0 if offload_params else int(2 * p / world))
         return 2 * p
     return full + int(part / world)
+
+
+def zero_buffer_bytes(zero: dict, *, stage: int, bf16: bool) -> int:
+    """ZeRO-3's reduce bucket, allocated at start when gradients are contiguous (the default);
+    ``zero`` is the DeepSpeed config's ``zero_optimization`` section (the user's JSON included)."""
+    if stage != 3 or not zero.get("contiguous_gradients", True):
+        return 0
+    return int(float(zero.get("reduce_bucket_size", ZERO3_REDUCE_BUCKET))) * (2 if bf16 else 4)
 
 
 def activation_bytes(config: GPT2Config, *, micro_batch: int, seq_len: int, bf16: bool,
@@ -88,12 +100,14 @@ class MemoryEstimate:
     activations: int
     teacher: int
     total: int
+    buffers: int = 0  # ZeRO-3's reduce bucket (included in total)
 
     def line(self) -> str:
         return (f"memory estimate ({self.family}, {self.params / 1e6:.0f}M params, ZeRO-{self.zero_stage} "
                 f"on {self.world} worker(s), micro-batch {self.micro_batch}): model states "
                 f"{self.model_states / GIB:.1f} GiB + activations {self.activations / GIB:.1f} GiB"
                 + (f" + teacher {self.teacher / GIB:.1f} GiB" if self.teacher else "")
+                + (f" + ZeRO buffers {self.buffers / GIB:.1f} GiB" if self.buffers else "")
                 + f" = {self.total / GIB:.1f} GiB per worker")
 
     def to_json(self) -> dict[str, int | str]:
@@ -103,7 +117,8 @@ class MemoryEstimate:
 def estimate(*, family: str, config: GPT2Config, params: int, largest_layer: int, stage: int,
              world: int, micro_batch: int, seq_len: int, bf16: bool, checkpointing: bool,
              loss_chunk: int, offload_optimizer: bool = False, offload_params: bool = False,
-             teacher_config: GPT2Config | None = None, teacher_params: int = 0) -> MemoryEstimate:
+             teacher_config: GPT2Config | None = None, teacher_params: int = 0,
+             zero_buffers: int = 0) -> MemoryEstimate:
     states = model_state_bytes(params, largest_layer, stage=stage, world=world, bf16=bf16,
                                offload_optimizer=offload_optimizer, offload_params=offload_params)
     acts = sum(activation_bytes(config, micro_batch=micro_batch, seq_len=seq_len, bf16=bf16,
@@ -113,7 +128,7 @@ def estimate(*, family: str, config: GPT2Config, params: int, largest_layer: int
         e = 2 if bf16 else 4
         teacher = teacher_params * e + micro_batch * seq_len * teacher_config.vocab_size * e
     return MemoryEstimate(family, params, stage, world, micro_batch, states, acts, teacher,
-                          states + acts + teacher)
+                          states + acts + teacher + zero_buffers, zero_buffers)
 
 
 def check_fits(est: MemoryEstimate, device_bytes: int, run: str, *, checkpointing: bool) -> None:

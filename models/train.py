@@ -299,7 +299,9 @@ class Trainer:
             world=self.world, micro_batch=cfg.data.micro_batch, seq_len=cfg.model.seq_len,
             bf16=self.precision == "bf16", checkpointing=cfg.engine.activation_checkpointing,
             loss_chunk=cfg.engine.loss_chunk, offload_optimizer=off_opt, offload_params=off_par,
-            teacher_config=teacher, teacher_params=lm_param_count(teacher) if teacher else 0)
+            teacher_config=teacher, teacher_params=lm_param_count(teacher) if teacher else 0,
+            zero_buffers=memory.zero_buffer_bytes(ds_config.get("zero_optimization", {}),
+                                                  stage=cfg.engine.zero_stage, bf16=self.precision == "bf16"))
         if torch.cuda.is_available():
             if self.rank == 0:
                 console(f"run '{cfg.logging.run_name}': {est.line()}")
