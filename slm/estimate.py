@@ -74,26 +74,32 @@ class StageEstimate:
     notes: list[str] = field(default_factory=list)
 
 
-def measured_mfu(pattern: str = RESULTS_GLOB) -> dict[str, tuple[float, str]]:
+def measured_mfu(pattern: str = "", micro_batch: int = 0) -> dict[str, tuple[float, str]]:
     """{size preset: (MFU, file)} from GPU benchmark results: any JSON object holding a size
-    (``size``/``model``/``preset``) and an ``mfu``; the last file (by name) wins."""
-    found: dict[str, tuple[float, str]] = {}
+    (``size``/``model``/``preset``, or ``spec.size`` as bench/gpu_check.py writes its probes) and
+    an ``mfu``. A measurement at ``micro_batch`` (the recipe's per-GPU batch: MFU depends on it)
+    wins over one at another micro-batch; among equals the last file (by name) wins."""
+    found: dict[str, tuple[float, str, bool]] = {}
 
     def walk(node: Any, path: str) -> None:
         if isinstance(node, dict):
-            size = next((node[k] for k in ("size", "model", "preset") if isinstance(node.get(k), str)), None)
+            spec = node.get("spec") if isinstance(node.get("spec"), dict) else {}
+            size = next((src[k] for src in (node, spec) for k in ("size", "model", "preset")
+                         if isinstance(src.get(k), str)), None)
             if size and isinstance(node.get("mfu"), (int, float)) and node["mfu"] > 0:
-                found[size] = (float(node["mfu"]), os.path.basename(path))
+                same_batch = bool(micro_batch) and node.get("micro_batch") == micro_batch
+                if same_batch or not found.get(size, (0, "", False))[2]:
+                    found[size] = (float(node["mfu"]), os.path.basename(path), same_batch)
             for v in node.values():
                 walk(v, path)
         elif isinstance(node, list):
             for v in node:
                 walk(v, path)
 
-    for path in sorted(glob.glob(pattern)):
+    for path in sorted(glob.glob(pattern or RESULTS_GLOB)):
         with open(path, encoding="utf-8") as f:
             walk(json.load(f), path)
-    return found
+    return {size: (m, f) for size, (m, f, _) in found.items()}
 
 
 def vocab_size(recipe, from_run: bool = False) -> tuple[int, str]:
@@ -165,11 +171,11 @@ def _sweep_stage(recipe, vocab: int, n_domains: int) -> StageEstimate:
 
 
 def estimate(recipe, cluster: Cluster, domains: int = 0, mfu: float = 0.0,
-             results_glob: str = RESULTS_GLOB, from_run: bool = False) -> dict[str, Any]:
+             results_glob: str = "", from_run: bool = False) -> dict[str, Any]:
     """The recipe's training cost per stage and in total on ``cluster`` (module doc)."""
     vocab, vocab_from = vocab_size(recipe, from_run)
     n_domains, domains_from = domain_count(recipe, domains)
-    measured = measured_mfu(results_glob)
+    measured = measured_mfu(results_glob, recipe.pretrain.train.micro_batch)
     stages = [*_pretrain_stages(recipe, vocab, n_domains), _sweep_stage(recipe, vocab, n_domains)]
     for s in stages:
         if s.devices_per_run > cluster.gpus:

@@ -15,6 +15,7 @@ from slm.cluster.nodes import NODE_TYPES, node_type
 from slm.config import load_recipe
 from slm.configkit import ConfigError
 from slm.errors import InputError
+import slm.estimate as estimate_module
 from slm.estimate import DEFAULT_MFU, Cluster, estimate, measured_mfu
 from slm.models.flops import DEVICE_PEAK_FLOPS
 
@@ -69,6 +70,22 @@ def test_measured_mfu_from_gpu_bench_results(tmp_path):
     assert forced["pretrain slm"]["mfu"] == 0.4 and forced["pretrain slm"]["mfu_source"] == "--mfu"
 
 
+def test_measured_mfu_reads_gpu_check_probes_at_the_recipes_micro_batch(tmp_path):
+    """bench/gpu_check.py's own layout (probes.<name>.spec.size); the probe at the recipe's
+    micro-batch wins over one at another (MFU grows with the per-GPU batch)."""
+    def probe(size, micro, mfu):
+        return {"ok": True, "spec": {"size": size, "micro": micro}, "micro_batch": micro, "mfu": mfu}
+    (tmp_path / "gpu-nvidia-h200.json").write_text(json.dumps(
+        {"probes": {"paper-slm": probe("paper-slm", 7, 0.13), "paper-llm": probe("paper-llm", 7, 0.31)},
+         "zz_micro_batch_28": {"paper-slm": probe("paper-slm", 28, 0.20)}}))
+    pattern = str(tmp_path / "gpu-*.json")
+    assert measured_mfu(pattern, micro_batch=7)["paper-slm"] == (0.13, "gpu-nvidia-h200.json")
+    assert measured_mfu(pattern, micro_batch=28)["paper-slm"][0] == 0.20
+    e = _stages(estimate(load_recipe("paper"), Cluster(node_type("H100", 8), 1), results_glob=pattern))
+    assert load_recipe("paper").pretrain.train.micro_batch == 7
+    assert e["pretrain slm"]["mfu"] == 0.13 and e["pretrain llm"]["mfu"] == 0.31
+
+
 def test_a_cluster_too_small_or_unknown_is_refused_with_the_fix():
     with pytest.raises(ConfigError) as e:
         estimate(load_recipe("paper"), Cluster(node_type("g6e.xlarge"), 4), results_glob=NONE)
@@ -93,7 +110,8 @@ def test_sweep_counts_the_grid_and_the_teacher():
     assert d_flops > slm_only["specialize sweep"]["flops"]
 
 
-def test_cli_prints_the_table_and_json(capsys):
+def test_cli_prints_the_table_and_json(capsys, monkeypatch):
+    monkeypatch.setattr(estimate_module, "RESULTS_GLOB", NONE)  # not the repo's measured GPU results
     assert main(["estimate", "--recipe", "paper", "--nodes", "2", "--node-type", "a3-highgpu-8g",
                  "--price-per-hour", "88", "--domains", "3"]) == 0
     out = capsys.readouterr().out
