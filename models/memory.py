@@ -25,6 +25,13 @@ for the float32 copy, its log-softmax and its gradient), and for distillation th
 weights and logits. ZeRO-3 also allocates its gradient reduce bucket up front, whatever the model's
 size (``reduce_bucket_size`` elements in 16-bit, 5e8 by default: 0.93 GiB; stage3.py "IPG"), measured
 on an H200 as the whole difference between the demo model's ZeRO-1 and ZeRO-3 peaks.
+The peak is the larger of two phases: the backward pass (activations live) and the optimizer
+step (activations freed). In bf16 the float32 copy of the gradients (4Ψ, or 4Ψ/N partitioned)
+exists only in the step (DeepSpeed casts the 16-bit gradients when it steps), so it is not
+added to the activations: peak = max(states − fp32 gradients + activations, states). Measured
+on an H200 (bench/results/gpu-nvidia-h200.json), counting it with the activations put the
+126M and 771M models' estimates 10–27 % over the peak; the two-phase rule gives 7–13 % on the
+same figures (derived from them: to be confirmed by the next GPU run).
 ``bench/gpu_check.py`` measures the estimate against
 ``torch.cuda.max_memory_allocated``.
 """
@@ -101,6 +108,7 @@ class MemoryEstimate:
     teacher: int
     total: int
     buffers: int = 0  # ZeRO-3's reduce bucket (included in total)
+    step_only: int = 0  # of model_states: the float32 gradient copy, alive only in the step
 
     def line(self) -> str:
         return (f"memory estimate ({self.family}, {self.params / 1e6:.0f}M params, ZeRO-{self.zero_stage} "
@@ -108,7 +116,9 @@ class MemoryEstimate:
                 f"{self.model_states / GIB:.1f} GiB + activations {self.activations / GIB:.1f} GiB"
                 + (f" + teacher {self.teacher / GIB:.1f} GiB" if self.teacher else "")
                 + (f" + ZeRO buffers {self.buffers / GIB:.1f} GiB" if self.buffers else "")
-                + f" = {self.total / GIB:.1f} GiB per worker")
+                + (f"; peak {self.total / GIB:.1f} GiB per worker (the {self.step_only / GIB:.1f} GiB "
+                   "float32 gradient copy lives only in the optimizer step)" if self.step_only
+                   else f" = {self.total / GIB:.1f} GiB per worker"))
 
     def to_json(self) -> dict[str, int | str]:
         return asdict(self)
@@ -127,8 +137,12 @@ def estimate(*, family: str, config: GPT2Config, params: int, largest_layer: int
     if teacher_config is not None:  # weights in the run's precision, no gradients; its logits
         e = 2 if bf16 else 4
         teacher = teacher_params * e + micro_batch * seq_len * teacher_config.vocab_size * e
+    step_only = 0
+    if bf16 and not offload_optimizer:
+        step_only = 4 * params if stage == 0 else int(4 * params / world)
+    total = max(states - step_only + acts, states) + teacher + zero_buffers
     return MemoryEstimate(family, params, stage, world, micro_batch, states, acts, teacher,
-                          states + acts + teacher + zero_buffers, zero_buffers)
+                          total, zero_buffers, step_only)
 
 
 def check_fits(est: MemoryEstimate, device_bytes: int, run: str, *, checkpointing: bool) -> None:
