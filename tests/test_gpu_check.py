@@ -14,7 +14,8 @@ def test_gpu_check_dry_run_runs_every_probe_and_writes_its_json(tmp_path):
     out = tmp_path / "gpu-dryrun.json"
     env = {**os.environ, "PYTHON": os.path.join(ROOT, ".venv", "bin", "python"), "GPU_CHECK_SECONDS": "1500"}
     proc = subprocess.run([os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run", "--out", str(out),
-                           "--probe-timeout", "400"], capture_output=True, text=True, env=env, timeout=1600)
+                           "--probe-timeout", "400",
+                           "--embed-random-weights"], capture_output=True, text=True, env=env, timeout=1600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["dry_run"] and doc["environment"]["torch"]
@@ -26,4 +27,5 @@ def test_gpu_check_dry_run_runs_every_probe_and_writes_its_json(tmp_path):
         assert p["steps"] == doc["steps"] and p["tokens_per_s"] > 0 and p["memory_estimate"]["total"] > 0
     assert probes["demo-zero3"]["zero_stage"] == 3
     assert probes["finetune"]["steps"] == 1 and probes["embed"]["texts_per_s"] > 0
+    assert probes["embed"]["random_weights"]  # the path taken where the weights cannot travel
     assert "paper-llm" in proc.stdout and "MFU" in proc.stdout
