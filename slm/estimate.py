@@ -204,6 +204,13 @@ def estimate(recipe, cluster: Cluster, domains: int = 0, mfu: float = 0.0,
             "stages": [vars(s) for s in stages], "total": total}
 
 
+def _source_tag(source: str) -> str:
+    """An MFU source in 8 columns: 'default', '--mfu', or the results file without 'gpu-'/.json."""
+    if source in ("default", "--mfu"):
+        return source
+    return source.removeprefix("gpu-").removesuffix(".json")[:8]
+
+
 def format_estimate(e: dict[str, Any]) -> str:
     """The estimate as a table (what `slm estimate` prints)."""
     price = e["price_per_node_hour"] > 0
@@ -214,7 +221,7 @@ def format_estimate(e: dict[str, Any]) -> str:
              f"{'wall h':>9}" + (f" {'price':>11}" if price else "")]
     for s in e["stages"]:
         lines.append(f"{s['stage']:<20} {s['size']:<20} {s['runs']:>6} {s['flops']:>10.3e} "
-                     f"{s['mfu']:>5.0%} {s['mfu_source'][:8]:>8} {s['device_hours']:>10.1f} "
+                     f"{s['mfu']:>5.0%} {_source_tag(s['mfu_source']):>8} {s['device_hours']:>10.1f} "
                      f"{s['wall_hours']:>9.1f}" + (f" {s['price']:>11,.0f}" if price else ""))
     t = e["total"]
     lines.append(f"{'total':<20} {'':<20} {'':>6} {t['flops']:>10.3e} {'':>14} "
@@ -224,5 +231,7 @@ def format_estimate(e: dict[str, Any]) -> str:
     if any(s["mfu_source"] == "default" for s in e["stages"]):
         notes.append(f"MFU 'default' = {DEFAULT_MFU:.0%}: no bench/results/gpu-*.json measures that "
                      "size yet (scripts/gpu_check.sh), or pass --mfu")
+    files = sorted({s["mfu_source"] for s in e["stages"] if s["mfu_source"] not in ("default", "--mfu")})
+    notes += [f"MFU '{_source_tag(f)}' measured in bench/results/{f}" for f in files]
     notes.append("not counted: evaluation, the data pipeline (CPU), start-up and checkpoint time")
     return "\n".join(lines + [f"  note: {n}" for n in notes])
