@@ -14,8 +14,8 @@ so a re-submitted run resumes; ecosystem §1.0):
   per_domain  is-k<k_is>-<d>-<T> / domain-<d>-valid                      pretrain/<f>/<d>-<T>
 
 Today: slm, llm (llm_size), pn (routed) are ``one``; mix is ``per_expert``; is is
-``per_domain``: one run per domain and domain train size T (``data.domain_train_tokens``, or the
-sizes the sweep specializes), on generic data resampled to the histogram of that size's train
+``per_domain``: one run per domain and domain train size T (the sizes the sweep specializes:
+``Recipe.domain_sizes``), on generic data resampled to the histogram of that size's train
 subset, so the SLM-is trial of size T starts from a model that saw no more of the domain. Each run directory is Ray Train's storage (``step=*`` checkpoints, TensorBoard
 events) and, once finished, holds ``final/`` (published atomically: a plain HF directory; for a
 routed family the whole ProjectedLM), ``costs.json``, and one ``level-<x>/`` per pretraining level
@@ -280,14 +280,15 @@ def _train_experts(job: _Family) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def domain_sizes(recipe, sizes: list[int] | None) -> list[int]:
-    """The domain train sizes a per-domain family is pretrained for: ``sizes`` (each must be
-    one of data.domain_train_tokens, which the data pipeline builds), else all of them."""
-    built = list(recipe.data.domain_train_tokens)
+    """The domain train sizes a per-domain family is pretrained for: ``sizes`` (each one of
+    data.domain_train_tokens), else the sizes the sweep specializes (``Recipe.domain_sizes``,
+    what the data pipeline builds SLM-is data for)."""
     for t in sizes or []:
-        if t not in built:
+        if t not in recipe.data.domain_train_tokens:
             raise ConfigError(f"domain train size {t} is not one of data.domain_train_tokens "
-                              f"({built}); the SLM-is data is built for those sizes only")
-    return sorted(set(sizes or built))
+                              f"({recipe.data.domain_train_tokens}); SLM-is is pretrained for "
+                              "those sizes only")
+    return sorted(set(sizes)) if sizes else recipe.domain_sizes()
 
 
 def _train_domains(job: _Family, domains: list[str], sizes: list[int]) -> dict[str, Any]:
@@ -326,7 +327,7 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
     data is refused, or with ``force`` rebuilt (its checkpoints of the other config removed; a
     run finished from this very config is still kept: rebuilding it would give the same
     model). ``domains``/``sizes``: a per-domain family's domains and domain train sizes
-    (default: the recipe's, ``domain_sizes``)."""
+    (default: the recipe's domains, and the sizes its sweep specializes: ``domain_sizes``)."""
     recipe = resolve_paths(recipe)  # experts run as Tune trials, in their own directories
     if family not in FAMILY_INFO:
         raise ConfigError(f"unknown family '{family}'; known: {', '.join(FAMILY_INFO)}")

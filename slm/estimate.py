@@ -124,7 +124,7 @@ def _pretrain_stages(recipe, vocab: int, n_domains: int) -> Iterator[StageEstima
         size = p.slm_size if info.size == "slm" else p.llm_size
         config = lm_config(size, vocab, seq)
         # per_domain (SLM-is): one run per domain and domain train size the sweep specializes
-        sizes = len(recipe.sweep.domain_tokens or recipe.data.domain_train_tokens)
+        sizes = len(recipe.domain_sizes())
         runs = {"one": 1, "per_expert": recipe.kmeans.k_mix, "per_domain": n_domains * sizes}[info.runs]
         steps = p.steps.get(fam, 0)
         micro_steps = steps * t.grad_accum * sc.num_workers  # micro-batches over all workers

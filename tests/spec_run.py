@@ -116,7 +116,7 @@ def tiny_recipe_dict(run_dir: str, paths: dict[str, str], **sweep) -> dict:
 
 def build_tiny_run(base: Path):
     """Data pipeline + pretraining of every family (each skipped when already done); SLM-is,
-    pretrained per (domain, size), only at the sizes the sweep specializes, as `slm run` does."""
+    per (domain, size), at the sizes the sweep specializes (1024), as `slm run` does."""
     from slm.models.pretrain import pretrain
     from slm.pipeline.run import run_pipeline
 
@@ -124,5 +124,5 @@ def build_tiny_run(base: Path):
     recipe = tiny_recipe(base)
     run_pipeline(recipe)
     for fam in recipe.pretrain.families:
-        pretrain(recipe, fam, sizes=recipe.sweep.domain_tokens)
+        pretrain(recipe, fam)
     return recipe

@@ -77,9 +77,10 @@ def test_cli_pretrain_on_a_finished_run_and_on_missing_data(run, tmp_path):
 
 def test_is_trains_one_model_per_domain_and_size(run):
     """SLM-is: one run per (domain, domain size), on the generic set resampled to that size's
-    train subset; the tiny run pretrains the size its sweep specializes (1024) only."""
+    train subset; by default at the sizes the sweep specializes (the tiny run's: 1024 only)."""
     root, recipe = run
-    out = pretrain(recipe, "is", sizes=[1024])
+    assert recipe.domain_sizes() == [1024] != recipe.data.domain_train_tokens
+    out = pretrain(recipe, "is")
     final = os.path.join(root, "pretrain", "is", "numeric-1024", "final")
     assert out["runs"] == {"numeric-1024": final}
     assert not os.path.exists(os.path.join(root, "pretrain", "is", "numeric-2048"))  # not asked

@@ -42,7 +42,7 @@ def run_study(recipe, force: bool = False) -> str:
         # families train at once where the cluster holds several runs; a family pretrained
         # per (domain, train size) (SLM-is) only for the domains and sizes the sweep specializes
         for done in pretrain_families(recipe, recipe.pretrain.families, domains=recipe.sweep.domains or None,
-                                      force=force, sizes=recipe.sweep.domain_tokens or None):
+                                      force=force):
             lines.append((f"pretrain {done['family']}", done["seconds"], _pretrain_result(layout, done["out"])))
         t = time.time()
         results = run_sweep(recipe)
