@@ -16,8 +16,9 @@ so a re-submitted run resumes; ecosystem §1.0):
 Today: slm, llm (llm_size), pn (routed) are ``one``; mix is ``per_expert``; is is
 ``per_domain``: one run per domain and domain train size T (the sizes the sweep specializes:
 ``Recipe.domain_sizes``), on generic data resampled to the histogram of that size's train
-subset, so the SLM-is trial of size T starts from a model that saw no more of the domain. Each run directory is Ray Train's storage (``step=*`` checkpoints, TensorBoard
-events) and, once finished, holds ``final/`` (published atomically: a plain HF directory; for a
+subset, so the SLM-is trial of size T starts from a model that saw no more of the domain.
+Each run directory is Ray Train's storage (``step=*`` checkpoints, TensorBoard events) and,
+once finished, holds ``final/`` (published atomically: a plain HF directory; for a
 routed family the whole ProjectedLM), ``costs.json``, and one ``level-<x>/`` per pretraining level
 below 1 (``pretrain.levels``: the same run's model at that fraction of its steps, exported by the
 worker when it got there, with its costs to that step; the sweep specializes from each). Families of several runs also get a

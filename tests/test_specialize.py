@@ -236,3 +236,7 @@ def test_trials_from_a_pretraining_level_start_from_that_levels_models(recipe, t
         assert trials[m][1]["pretrain_level"] == 1.0
         # another start than the final model's trial: another fine-tuned model
         assert row["valid_loss"] != trials[m][1]["valid_loss"]
+        # it started from (and is fingerprinted on) those runs' level models: for SLM-is the
+        # run of the trial's domain *and* size
+        inputs = manifest(trial_uri(r, t))["inputs"]
+        assert {layout.relative(layout.pretrain_level(f, s, 0.5)) for f, s in runs} == set(inputs)

@@ -74,8 +74,9 @@ def trial_config(recipe, trial: Trial) -> dict[str, Any]:
 def pretrained_inputs(recipe, trial: Trial) -> dict[str, str]:
     """The fingerprints of the pretrained models the trial's method is built from (its
     ``pretrains`` families at the trial's pretraining level: the run of the trial's domain and
-    domain size of a per-domain family, every expert of a per-expert one), keyed run-relative; "" for one not published. A family pretrained again
-    from another config changes them, so its finished trials are refused, not reused."""
+    domain size of a per-domain family, every expert of a per-expert one), keyed run-relative;
+    "" for one not published. A family pretrained again from another config changes them, so
+    its finished trials are refused, not reused."""
     layout = RunLayout(recipe.run_dir)
     out = {}
     for family in get_method(trial.method).pretrains:
