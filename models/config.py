@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slm.configkit import ConfigError, positive
+from slm.layout import domain_run, expert_name
 
 
 
@@ -19,9 +20,17 @@ class FamilyInfo:
     name: str
     size: str          # "slm" | "llm": the preset it trains (pretrain.slm_size / llm_size)
     runs: str          # "one" (pretrain/<f>) | "per_expert" (pretrain/<f>/expert-<i>, k_mix) |
-                       # "per_domain" (pretrain/<f>/<domain>, on the domain's resampled set)
+                       # "per_domain" (pretrain/<f>/<domain>-<tokens>: one run per domain and
+                       # domain train size, on generic data resampled to that train subset)
     routed: bool = False  # rows routed by their cluster_k<k_pn> column (a projected network)
     help: str = ""
+
+    def sub(self, domain: str = "", domain_tokens: int = 0, expert: int | None = None) -> str:
+        """The sub-run (slm.layout ``RunLayout.pretrain``) a trial of ``domain`` at
+        ``domain_tokens`` train tokens (or the expert ``expert``) starts from."""
+        if self.runs == "per_domain":
+            return domain_run(domain, domain_tokens)
+        return expert_name(expert) if self.runs == "per_expert" else ""
 
 
 FAMILY_INFO: dict[str, FamilyInfo] = {f.name: f for f in (

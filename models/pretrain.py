@@ -11,11 +11,14 @@ so a re-submitted run resumes; ecosystem §1.0):
   one         generic minus held-out / held-out generic                  pretrain/<f>
               (routed: rows routed by cluster_k<k_pn>)
   per_expert  generic rows with cluster_k<k_mix> == i / held-out, same i pretrain/<f>/expert-<i>
-  per_domain  is-k<k_is>-<d> / domain-<d>-valid                          pretrain/<f>/<d>
+  per_domain  is-k<k_is>-<d>-<T> / domain-<d>-valid                      pretrain/<f>/<d>-<T>
 
 Today: slm, llm (llm_size), pn (routed) are ``one``; mix is ``per_expert``; is is
-``per_domain``. Each run directory is Ray Train's storage (``step=*`` checkpoints, TensorBoard
-events) and, once finished, holds ``final/`` (published atomically: a plain HF directory; for a
+``per_domain``: one run per domain and domain train size T (the sizes the sweep specializes:
+``Recipe.domain_sizes``), on generic data resampled to the histogram of that size's train
+subset, so the SLM-is trial of size T starts from a model that saw no more of the domain.
+Each run directory is Ray Train's storage (``step=*`` checkpoints, TensorBoard events) and,
+once finished, holds ``final/`` (published atomically: a plain HF directory; for a
 routed family the whole ProjectedLM), ``costs.json``, and one ``level-<x>/`` per pretraining level
 below 1 (``pretrain.levels``: the same run's model at that fraction of its steps, exported by the
 worker when it got there, with its costs to that step; the sweep specializes from each). Families of several runs also get a
@@ -40,7 +43,7 @@ from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session, warn_withou
 from slm.config import resolve_paths
 from slm.configkit import ConfigError, validate
 from slm.errors import StageError, reraise_user_error
-from slm.layout import RunLayout, domain_set, expert_name, is_set, train_root
+from slm.layout import RunLayout, domain_of_run, domain_run, domain_set, expert_name, is_set, train_root
 from slm.pipeline.tokenizer import run_vocab_size
 from slm.stage import fingerprint, input_fingerprints, join, manifest, read_json, write_json
 
@@ -89,18 +92,18 @@ class _Family:
         parent, name = self.layout.relative(self.layout.pretrain(self.info.name, sub)).rsplit("/", 1)
         return join(train_root(self.layout, self.recipe.cluster.storage), parent), name
 
-    def sources(self, sub: str) -> list[str]:
-        """The shard sets one run is built from (what its data fingerprint covers)."""
+    def sources(self, sub: str, data: str) -> list[str]:
+        """The shard sets one run is built from (what its data fingerprint covers): a
+        per-domain run's train set is ``data`` (its is-k<K>-<d>-<T> set)."""
         if self.info.runs == "per_domain":
-            return [self.layout.shards(is_set(sub, self.recipe.kmeans.k_is)),
-                    self.layout.shards(domain_set(sub, "valid"))]
+            return [self.layout.shards(data), self.layout.shards(domain_set(domain_of_run(sub), "valid"))]
         return [self.layout.shards("generic")]
 
     def data_fingerprint(self, sub: str, data: str) -> str:
         """Content fingerprint of one run's data: its shard sets' manifest fingerprints (which
         chain back to the corpus, tokenizer and k-means), keyed run-relative, and the rows it
         selects (``data``)."""
-        return fingerprint({"data": data, "inputs": input_fingerprints(self.layout, *self.sources(sub))})
+        return fingerprint({"data": data, "inputs": input_fingerprints(self.layout, *self.sources(sub, data))})
 
     def final_config(self, sub: str, data: str) -> dict[str, Any]:
         """What a published ``final/`` is built from (its manifest's fingerprinted config)."""
@@ -274,27 +277,42 @@ def _train_experts(job: _Family) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# One run per domain (is): on the domain's importance-resampled generic set
+# One run per (domain, domain train size) (is): on generic data resampled to that train subset
 # --------------------------------------------------------------------------------------------
 
-def _train_domains(job: _Family, domains: list[str]) -> dict[str, Any]:
-    """One run per domain on its resampled generic set, validated on the domain's valid split.
-    Runs one after another (each may use the whole cluster)."""
+def domain_sizes(recipe, sizes: list[int] | None) -> list[int]:
+    """The domain train sizes a per-domain family is pretrained for: ``sizes`` (each one of
+    data.domain_train_tokens), else the sizes the sweep specializes (``Recipe.domain_sizes``,
+    what the data pipeline builds SLM-is data for)."""
+    for t in sizes or []:
+        if t not in recipe.data.domain_train_tokens:
+            raise ConfigError(f"domain train size {t} is not one of data.domain_train_tokens "
+                              f"({recipe.data.domain_train_tokens}); SLM-is is pretrained for "
+                              "those sizes only")
+    return sorted(set(sizes)) if sizes else recipe.domain_sizes()
+
+
+def _train_domains(job: _Family, domains: list[str], sizes: list[int]) -> dict[str, Any]:
+    """One run per (domain, size) on its resampled generic set, validated on the domain's valid
+    split. Runs one after another (each may use the whole cluster)."""
     layout, f, r = job.layout, job.info.name, job.recipe
     if not domains:
         raise ConfigError(f"family '{f}' needs domains: set corpus.domains (or use the demo corpus)")
     k = r.kmeans.k_is
     parts, runs = {}, {}
     for d in domains:
-        if not job.done(d, is_set(d, k)):
-            train_shards, valid_shards = job.shards(is_set(d, k), []), job.shards(domain_set(d, "valid"), [])
-            kw = dict(seed=r.seed, split="all", fraction=r.pretrain.valid_fraction)
-            out = job.train(d, is_set(d, k), shard_dataset(train_shards, **kw),
-                            shard_dataset(valid_shards, **kw), f"'{valid_shards.uri}'")
-            if not out["finished"]:
-                raise StageError(f"pretraining '{f}' for domain '{d}' stopped before its last step")
-        parts[d] = read_json(layout.pretrain_costs(f, d))
-        runs[d] = layout.pretrain_final(f, d)
+        for t in sizes:
+            sub, data = domain_run(d, t), is_set(d, k, t)
+            if not job.done(sub, data):
+                train_shards, valid_shards = job.shards(data, []), job.shards(domain_set(d, "valid"), [])
+                kw = dict(seed=r.seed, split="all", fraction=r.pretrain.valid_fraction)
+                out = job.train(sub, data, shard_dataset(train_shards, **kw),
+                                shard_dataset(valid_shards, **kw), f"'{valid_shards.uri}'")
+                if not out["finished"]:
+                    raise StageError(f"pretraining '{f}' for domain '{d}' at {t} train tokens "
+                                     "stopped before its last step")
+            parts[sub] = read_json(layout.pretrain_costs(f, sub))
+            runs[sub] = layout.pretrain_final(f, sub)
     return {"family": f, "runs": runs, "costs": job.sum_runs(parts)}
 
 
@@ -303,13 +321,14 @@ def _train_domains(job: _Family, domains: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path: str | None = None,
-             force: bool = False) -> dict[str, Any]:
+             force: bool = False, sizes: list[int] | None = None) -> dict[str, Any]:
     """Pretrain one family of the recipe (see the module docstring); returns
     ``{"family", "runs": {name: final_uri}, "costs": {...}}``. Finished runs are not retrained;
     unfinished ones resume from their latest checkpoint. A run finished from another config or
     data is refused, or with ``force`` rebuilt (its checkpoints of the other config removed; a
     run finished from this very config is still kept: rebuilding it would give the same
-    model)."""
+    model). ``domains``/``sizes``: a per-domain family's domains and domain train sizes
+    (default: the recipe's domains, and the sizes its sweep specializes: ``domain_sizes``)."""
     recipe = resolve_paths(recipe)  # experts run as Tune trials, in their own directories
     if family not in FAMILY_INFO:
         raise ConfigError(f"unknown family '{family}'; known: {', '.join(FAMILY_INFO)}")
@@ -331,24 +350,25 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
         if info.runs == "per_expert":
             return _train_experts(job)
         if info.runs == "per_domain":
-            return _train_domains(job, domains or recipe_domains(recipe))
+            return _train_domains(job, domains or recipe_domains(recipe), domain_sizes(recipe, sizes))
         return _train_one(job, shards)
 
 
 def pretrain_families(recipe, families: list[str], domains: list[str] | None = None,
-                      recipe_path: str | None = None, force: bool = False) -> list[dict[str, Any]]:
+                      recipe_path: str | None = None, force: bool = False,
+                      sizes: list[int] | None = None) -> list[dict[str, Any]]:
     """Pretrain several families, as many at once as the cluster holds runs of
     ``pretrain.scaling`` (``runs_that_fit``; ``scaling.parallel_families`` caps it): each
     family's ``pretrain`` in a thread of this driver, each driving its own TorchTrainer (or its
     experts' Tune grid), so GPUs are not left idle while one family trains. Returns, in the
     order of ``families``, ``{"family", "seconds", "started", "ended", "out"}``; the first
-    failure is raised once every family has stopped (the others' runs are kept). ``domains``
-    (per-domain families only) and ``force`` as in ``pretrain``."""
+    failure is raised once every family has stopped (the others' runs are kept). ``domains``,
+    ``sizes`` (per-domain families only) and ``force`` as in ``pretrain``."""
     def one(family: str) -> dict[str, Any]:
         per_domain = FAMILY_INFO[family].runs == "per_domain"
         t0 = time.time()
         out = pretrain(recipe, family, domains=domains if per_domain else None, recipe_path=recipe_path,
-                       force=force)
+                       force=force, sizes=sizes if per_domain else None)
         return {"family": family, "seconds": time.time() - t0, "started": t0, "ended": time.time(), "out": out}
 
     with ray_session(recipe.cluster):

@@ -5,12 +5,21 @@ cluster c ~ P(c | domain), then a window uniformly within c. Equivalently, gener
 importance weights w(c) = P(c | domain) / P(c | generic).
 
 ``ClusterImportance`` is the in-memory API over two histograms (``fit`` → ``weights`` →
-``draw_counts`` / ``resample``). ``write_is_shard`` is the distributed stage that writes
-``data/shards/is-k<K>-<d>`` from ``data/shards/generic``:
+``draw_counts`` / ``resample``). Two distributed stages feed SLM-is pretraining, one pair per
+(domain, domain train size), as SLM-is is held to the domain data budget of the trials it
+starts (a trial of size T never gets a model whose resampling saw more than T tokens of the
+domain):
+
+* ``write_subset_histogram``: ``data/subset-histograms-k<K>/domain-<d>-train-<T>/histogram.json``,
+  the cluster counts of exactly the windows of the specialization train subset
+  ``data/shards/domain-<d>-train-<T>`` (pipeline/shards.py ``build_train_subset`` chose them;
+  its ``cluster_k<K>`` column is read, nothing else of the domain). The whole split's histogram
+  (``data/histograms-k<K>``) is not used.
+* ``write_is_shard``: ``data/shards/is-k<K>-<d>-<T>`` from ``data/shards/generic``:
 
 1. per-file cluster counts of the generic shards (one Ray Data task per parquet file reads only
-   the ``cluster_k<K>`` column; F × K numbers come back);
-2. on the driver: per-cluster draw counts d ~ Multinomial(rows, P(·|domain)) (K numbers), and
+   the ``cluster_k<K>`` column; F × K numbers come back: ``file_cluster_counts``);
+2. on the driver: per-cluster draw counts d ~ Multinomial(rows, P(·|subset)) (K numbers), and
    for each cluster the split of its draws over the files (a multivariate hypergeometric over
    the files' member counts, so the chosen windows are a uniform subset of the cluster);
 3. one Ray Data task per file reads it and emits its picked rows (locally shuffled), which are
@@ -39,10 +48,10 @@ import pyarrow.parquet as pq
 import ray.data
 
 from slm.errors import InputError, StageError
-from slm.layout import RunLayout, domain_set, is_set
+from slm.layout import RunLayout, is_set, train_subset
 from slm.pipeline.artifacts import count_rows, parquet_files, user_errors, write_dataset
-from slm.pipeline.kmeans import histogram_file, read_histogram
-from slm.stage import Stage, filesystem, fingerprint, input_fingerprints, manifest
+from slm.stage import (Stage, exists, filesystem, input_fingerprints, join, manifest, read_json,
+                       rebuild_fix, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -202,48 +211,96 @@ def _file_picks(batch: dict[str, np.ndarray], root: str, column: str, repeats: n
     return pa.concat_tables(tables)
 
 
-def write_is_shard(layout: RunLayout, k: int, domain: str, n_tokens: int, seq_len: int, seed: int,
-                   force: bool = False) -> str:
-    """Stage: ``data/shards/is-k<K>-<domain>``, ``n_tokens // seq_len`` rows (0 tokens = as
-    many rows as the generic shards) resampled from ``data/shards/generic`` to match the
-    histogram ``data/histograms-k<K>/domain-<domain>-train.json``. Returns the URI."""
-    src, out_uri = layout.shards("generic"), layout.shards(is_set(domain, k))
-    if n_tokens < 0 or seq_len <= 0:
-        raise InputError(f"n_tokens={n_tokens}, seq_len={seq_len}: use n_tokens >= 0 "
-                         "(data.is_tokens) and seq_len > 0 (data.seq_len)")
-    hist_name = domain_set(domain, "train")
-    if manifest(layout.histograms(k)) is None:
-        raise StageError(f"input artifact '{layout.histograms(k)}' is not done; run its stage first")
-    domain_hist = read_histogram(layout, k, hist_name)
-    # Inputs: the generic shards and this domain's own histogram, not the whole histograms
-    # artifact, which changes whenever a domain is added later (`slm specialize`).
-    hist_file = layout.relative(histogram_file(layout, k, hist_name))
-    st = Stage(out_uri, stage="is-shard",
-               config={"k": k, "domain": domain, "n_tokens": n_tokens, "seq_len": seq_len, "seed": seed},
-               inputs={**input_fingerprints(layout, src), hist_file: fingerprint(domain_hist)},
-               force=force)
-    if st.done:
-        return out_uri
-    if int(domain_hist.get("n", 0)) == 0 or sum(domain_hist.get("counts", [])) == 0:
-        raise InputError(f"histogram '{hist_name}.json' (k={k}) is empty: domain '{domain}' has "
-                         "no train windows. Give the domain more text or lower data.seq_len")
+def file_cluster_counts(uri: str, k: int) -> tuple[list[str], np.ndarray]:
+    """(parquet files, [F, K] counts of their ``cluster_k<K>`` column) of a shard set: one Ray
+    Data task per file reads that column only. InputError when a file lacks it."""
     column = f"cluster_k{k}"
-    fs, _ = filesystem(src)
-    files = parquet_files(src)
+    fs, _ = filesystem(uri)
+    files = parquet_files(uri)
     if not files:
-        raise InputError(f"generic shards '{src}' hold no parquet files; rebuild them")
+        return files, np.zeros((0, k), dtype=np.int64)
     names = pq.read_schema(files[0], filesystem=fs).names
     if column not in names:
-        raise InputError(f"generic shards '{src}' have no column '{column}' (columns: {names}); "
+        raise InputError(f"shards '{uri}' have no column '{column}' (columns: {names}); "
                          f"rebuild the shards with k={k} in the recipe's kmeans.k_is/k_mix/k_pn")
     listing = [{"path": p, "index": i} for i, p in enumerate(files)]
     counts_ds = ray.data.from_items(listing, override_num_blocks=len(files)).map_batches(
-        _file_counts, fn_kwargs={"root": src, "column": column, "k": k}, batch_size=1,
+        _file_counts, fn_kwargs={"root": uri, "column": column, "k": k}, batch_size=1,
         batch_format="numpy", compute=ray.data.TaskPoolStrategy())
     per_file = np.zeros((len(files), k), dtype=np.int64)
     with user_errors():
         for b in counts_ds.iter_batches(batch_format="numpy", batch_size=None):
             per_file[np.asarray(b["index"], dtype=np.int64)] = np.asarray(b["counts"]).reshape(-1, k)
+    return files, per_file
+
+
+HISTOGRAM = "histogram.json"  # the file of a subset-histogram artifact
+
+
+def write_subset_histogram(layout: RunLayout, k: int, domain: str, tokens: int,
+                           force: bool = False) -> str:
+    """Stage: the cluster histogram ``{"k", "counts", "n", "domain", "tokens", "shards"}`` of
+    the specialization train subset of ``domain`` of ``tokens`` tokens, counted from that
+    subset's shards only (see the module doc). Returns the artifact's URI."""
+    src, uri = layout.shards(train_subset(domain, tokens)), layout.subset_histogram(k, domain, tokens)
+    m = manifest(src)
+    if m is None:
+        raise StageError(f"input artifact '{src}' is not done; run its stage first "
+                         "(the domain train subsets of data.domain_train_tokens)")
+    st = Stage(uri, stage="subset-histogram", config={"k": k, "domain": domain, "tokens": tokens},
+               inputs=input_fingerprints(layout, src), force=force)
+    if st.done:
+        return uri
+    _, per_file = file_cluster_counts(src, k)
+    counts = per_file.sum(axis=0)
+    if int(counts.sum()) != int(m["rows"]):  # every window of the subset, and only those
+        raise StageError(f"counted {int(counts.sum())} windows in '{src}' but its manifest says "
+                         f"{m['rows']}; {rebuild_fix(layout)}")
+    with st.publish() as out:
+        write_json(out.file(HISTOGRAM), {"k": k, "counts": counts.tolist(), "n": int(counts.sum()),
+                                         "domain": domain, "tokens": tokens,
+                                         "shards": layout.relative(src)})
+        out.manifest.update(k=k, domain=domain, tokens=tokens, rows=int(counts.sum()))
+    return uri
+
+
+def read_subset_histogram(layout: RunLayout, k: int, domain: str, tokens: int) -> dict[str, Any]:
+    """The published histogram of a domain train subset; StageError naming its stage if absent."""
+    uri = layout.subset_histogram(k, domain, tokens)
+    f = join(uri, HISTOGRAM)
+    if manifest(uri) is None or not exists(f):
+        raise StageError(f"histogram '{uri}' of domain '{domain}' at {tokens} train tokens is not "
+                         f"done; run the data pipeline (`slm data run`) with {tokens} in "
+                         "data.domain_train_tokens")
+    return read_json(f)
+
+
+def write_is_shard(layout: RunLayout, k: int, domain: str, domain_tokens: int, n_tokens: int,
+                   seq_len: int, seed: int, force: bool = False) -> str:
+    """Stage: ``data/shards/is-k<K>-<domain>-<domain_tokens>``, ``n_tokens // seq_len`` rows
+    (0 tokens = as many rows as the generic shards) resampled from ``data/shards/generic`` to
+    match the histogram of the domain's train subset of ``domain_tokens`` tokens
+    (``write_subset_histogram``). Returns the URI."""
+    src, out_uri = layout.shards("generic"), layout.shards(is_set(domain, k, domain_tokens))
+    if n_tokens < 0 or seq_len <= 0:
+        raise InputError(f"n_tokens={n_tokens}, seq_len={seq_len}: use n_tokens >= 0 "
+                         "(data.is_tokens) and seq_len > 0 (data.seq_len)")
+    hist_uri = layout.subset_histogram(k, domain, domain_tokens)
+    domain_hist = read_subset_histogram(layout, k, domain, domain_tokens)
+    st = Stage(out_uri, stage="is-shard",
+               config={"k": k, "domain": domain, "domain_tokens": domain_tokens, "n_tokens": n_tokens,
+                       "seq_len": seq_len, "seed": seed},
+               inputs=input_fingerprints(layout, src, hist_uri), force=force)
+    if st.done:
+        return out_uri
+    if int(domain_hist.get("n", 0)) == 0 or sum(domain_hist.get("counts", [])) == 0:
+        raise InputError(f"histogram '{hist_uri}' (k={k}) is empty: domain '{domain}' has no "
+                         f"windows in its {domain_tokens}-token train subset. Give the domain more "
+                         "text or lower data.seq_len")
+    files, per_file = file_cluster_counts(src, k)
+    if not files:
+        raise InputError(f"generic shards '{src}' hold no parquet files; rebuild them")
+    column = f"cluster_k{k}"
     generic_counts = per_file.sum(axis=0)
     imp = ClusterImportance.fit(generic_counts, domain_hist)
     rows = n_tokens // seq_len if n_tokens else int(generic_counts.sum())
@@ -270,8 +327,8 @@ def write_is_shard(layout: RunLayout, k: int, domain: str, n_tokens: int, seq_le
             k=k, domain=domain, rows=rows, tokens=rows * seq_len, seq_len=seq_len,
             unique_windows=int(np.minimum(draws, m).sum()),
             max_repeats=int(np.max(np.ceil(np.divide(draws, np.maximum(m, 1))))),
-            dropped_mass=imp.dropped_mass, draws=draws.tolist(),
-            histogram=hist_file)
+            dropped_mass=imp.dropped_mass, draws=draws.tolist(), domain_tokens=domain_tokens,
+            histogram=layout.relative(hist_uri))
     log.info("SLM-is shard %s: %d rows, %d distinct windows", out_uri, rows,
              int(np.minimum(draws, m).sum()))
     return out_uri

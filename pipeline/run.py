@@ -1,7 +1,9 @@
 """The data pipeline end to end: every data stage of a recipe, in order, inside one Ray session.
 
     corpus → tokenizer → windows → embeddings → k-means (per K) → assignments → histograms
-           → shards (generic, domain splits, nested train subsets) → SLM-is shards
+           → shards (generic, domain splits, nested train subsets)
+           → per (domain, train size): the subset's cluster histogram → SLM-is shards (the
+             sizes the sweep specializes)
 
 Each stage function opens with ``slm.stage.Stage`` (a fingerprint of its config and of its
 inputs, keyed run-relatively: done? else build and publish atomically), so re-running skips
@@ -177,10 +179,18 @@ def _run_stages(recipe, layout: RunLayout, stage: _Stages, force: bool,
                 stage(f"shards {name}", layout.shards(name), build_train_subset, layout, d, tokens,
                       recipe.seed, rows_per_file=data.rows_per_file, force=force)
 
-        # SLM-is resampled shards, one per domain
+        # SLM-is: the cluster histogram of every train subset, and resampled shards per
+        # (domain, size) the sweep specializes (Recipe.domain_sizes: data.is_tokens each, the
+        # big part), each matching that subset's histogram only, so SLM-is keeps to the
+        # trial's domain data budget
         k_is = recipe.kmeans.k_is
         for d in domains:
-            stage(f"shards {is_set(d, k_is)}", layout.shards(is_set(d, k_is)),
-                  importance.write_is_shard, layout, k_is, d, data.is_tokens, data.seq_len,
-                  recipe.seed, force=force)
+            for tokens in sorted(data.domain_train_tokens):
+                stage(f"histogram k={k_is} {train_subset(d, tokens)}",
+                      layout.subset_histogram(k_is, d, tokens), importance.write_subset_histogram,
+                      layout, k_is, d, tokens, force=force)
+            for tokens in recipe.domain_sizes():
+                name = is_set(d, k_is, tokens)
+                stage(f"shards {name}", layout.shards(name), importance.write_is_shard, layout, k_is,
+                      d, tokens, data.is_tokens, data.seq_len, recipe.seed, force=force)
 

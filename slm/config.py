@@ -41,6 +41,12 @@ class Recipe:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def domain_sizes(self) -> list[int]:
+        """The domain train sizes the sweep specializes (``sweep.domain_tokens``, else every
+        size of ``data.domain_train_tokens``), sorted: the sizes SLM-is data and models are
+        built for (one per domain and size: the data pipeline, `slm pretrain`, `slm run`)."""
+        return sorted(set(self.sweep.domain_tokens or self.data.domain_train_tokens))
+
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("field 'name' is empty; give the recipe a name")

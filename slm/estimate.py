@@ -129,7 +129,9 @@ def _pretrain_stages(recipe, vocab: int, n_domains: int) -> Iterator[StageEstima
         info = FAMILY_INFO[fam]
         size = p.slm_size if info.size == "slm" else p.llm_size
         config = lm_config(size, vocab, seq)
-        runs = {"one": 1, "per_expert": recipe.kmeans.k_mix, "per_domain": n_domains}[info.runs]
+        # per_domain (SLM-is): one run per domain and domain train size the sweep specializes
+        sizes = len(recipe.domain_sizes())
+        runs = {"one": 1, "per_expert": recipe.kmeans.k_mix, "per_domain": n_domains * sizes}[info.runs]
         steps = p.steps.get(fam, 0)
         micro_steps = steps * t.grad_accum * sc.num_workers  # micro-batches over all workers
         tokens = float(micro_steps * t.micro_batch * seq)

@@ -11,6 +11,8 @@
       data/kmeans-k<K>/                    centroids (safetensors)
       data/assign-k<K>/<name>/             window_id, cluster, distance
       data/histograms-k<K>/                one histogram per domain + generic (json)
+      data/subset-histograms-k<K>/domain-<d>-train-<tokens>/
+                                           histogram.json of one domain train subset (SLM-is)
       data/shards/<name>/                  training shards: input_ids + cluster_k<K> columns
       data/sources/<domain>/<split>/       a flat document set split by ``slm add-domain``
       pretrain/<family>[/<sub>]/           one training run: Ray Train storage (step=* checkpoints)
@@ -37,13 +39,16 @@ the same run-relative path under ``<storage>/<run id>/`` (``train_root``): scope
 run's identity, so two runs on one storage never resume each other's checkpoints, and a run
 copied elsewhere (local → s3) keeps its id and its checkpoints.
 
-``<sub>`` is ``expert-<i>`` for SLM-mix's experts and the domain for SLM-is. Every path written
+``<sub>`` is ``expert-<i>`` for SLM-mix's experts and ``<domain>-<tokens>`` (``domain_run``) for
+SLM-is: one run per domain *and* domain train size, as its resampling follows the histogram of
+that size's train subset only (a smaller budget never sees more domain windows). Every path written
 into a manifest, results table, report or model card is stored *relative to the run*
 (``RunLayout.relative``) and resolved on reading (``RunLayout.resolve``), so a run directory can
 be moved, copied to object storage, or opened through another path.
 
 Window/shard set names: ``generic``, ``domain-<d>-<split>`` (split: train, valid, test),
-``domain-<d>-train-<tokens>`` (nested train subsets), ``is-k<K>-<d>`` (SLM-is resampled).
+``domain-<d>-train-<tokens>`` (nested train subsets), ``is-k<K>-<d>-<tokens>`` (SLM-is resampled
+to the histogram of the train subset of that size).
 """
 
 from __future__ import annotations
@@ -93,8 +98,23 @@ def train_subset(domain: str, tokens: int) -> str:
     return f"domain-{domain}-train-{tokens}"
 
 
-def is_set(domain: str, k: int) -> str:
-    return f"is-k{k}-{domain}"
+def is_set(domain: str, k: int, tokens: int) -> str:
+    """The SLM-is shard set of a domain train size: generic windows resampled to the cluster
+    histogram of ``train_subset(domain, tokens)``."""
+    return f"is-k{k}-{domain}-{tokens}"
+
+
+def domain_run(domain: str, tokens: int) -> str:
+    """The sub-run name of a family pretrained per (domain, domain train size): SLM-is."""
+    return f"{domain}-{tokens}"
+
+
+def domain_of_run(sub: str) -> str:
+    """The domain of a ``domain_run`` name (sizes are integers: the last '-' splits them off)."""
+    domain, tokens = sub.rsplit("-", 1)
+    if not tokens.isdigit():
+        raise InputError(f"'{sub}' is not a <domain>-<tokens> run name")
+    return domain
 
 
 @dataclass(frozen=True)
@@ -146,6 +166,12 @@ class RunLayout:
     def histograms(self, k: int) -> str:
         return self.path(f"data/histograms-k{k}")
 
+    def subset_histogram(self, k: int, domain: str, tokens: int) -> str:
+        """The cluster histogram of one domain train subset (SLM-is's target): a stage
+        directory holding ``histogram.json``."""
+        checked_name("domain", domain)
+        return self.path(f"data/subset-histograms-k{k}", train_subset(domain, tokens))
+
     def shards(self, name: str = "") -> str:
         """A shard set ('' = the folder of every shard set)."""
         return self.path("data/shards", checked_name("shard set", name)) if name else self.path("data/shards")
@@ -155,7 +181,7 @@ class RunLayout:
         return self.path("data/sources", domain, split) if split else self.path("data/sources", domain)
 
     def pretrain(self, family: str = "", sub: str = "") -> str:
-        """A training run's directory (``sub``: a mix expert or an is domain; no family: the
+        """A training run's directory (``sub``: a mix expert or an is ``domain_run``; no family: the
         folder of every training run)."""
         if not family:
             return self.path("pretrain")

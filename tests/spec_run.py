@@ -115,7 +115,8 @@ def tiny_recipe_dict(run_dir: str, paths: dict[str, str], **sweep) -> dict:
 
 
 def build_tiny_run(base: Path):
-    """Data pipeline + pretraining of every family (each skipped when already done)."""
+    """Data pipeline + pretraining of every family (each skipped when already done); SLM-is,
+    per (domain, size), at the sizes the sweep specializes (1024), as `slm run` does."""
     from slm.models.pretrain import pretrain
     from slm.pipeline.run import run_pipeline
 

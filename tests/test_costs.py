@@ -32,7 +32,7 @@ def _json(*parts):
         return json.load(f)
 
 
-def test_load_pretrain_costs_sums_experts_and_keeps_is_per_domain(run):
+def test_load_pretrain_costs_sums_experts_and_keeps_is_per_domain_and_size(run):
     root, _ = run
     pc = load_pretrain_costs(root)
     pre = os.path.join(root, "pretrain")
@@ -41,8 +41,8 @@ def test_load_pretrain_costs_sums_experts_and_keeps_is_per_domain(run):
     experts = [_json(pre, "mix", f"expert-{i}", "costs.json") for i in range(2)]
     assert pc["mix"]["flops"] == pytest.approx(sum(e["flops"] for e in experts), rel=1e-12)
     assert pc["mix"]["device_seconds"] == pytest.approx(sum(e["device_seconds"] for e in experts), rel=1e-12)
-    assert sorted(pc["is"]) == ["code", "prose"]
-    assert pc["is"]["code"]["flops"] == _json(pre, "is", "code", "costs.json")["flops"]
+    assert sorted(pc["is"]) == ["code-1024", "code-4096", "prose-1024", "prose-4096"]
+    assert pc["is"]["code-4096"]["flops"] == _json(pre, "is", "code-4096", "costs.json")["flops"]
     assert "pn" not in pc  # never pretrained in this run
 
 
@@ -55,8 +55,8 @@ def test_method_costs_follow_the_accounting_rules(run):
         # these rows predate the to-best columns: fine-tuning to the best step is charged
         # spec x best_step / steps_run (every fine-tuning step costs the same)
         to_best = rows.best_step.clip(upper=rows.steps_run) / rows.steps_run
-        if method == "is":  # no shared pretraining; each domain's own run is specialization
-            own = rows["domain"].map(lambda d: pc["is"][d]["flops"])
+        if method == "is":  # no shared pretraining; the run of each (domain, size) is specialization
+            own = rows["domain"].map(lambda d: pc["is"][f"{d}-{tokens}"]["flops"])
             assert r.c_pretrain_flops == 0.0
             assert r.c_spec_total_flops == pytest.approx((rows.spec_flops + own).mean(), rel=1e-12)
             assert r.c_spec_flops == pytest.approx((rows.spec_flops * to_best + own).mean(), rel=1e-12)
@@ -66,7 +66,7 @@ def test_method_costs_follow_the_accounting_rules(run):
             assert r.c_pretrain_flops == pytest.approx(expected_pre, rel=1e-12)
             assert r.c_spec_total_flops == pytest.approx(rows.spec_flops.mean(), rel=1e-12)
             assert r.c_spec_flops == pytest.approx((rows.spec_flops * to_best).mean(), rel=1e-12)
-        own_s = rows.pretrain_device_seconds if method == "is" else 0
+        own_s = rows["domain"].map(lambda d: pc["is"][f"{d}-{tokens}"]["device_seconds"]) if method == "is" else 0
         assert r.c_spec_total_hours == pytest.approx((rows.spec_device_seconds + own_s).mean() / 3600, rel=1e-9)
         assert r.c_spec_hours == pytest.approx((rows.spec_device_seconds * to_best + own_s).mean() / 3600,
                                                rel=1e-9)

@@ -40,6 +40,8 @@ def test_gpu_hours_are_flops_over_peak_times_mfu_and_wall_time_follows_the_gpus(
     assert b["pretrain mix"]["device_hours"] == pytest.approx(a["pretrain mix"]["device_hours"])
     assert b["pretrain mix"]["wall_hours"] == pytest.approx(a["pretrain mix"]["wall_hours"] / 4)
     assert a["pretrain mix"]["runs"] == paper.kmeans.k_mix
+    # SLM-is: one run per domain and domain size (its resampling follows that size's subset)
+    assert a["pretrain is"]["runs"] == small["domains"] * len(paper.data.domain_train_tokens) == 3
     # per token the 771M LLM costs over 5x the 126M SLM (the paper recipe matches the families'
     # GPU-hours, so the LLM sees fewer tokens and its total is only ~1.7x)
     per_token = {f: a[f"pretrain {f}"]["flops"] / a[f"pretrain {f}"]["tokens"] for f in ("llm", "slm")}

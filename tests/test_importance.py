@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from slm import stage
-from slm.errors import InputError
-from slm.layout import RunLayout
+from slm.errors import InputError, StageError
+from slm.layout import RunLayout, domain_set, train_subset
 from slm.pipeline.artifacts import parquet_files
-from slm.pipeline.importance import ClusterImportance, write_is_shard
+from slm.pipeline.importance import (ClusterImportance, read_subset_histogram, write_is_shard,
+                                     write_subset_histogram)
+from slm.pipeline.shards import build_train_subset
 
 SEQ = 8
 
@@ -92,10 +94,13 @@ def write_generic_shards(layout: RunLayout, clusters4: np.ndarray, files: int = 
             }), os.path.join(out.local_dir, f"part-{i:05d}.parquet"))
 
 
-def write_histograms(layout: RunLayout, k: int, hists: dict[str, list[int]]) -> None:
-    with stage.publish(layout.histograms(k), stage="histograms", config=hists) as out:
-        for name, counts in hists.items():
-            stage.write_json(out.file(f"{name}.json"), {"k": k, "counts": counts, "n": sum(counts)})
+def write_subset_histograms(layout: RunLayout, k: int, hists: dict[tuple[str, int], list[int]]) -> None:
+    """Published subset histograms with chosen counts (what ``write_subset_histogram`` writes),
+    for the resampling tests; the subset tests below count real subsets."""
+    for (domain, tokens), counts in hists.items():
+        with stage.publish(layout.subset_histogram(k, domain, tokens), stage="subset-histogram",
+                           config=counts) as out:
+            stage.write_json(out.file("histogram.json"), {"k": k, "counts": counts, "n": sum(counts)})
 
 
 def read_rows(uri: str) -> pa.Table:
@@ -107,17 +112,15 @@ def shards(tmp_path_factory) -> tuple[RunLayout, np.ndarray]:
     layout = RunLayout(str(tmp_path_factory.mktemp("is") / "run"))
     clusters = np.random.default_rng(0).choice(4, size=300, p=[.4, .3, .2, .1])
     write_generic_shards(layout, clusters)
-    write_histograms(layout, 4, {"generic": np.bincount(clusters, minlength=4).tolist(),
-                                 "domain-x-train": [0, 10, 30, 60],
-                                 "domain-y-train": [5, 5, 5, 5],
-                                 "domain-empty-train": [0, 0, 0, 0]})
+    write_subset_histograms(layout, 4, {("x", 800): [0, 10, 30, 60], ("y", 800): [5, 5, 5, 5],
+                                        ("empty", 800): [0, 0, 0, 0]})
     return layout, clusters
 
 
 def test_is_shard_draws_rows_by_the_domain_histogram(ray_local, shards):
     layout, clusters = shards
-    uri = write_is_shard(layout, 4, "x", n_tokens=600 * SEQ, seq_len=SEQ, seed=5)
-    assert uri == layout.shards("is-k4-x")
+    uri = write_is_shard(layout, 4, "x", 800, n_tokens=600 * SEQ, seq_len=SEQ, seed=5)
+    assert uri == layout.shards("is-k4-x-800")
     out = read_rows(uri)
     generic = read_rows(layout.shards("generic"))
     assert out.schema == generic.schema and out.num_rows == 600
@@ -136,21 +139,113 @@ def test_is_shard_draws_rows_by_the_domain_histogram(ray_local, shards):
     assert in_c3.min() >= 2 and in_c3.max() - in_c3.min() <= 1 and in_c3.sum() == got[3]
     m = stage.manifest(uri)
     assert m["rows"] == 600 and m["unique_windows"] == len(set(out.column("window_id").to_pylist()))
+    assert m["histogram"] == "data/subset-histograms-k4/domain-x-train-800"  # run-relative
     # deterministic for a seed
-    write_is_shard(layout, 4, "x", n_tokens=600 * SEQ, seq_len=SEQ, seed=5, force=True)
+    write_is_shard(layout, 4, "x", 800, n_tokens=600 * SEQ, seq_len=SEQ, seed=5, force=True)
     assert read_rows(uri).equals(out)
 
 
 def test_is_shard_zero_tokens_means_the_generic_size(ray_local, shards):
     layout, _ = shards
-    uri = write_is_shard(layout, 4, "y", n_tokens=0, seq_len=SEQ, seed=1)
+    uri = write_is_shard(layout, 4, "y", 800, n_tokens=0, seq_len=SEQ, seed=1)
     assert stage.manifest(uri)["rows"] == 300 == read_rows(uri).num_rows
 
 
 def test_is_shard_rejects_an_empty_domain_histogram(ray_local, shards):
     layout, _ = shards
-    with pytest.raises(InputError, match="domain-empty-train.json.*empty"):
-        write_is_shard(layout, 4, "empty", n_tokens=80, seq_len=SEQ, seed=0)
-    assert stage.manifest(layout.shards("is-k4-empty")) is None
-    with pytest.raises(InputError, match="domain-nope-train.json"):
-        write_is_shard(layout, 4, "nope", n_tokens=80, seq_len=SEQ, seed=0)
+    with pytest.raises(InputError, match="domain-empty-train-800.*empty"):
+        write_is_shard(layout, 4, "empty", 800, n_tokens=80, seq_len=SEQ, seed=0)
+    assert stage.manifest(layout.shards("is-k4-empty-800")) is None
+    with pytest.raises(StageError, match="domain 'x' at 160 train tokens is not done"):
+        write_is_shard(layout, 4, "x", 160, n_tokens=80, seq_len=SEQ, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The histogram of a domain train subset: exactly the subset's windows
+# --------------------------------------------------------------------------------------------
+
+def write_domain_train(layout: RunLayout, domain: str, clusters4: np.ndarray) -> None:
+    """A domain train shard set (``domain-<d>-train``, as build_shards publishes it), and a
+    whole-split histogram of it (which the subset histograms must not use)."""
+    n = len(clusters4)
+    ids = np.arange(n, dtype=np.int64) + 50_000
+    with stage.publish(layout.shards(domain_set(domain, "train")), stage="shards",
+                       config={"clusters": clusters4.tolist()}) as out:
+        for i, part in enumerate(np.array_split(np.arange(n), 2)):
+            pq.write_table(pa.table({
+                "window_id": pa.array(ids[part]),
+                "input_ids": pa.array([[int(w)] * SEQ for w in ids[part]], pa.list_(pa.int32())),
+                "cluster_k4": pa.array(clusters4[part], pa.int32()),
+            }), os.path.join(out.local_dir, f"part-{i:05d}.parquet"))
+        out.manifest.update(rows=n, seq_len=SEQ, tokens=n * SEQ)
+    with stage.publish(layout.histograms(4), stage="histograms", config={"n": n}, force=True) as out:
+        stage.write_json(out.file(f"{domain_set(domain, 'train')}.json"),
+                         {"k": 4, "counts": np.bincount(clusters4, minlength=4).tolist(), "n": n})
+
+
+def test_each_domain_size_gets_the_histogram_of_its_own_subset_only(ray_local, tmp_path):
+    """The subset histogram counts exactly the windows build_train_subset chose (the ones the
+    size's trials fine-tune on): a smaller size has its own histogram, and changing or
+    removing windows outside the subset, or the whole split's histogram, does not change it."""
+    layout = RunLayout(str(tmp_path / "run"))
+    clusters = np.random.default_rng(3).choice(4, size=120, p=[.55, .25, .15, .05])
+    write_domain_train(layout, "z", clusters)
+    hist = {}
+    for tokens in (10 * SEQ, 60 * SEQ):
+        build_train_subset(layout, "z", tokens, seed=0)
+        uri = write_subset_histogram(layout, 4, "z", tokens)
+        assert uri == layout.subset_histogram(4, "z", tokens)
+        assert uri.endswith(f"data/subset-histograms-k4/domain-z-train-{tokens}")
+        hist[tokens] = read_subset_histogram(layout, 4, "z", tokens)
+        subset = read_rows(layout.shards(train_subset("z", tokens))).column("cluster_k4").to_numpy()
+        assert hist[tokens]["n"] == sum(hist[tokens]["counts"]) == tokens // SEQ == len(subset)
+        assert hist[tokens]["counts"] == np.bincount(subset, minlength=4).tolist()
+    small, large = hist[10 * SEQ]["counts"], hist[60 * SEQ]["counts"]
+    assert small != large and large != np.bincount(clusters, minlength=4).tolist()
+
+    # outside the small subset: every window's cluster changed and half of them removed; the
+    # whole split's histogram changed too. The selection (rebuilt) is the same windows, so is
+    # the histogram; the larger subset's (which holds changed windows) is not.
+    chosen = set(read_rows(layout.shards(train_subset("z", 10 * SEQ))).column("window_id").to_pylist())
+    ids = np.arange(len(clusters)) + 50_000
+    inside = np.isin(ids, list(chosen))
+    changed = np.where(inside, clusters, 3)
+    keep = inside | (np.arange(len(clusters)) % 2 == 0)
+    write_domain_train_rows(layout, "z", ids[keep], changed[keep])
+    for tokens, same in ((10 * SEQ, True), (60 * SEQ, False)):
+        build_train_subset(layout, "z", tokens, seed=0, force=True)
+        write_subset_histogram(layout, 4, "z", tokens, force=True)
+        again = read_subset_histogram(layout, 4, "z", tokens)["counts"]
+        assert (again == hist[tokens]["counts"]) == same, (tokens, again, hist[tokens]["counts"])
+
+    # the SLM-is shards of the two sizes follow their own histograms
+    write_generic_shards(layout, np.random.default_rng(0).choice(4, size=300, p=[.4, .3, .2, .1]))
+    generic = np.bincount(read_rows(layout.shards("generic")).column("cluster_k4").to_numpy(), minlength=4)
+    for tokens in (10 * SEQ, 60 * SEQ):
+        uri = write_is_shard(layout, 4, "z", tokens, n_tokens=200 * SEQ, seq_len=SEQ, seed=2)
+        want = ClusterImportance.fit(generic, read_subset_histogram(layout, 4, "z", tokens)).draw_counts(200, seed=2)
+        got = np.bincount(read_rows(uri).column("cluster_k4").to_numpy(), minlength=4)
+        np.testing.assert_array_equal(got, want)
+        assert stage.manifest(uri)["histogram"] == layout.relative(layout.subset_histogram(4, "z", tokens))
+
+
+def write_domain_train_rows(layout: RunLayout, domain: str, ids: np.ndarray, clusters4: np.ndarray) -> None:
+    """``write_domain_train`` with chosen window ids (some removed) and their clusters."""
+    with stage.publish(layout.shards(domain_set(domain, "train")), stage="shards",
+                       config={"ids": ids.tolist(), "clusters": clusters4.tolist()}, force=True) as out:
+        pq.write_table(pa.table({
+            "window_id": pa.array(ids),
+            "input_ids": pa.array([[int(w)] * SEQ for w in ids], pa.list_(pa.int32())),
+            "cluster_k4": pa.array(clusters4, pa.int32()),
+        }), os.path.join(out.local_dir, "part-00000.parquet"))
+        out.manifest.update(rows=len(ids), seq_len=SEQ, tokens=len(ids) * SEQ)
+    with stage.publish(layout.histograms(4), stage="histograms", config={"ids": ids.tolist()},
+                       force=True) as out:
+        stage.write_json(out.file(f"{domain_set(domain, 'train')}.json"),
+                         {"k": 4, "counts": np.bincount(clusters4, minlength=4).tolist(), "n": len(ids)})
+
+
+def test_a_subset_histogram_refuses_a_subset_that_is_not_built(tmp_path):
+    layout = RunLayout(str(tmp_path / "run"))
+    with pytest.raises(StageError, match="domain-w-train-80.*not done"):
+        write_subset_histogram(layout, 4, "w", 80)

@@ -75,7 +75,7 @@ def _run(root: str) -> RunLayout:
     level-0.5/ model whose manifest holds its costs to that step (here without model files:
     the cost model reads only manifests)."""
     layout = RunLayout(root)
-    runs = {("slm", ""): 100.0, ("is", "a"): 30.0, ("mix", expert_name(0)): 40.0, ("mix", expert_name(1)): 60.0}
+    runs = {("slm", ""): 100.0, ("is", "a-100"): 30.0, ("is", "a-200"): 70.0, ("mix", expert_name(0)): 40.0, ("mix", expert_name(1)): 60.0}
     for (fam, sub), flops in runs.items():
         os.makedirs(layout.pretrain(fam, sub), exist_ok=True)
         write_json(layout.pretrain_costs(fam, sub), _costs(flops, flops / 10, 10))
@@ -92,8 +92,9 @@ def test_costs_at_a_level_are_the_costs_to_that_step(tmp_path):
     shared, _, _ = pretrain_split(get_method("mix"), pc, "a", 0.5)   # summed over the experts
     assert shared["flops"] == 50.0
     assert pretrain_split(get_method("mix"), pc, "a", 1.0)[0]["flops"] == 100.0
-    _, own, _ = pretrain_split(get_method("is"), pc, "a", 0.5)      # per domain: specialization
-    assert own["flops"] == 15.0
+    _, own, _ = pretrain_split(get_method("is"), pc, "a", 0.5, 100)  # per domain and size:
+    assert own["flops"] == 15.0                                        # specialization
+    assert pretrain_split(get_method("is"), pc, "a", 0.5, 200)[1]["flops"] == 35.0
     assert pretrain_split(get_method("slm"), pc, "a", 0.25)[2] == ["slm"]  # not published: missing
 
 

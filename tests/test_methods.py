@@ -98,7 +98,7 @@ def run(tmp_path):
     """A run directory with pretraining costs and one sweep's results of slm and the toys."""
     layout = RunLayout(str(tmp_path))
     costs = {layout.pretrain_costs("slm"): 1e12, layout.pretrain_costs("llm"): 5e12,
-             layout.pretrain_costs("is", "a"): 3e12, layout.pretrain_costs("is", "b"): 4e12}
+             layout.pretrain_costs("is", "a-1024"): 3e12, layout.pretrain_costs("is", "b-1024"): 4e12}
     for uri, flops in costs.items():
         os.makedirs(os.path.dirname(uri), exist_ok=True)
         with open(uri, "w") as f:
@@ -115,7 +115,7 @@ def test_costs_follow_the_entry(run):
     layout, df, _ = run
     check_results(df, "toys")
     pc = load_pretrain_costs(layout.root)
-    shared, own, missing = pretrain_split(get_method("own"), pc, "b")
+    shared, own, missing = pretrain_split(get_method("own"), pc, "b", domain_tokens=1024)
     assert (shared["flops"], own["flops"], missing) == (0.0, 4e12, [])
     assert pretrain_split(get_method("kd"), {}, "a")[2] == ["slm"]
     mc = method_costs(df, pc).set_index(["method", "budget_steps"])
@@ -123,6 +123,35 @@ def test_costs_follow_the_entry(run):
     assert mc.loc[("own", 4), "c_pretrain_flops"] == 0.0            # per domain: specialization
     assert mc.loc[("own", 4), "c_spec_flops"] == pytest.approx(4e9 + (3e12 + 4e12) / 2)
     assert set(trial_costs(df, pc).cost_basis) == {"costs.json"}
+
+
+def test_a_per_domain_family_is_charged_and_started_per_domain_size(tmp_path):
+    """SLM-is is pretrained once per (domain, domain size): a trial of size T is charged the
+    run of its own size only (never the other size's, never a sum), and starts from it."""
+    from slm.tune.starts import StartContext
+
+    layout = RunLayout(str(tmp_path))
+    costs = {("a", 1024): 3e12, ("a", 4096): 5e12}
+    for (d, t), flops in costs.items():
+        os.makedirs(layout.pretrain_final("is", f"{d}-{t}"))
+        with open(layout.pretrain_costs("is", f"{d}-{t}"), "w") as f:
+            json.dump({"flops": flops, "device_seconds": flops / 1e12}, f)
+    pc = load_pretrain_costs(layout.root)
+    assert sorted(pc["is"]) == ["a-1024", "a-4096"]
+    for (d, t), flops in costs.items():
+        shared, own, missing = pretrain_split(get_method("is"), pc, d, 1.0, t)
+        assert (shared["flops"], own["flops"], missing) == (0.0, flops, [])
+    assert pretrain_split(get_method("is"), pc, "a", 1.0, 2048)[2] == ["is"]  # no run of that size
+    rows = [r for r in _rows("is", 1000, 2.5, 0.0) if r["domain"] == "a" and r["budget_steps"] == 4]
+    df = pd.DataFrame([{**rows[0], "domain_tokens": t} for t in (1024, 4096)])
+    t = trial_costs(df, pc).set_index("domain_tokens")
+    assert (t.c_pretrain_flops == 0.0).all()                          # not shared: specialization
+    assert t.loc[1024, "c_spec_flops"] == pytest.approx(4e9 + 3e12)
+    assert t.loc[4096, "c_spec_flops"] == pytest.approx(4e9 + 5e12)
+    recipe = _recipe(tmp_path)
+    for size in (1024, 4096):
+        (start,) = StartContext(recipe, str(tmp_path / "work")).starts(Trial("a", "is", 4, size, 0, 1e-3))
+        assert start.path == layout.pretrain_final("is", f"a-{size}")
 
 
 def test_planner_and_report_accept_the_toys(run):

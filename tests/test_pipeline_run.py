@@ -4,14 +4,17 @@ re-run (real Ray Data, the real embedding model, real k-means)."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
+from slm.cli import main
 from slm.config import Recipe, load_recipe
 from slm.layout import RunLayout, domain_set, is_set, train_subset
 from slm.pipeline.artifacts import read_rows
+from slm.pipeline.importance import read_subset_histogram
 from slm.pipeline.run import run_pipeline
 from slm.pipeline.sample_corpus import paragraphs, write_domain, write_jsonl, write_parquet
 from slm.stage import manifest
@@ -39,7 +42,7 @@ def _recipe(tmp_path) -> Recipe:
     return load_recipe(str(path))
 
 
-def test_run_pipeline_end_to_end_then_resume(tmp_path, ray_local):
+def test_run_pipeline_end_to_end_then_resume(tmp_path, ray_local, capsys):
     recipe = _recipe(tmp_path)
     layout = RunLayout(recipe.run_dir)
 
@@ -63,9 +66,14 @@ def test_run_pipeline_end_to_end_then_resume(tmp_path, ray_local):
         small = read_rows(layout.shards(train_subset(d, 64))).column("window_id").to_pylist()
         large = read_rows(layout.shards(train_subset(d, 160))).column("window_id").to_pylist()
         assert len(small) == 2 and len(large) == 5 and large[:2] == small
-        is_rows = sum(pq.ParquetFile(os.path.join(layout.shards(is_set(d, 4)), f)).metadata.num_rows
-                      for f in os.listdir(layout.shards(is_set(d, 4))) if f.endswith(".parquet"))
-        assert is_rows == 640 // SEQ
+        for tokens, subset in ((64, small), (160, large)):  # SLM-is: per (domain, size)
+            hist = read_subset_histogram(layout, 4, d, tokens)
+            assert hist["n"] == sum(hist["counts"]) == len(subset)
+            uri = layout.shards(is_set(d, 4, tokens))
+            is_rows = sum(pq.ParquetFile(os.path.join(uri, f)).metadata.num_rows
+                          for f in os.listdir(uri) if f.endswith(".parquet"))
+            assert is_rows == 640 // SEQ
+            assert manifest(uri)["histogram"] == f"data/subset-histograms-k4/{train_subset(d, tokens)}"
     for k in ks:
         assert os.path.exists(os.path.join(layout.histograms(k), "domain-alpha-train.json"))
     names = [s["stage"] for s in stages]
@@ -76,3 +84,15 @@ def test_run_pipeline_end_to_end_then_resume(tmp_path, ray_local):
     again = run_pipeline(recipe)
     assert [s["status"] for s in again["stages"]] == ["skipped"] * len(stages)
     assert manifest(layout.shards("generic"))["started"] == started
+
+    # a domain size larger than the domain: `slm data run` exits non-zero naming the domain,
+    # its size and the fix (every stage before the subsets is skipped: this takes seconds)
+    too_big = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    too_big["data"]["domain_train_tokens"] = [64, 160, 100_000]
+    (tmp_path / "too-big.yaml").write_text(yaml.safe_dump(too_big))
+    assert main(["data", "run", "--recipe", str(tmp_path / "too-big.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"domain 'alpha' has \d+ train tokens \(\d+ windows of 32\) but "
+                     r"data.domain_train_tokens asks for 100000; add domain data or lower "
+                     r"data.domain_train_tokens", err), err
+    assert manifest(layout.shards(train_subset("alpha", 100_000))) is None

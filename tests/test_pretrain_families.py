@@ -75,18 +75,22 @@ def test_cli_pretrain_on_a_finished_run_and_on_missing_data(run, tmp_path):
     assert empty.returncode == 2 and "slm data run" in empty.stderr
 
 
-def test_is_trains_one_model_per_domain(run):
+def test_is_trains_one_model_per_domain_and_size(run):
+    """SLM-is: one run per (domain, domain size), on the generic set resampled to that size's
+    train subset; by default at the sizes the sweep specializes (the tiny run's: 1024 only)."""
     root, recipe = run
+    assert recipe.domain_sizes() == [1024] != recipe.data.domain_train_tokens
     out = pretrain(recipe, "is")
-    final = os.path.join(root, "pretrain", "is", "numeric", "final")
-    assert out["runs"] == {"numeric": final}
+    final = os.path.join(root, "pretrain", "is", "numeric-1024", "final")
+    assert out["runs"] == {"numeric-1024": final}
+    assert not os.path.exists(os.path.join(root, "pretrain", "is", "numeric-2048"))  # not asked
     AutoModelForCausalLM.from_pretrained(final)
-    c = _costs(os.path.join(root, "pretrain", "is", "numeric", "costs.json"))
+    c = _costs(os.path.join(root, "pretrain", "is", "numeric-1024", "costs.json"))
     assert c["steps"] == recipe.pretrain.steps["is"]
     rec = json.load(open(os.path.join(final, "manifest.json")))
-    assert rec["config"]["data"] == f"is-k{recipe.kmeans.k_is}-numeric"   # the resampled set
+    assert rec["config"]["data"] == f"is-k{recipe.kmeans.k_is}-numeric-1024"   # the resampled set
     # the checkpoint it was exported from, stored relative to the run
-    assert rec["checkpoint"].startswith("pretrain/is/numeric/step=")
+    assert rec["checkpoint"].startswith("pretrain/is/numeric-1024/step=")
     assert os.path.isdir(os.path.join(root, rec["checkpoint"]))
     total = _costs(os.path.join(root, "pretrain", "is", "costs.json"))
     assert total["flops"] == c["flops"]
@@ -137,7 +141,7 @@ def test_every_run_publishes_its_pretraining_levels_from_the_same_run(run):
 
     root, recipe = run
     layout = RunLayout(root)
-    runs = [("slm", ""), ("llm", ""), ("pn", ""), ("is", "numeric")]
+    runs = [("slm", ""), ("llm", ""), ("pn", ""), ("is", "numeric-1024")]
     runs += [("mix", expert_name(i)) for i in range(recipe.kmeans.k_mix)]
     for fam, sub in runs:
         level = manifest(layout.pretrain_level(fam, sub, 0.5))

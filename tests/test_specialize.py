@@ -215,7 +215,8 @@ def test_bad_sweep_config_names_the_field(tmp_path, override, field):
 
 def test_trials_from_a_pretraining_level_start_from_that_levels_models(recipe, trials):
     """A trial at pretraining level 0.5 starts from the models saved at half their steps (the
-    experts' for SLM-mix, the domain's own for SLM-is, the materialised expert for SLM-pn) and
+    experts' for SLM-mix, the domain's own at the trial's size for SLM-is, the materialised
+    expert for SLM-pn) and
     is charged the pretraining to that level only."""
     from slm.stage import manifest
     from slm.tune.grid import Trial, trial_uri
@@ -223,7 +224,7 @@ def test_trials_from_a_pretraining_level_start_from_that_levels_models(recipe, t
 
     layout = RunLayout(recipe.run_dir)
     r = dataclasses.replace(recipe, sweep=dataclasses.replace(recipe.sweep, name="unit"))
-    for m, runs in (("slm", [("slm", "")]), ("is", [("is", "numeric")]),
+    for m, runs in (("slm", [("slm", "")]), ("is", [("is", "numeric-1024")]),
                     ("mix", [("mix", f"expert-{i}") for i in range(recipe.kmeans.k_mix)]),
                     ("pn", [("pn", "")])):
         t = Trial("numeric", m, 10, 1024, 0, 0.002, 0.5)
@@ -235,3 +236,7 @@ def test_trials_from_a_pretraining_level_start_from_that_levels_models(recipe, t
         assert trials[m][1]["pretrain_level"] == 1.0
         # another start than the final model's trial: another fine-tuned model
         assert row["valid_loss"] != trials[m][1]["valid_loss"]
+        # it started from (and is fingerprinted on) those runs' level models: for SLM-is the
+        # run of the trial's domain *and* size
+        inputs = manifest(trial_uri(r, t))["inputs"]
+        assert {layout.relative(layout.pretrain_level(f, s, 0.5)) for f, s in runs} == set(inputs)

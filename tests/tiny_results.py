@@ -6,14 +6,14 @@ device seconds with a clock, perplexities are evaluated on held-out windows. The
 layout and schemas of a real run (docs/design.md):
 
     RUN/pretrain/{slm,llm}/costs.json, RUN/pretrain/mix/expert-<i>/costs.json,
-    RUN/pretrain/is/<domain>/costs.json, RUN/specialize/<sweep>/results.parquet
+    RUN/pretrain/is/<domain>-<tokens>/costs.json, RUN/specialize/<sweep>/results.parquet
 
-Methods: slm, llm, nopt, is (a small model pretrained per domain on the generic windows nearest
-to the domain), mix (two experts, one per half of the generic windows split by the same
+Methods: slm, llm, nopt, is (a small model pretrained per domain and domain size on the generic
+windows nearest to that size's domain train windows), mix (two experts, one per half of the generic windows split by the same
 nearest-domain rule; the domain's expert is fine-tuned), d (the slm student distilled from the
 fine-tuned llm teacher). Rows charge costs as the real sweep does (tune/specialize.py):
 pretrain_* = the method's pretraining (all experts for mix, teacher + student for d, the
-domain's own run for is, 0 for nopt); spec_* = the fine-tuning (+ the teacher's for d).
+own run of the domain and size for is, 0 for nopt); spec_* = the fine-tuning (+ the teacher's for d).
 
 Why byte tokens and stdlib text: no tokenizer training and no downloads; the two domains (Python
 source code and module docstrings, i.e. prose) come with every Python install.
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from slm.layout import RunLayout, expert_name
+from slm.layout import RunLayout, domain_run, expert_name
 
 SEQ = 32
 BATCH = 8
@@ -181,13 +181,14 @@ def _train(model, windows: torch.Tensor, steps: int, lr: float, seed: int, teach
             "tokens": steps * BATCH * SEQ, "valid_loss": best[0], "best_step": best[1]}
 
 
-def _nearest_domain(generic: torch.Tensor, data: dict) -> torch.Tensor:
+def _nearest_domain(generic: torch.Tensor, data: dict, n_train: int | None = None) -> torch.Tensor:
     """For each generic window, the index of the domain (0 code, 1 prose) whose byte unigram
-    distribution is closest (cosine): a one-feature stand-in for the embedding clusters."""
+    distribution (of its first ``n_train`` train windows: a domain size) is closest (cosine):
+    a one-feature stand-in for the embedding clusters."""
     def hist(w):
         h = torch.bincount(w.reshape(-1), minlength=VOCAB).float()
         return h / h.norm()
-    cents = torch.stack([hist(data["code"]["train"]), hist(data["prose"]["train"])])
+    cents = torch.stack([hist(data["code"]["train"][:n_train]), hist(data["prose"]["train"][:n_train])])
     feats = torch.stack([torch.bincount(w, minlength=VOCAB).float() for w in generic])
     feats = feats / feats.norm(dim=1, keepdim=True)
     return (feats @ cents.T).argmax(dim=1)
@@ -226,11 +227,13 @@ def _build_run(run_dir: str, budgets, domain_tokens, seeds, lrs) -> str:
         c = _train(m, generic, PRETRAIN_STEPS[fam], 3e-3, 0)
         pre[fam], pre_costs[fam] = m, c
         _write_costs(layout.pretrain_costs(fam), c, m.num_parameters())
-    for i, d in enumerate(domains):  # is: per-domain pretraining on the nearest generic windows
-        m = _model("slm", 0)
-        c = _train(m, generic[near == i], PRETRAIN_STEPS["is"], 3e-3, 0)
-        pre[f"is/{d}"], pre_costs[f"is/{d}"] = m, c
-        _write_costs(layout.pretrain_costs("is", d), c, m.num_parameters())
+    for tokens in domain_tokens:  # is: per (domain, size) on the windows nearest that subset
+        near_t = _nearest_domain(generic, data, tokens // SEQ)
+        for i, d in enumerate(domains):
+            m = _model("slm", 0)
+            c = _train(m, generic[near_t == i], PRETRAIN_STEPS["is"], 3e-3, 0)
+            pre[f"is/{d}-{tokens}"], pre_costs[f"is/{d}-{tokens}"] = m, c
+            _write_costs(layout.pretrain_costs("is", domain_run(d, tokens)), c, m.num_parameters())
     mix_total = {"flops": 0.0, "device_seconds": 0.0}
     for i in range(2):  # mix: one expert per cluster
         m = _model("slm", 0)
@@ -257,7 +260,7 @@ def _build_run(run_dir: str, budgets, domain_tokens, seeds, lrs) -> str:
                             if method == "nopt":
                                 start, pfam = _model("slm", seed), None
                             elif method == "is":
-                                start, pfam = pre[f"is/{dom}"], f"is/{dom}"
+                                start, pfam = pre[f"is/{dom}-{tokens}"], f"is/{dom}-{tokens}"
                             elif method == "mix":
                                 expert = d_i
                                 start, pfam = pre[f"mix/{d_i}"], "mix"

@@ -9,7 +9,7 @@ import os
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from slm.config import Recipe
-from slm.layout import RunLayout
+from slm.layout import RunLayout, is_set
 from slm.models.synthetic import VOCAB, windows, write_shards, write_tokenizer  # noqa: F401
 
 SEQ = 16
@@ -41,7 +41,8 @@ def make_run(run_dir: str, n_generic: int = 512, ks: tuple[int, ...] = (2, 4)) -
     layout = RunLayout(run_dir)
     write_tokenizer(layout)
     write_shards(layout, "generic", windows(n_generic, SEQ, list(ks), seed=1))
-    write_shards(layout, "is-k4-alpha", windows(256, SEQ, list(ks), seed=2, id_base=10_000))
+    # SLM-is shards of alpha at the recipe's first default domain size
+    write_shards(layout, is_set("alpha", 4, 1_000_000), windows(256, SEQ, list(ks), seed=2, id_base=10_000))
     write_shards(layout, "domain-alpha-valid", windows(64, SEQ, list(ks), seed=3, id_base=20_000))
     with open(os.path.join(run_dir, "NOTE.json"), "w") as f:
         json.dump({"what": "tiny training test run"}, f)

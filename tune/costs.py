@@ -13,8 +13,16 @@ rules follow from its registry entry, tune/methods.py: ``pretrains``, ``teacher`
     mix     all experts' pretraining                 fine-tuning (every expert tried, for `all`)
     pn      pn pretraining                           fine-tuning
     d       teacher llm + student slm pretraining    student fine-tuning + teacher fine-tuning
-    is      0                                        the domain's own pretraining + fine-tuning
+    is      0                                        the own pretraining of the trial's
+                                                     (domain, domain size) + fine-tuning
     nopt    0                                        training on the domain data
+
+SLM-is is pretrained once per (domain, domain train size): its resampling follows the histogram
+of that size's train subset only (pipeline/importance.py), so each size has its own run,
+``pretrain/is/<domain>-<tokens>``. Its cost is charged to the trials of exactly that domain and
+size (``pretrain_split`` looks the run up by both), never shared across sizes, and it lands in
+C_specialize of the point (method, budget, domain_tokens, level) those trials make: the planner
+and the amortization tables (C_total(N) = N · C_specialize) read it from there.
 
 Inference cost is the served model's parameters and forward FLOPs per token.
 
@@ -97,14 +105,15 @@ def load_pretrain_costs(run_dir: str) -> dict[str, Any]:
     """The measured pretraining costs of a run, per family (models/config.py FAMILY_INFO):
     a family trained once: its ``costs.json``; per expert (mix): summed over
     ``expert-<i>/costs.json`` (kept under ``experts``), else the family's summed file; per
-    domain (is): ``{domain: costs}``. Each carries ``levels``: {level name: costs to that
+    domain and domain size (is): ``{"<domain>-<tokens>": costs}`` (slm.layout ``domain_run``).
+    Each carries ``levels``: {level name: costs to that
     pretraining level} (a mixture's: summed over experts). Families that did not finish are
     absent."""
     layout = RunLayout(run_dir)
     out: dict[str, Any] = {}
     for fam, info in FAMILY_INFO.items():
         if info.runs == "per_domain":
-            per = {d: c for d in subdirs(layout.pretrain(fam)) if (c := _run_costs(layout, fam, d))}
+            per = {s: c for s in subdirs(layout.pretrain(fam)) if (c := _run_costs(layout, fam, s))}
             if per:
                 out[fam] = per
             continue
@@ -126,19 +135,20 @@ def load_pretrain_costs(run_dir: str) -> dict[str, Any]:
     return out
 
 
-def pretrain_split(method: Method, pc: dict[str, Any], domain: str, level: float = 1.0
-                   ) -> tuple[dict[str, float], dict[str, float], list[str]]:
+def pretrain_split(method: Method, pc: dict[str, Any], domain: str, level: float = 1.0,
+                   domain_tokens: int = 0) -> tuple[dict[str, float], dict[str, float], list[str]]:
     """The one sum of a method's pretraining cost at a pretraining ``level`` (the models it
     starts from were saved at that fraction of their steps): (shared, per-domain, missing
-    families). Shared: its families pretrained once (C_pretrain); per-domain: the domain's own
-    pretraining (specialization, C_generic = 0); ``missing``: families ``pc``
-    (load_pretrain_costs) lacks, at that level."""
+    families). Shared: its families pretrained once (C_pretrain); per-domain: the own
+    pretraining of ``domain`` at ``domain_tokens`` train tokens (SLM-is: one run per domain and
+    size, charged to that size's trials only; specialization, C_generic = 0); ``missing``:
+    families ``pc`` (load_pretrain_costs) lacks, at that level."""
     shared = {k: 0.0 for k in COST_KEYS}
     own = {k: 0.0 for k in COST_KEYS}
     missing = []
     for fam in method.pretrains:
         per_domain = FAMILY_INFO[fam].runs == "per_domain"
-        c = pc.get(fam, {}).get(domain) if per_domain else pc.get(fam)
+        c = pc.get(fam, {}).get(FAMILY_INFO[fam].sub(domain, domain_tokens)) if per_domain else pc.get(fam)
         if c is not None and float(level) < 1.0:
             c = c.get("levels", {}).get(level_name(level))
         if c is None:
@@ -178,7 +188,8 @@ def trial_costs(df: pd.DataFrame, pretrain_costs: dict[str, Any] | None = None) 
     pre_f, pre_s, spec_f, spec_s, tot_f, tot_s, basis = [], [], [], [], [], [], []
     for row in t.to_dict("records"):
         method = get_method(row["method"])
-        shared, own, missing = pretrain_split(method, pc, row["domain"], float(row["pretrain_level"]))
+        shared, own, missing = pretrain_split(method, pc, row["domain"], float(row["pretrain_level"]),
+                                              int(row["domain_tokens"]))
         src = "costs.json" if method.pretrains else "none"
         if missing:  # e.g. another run's results, or a level the run's files do not hold
             src = "results"  # the row's columns, per domain only if every family is

@@ -73,15 +73,16 @@ def trial_config(recipe, trial: Trial) -> dict[str, Any]:
 
 def pretrained_inputs(recipe, trial: Trial) -> dict[str, str]:
     """The fingerprints of the pretrained models the trial's method is built from (its
-    ``pretrains`` families at the trial's pretraining level: the trial's domain's run of a
-    per-domain family, every expert of a per-expert one), keyed run-relative; "" for one not published. A family pretrained again
-    from another config changes them, so its finished trials are refused, not reused."""
+    ``pretrains`` families at the trial's pretraining level: the run of the trial's domain and
+    domain size of a per-domain family, every expert of a per-expert one), keyed run-relative;
+    "" for one not published. A family pretrained again from another config changes them, so
+    its finished trials are refused, not reused."""
     layout = RunLayout(recipe.run_dir)
     out = {}
     for family in get_method(trial.method).pretrains:
         runs = FAMILY_INFO[family].runs
-        subs = ([trial.domain] if runs == "per_domain"
-                else [expert_name(i) for i in range(recipe.kmeans.k_mix)] if runs == "per_expert" else [""])
+        subs = ([expert_name(i) for i in range(recipe.kmeans.k_mix)] if runs == "per_expert"
+                else [FAMILY_INFO[family].sub(trial.domain, trial.domain_tokens)])
         for sub in subs:  # the models of the trial's pretraining level
             model = layout.pretrain_level(family, sub, trial.level)
             out[layout.relative(model)] = (manifest(model) or {}).get("fingerprint", "")

@@ -6,8 +6,9 @@ compare method names:
 
   * ``pretrains``: the pretraining families its served model (and its teacher) is built from;
     the recipe must pretrain them, and their measured pretraining is the method's pretraining
-    cost. A family pretrained per domain (``FamilyInfo.runs == "per_domain"``, SLM-is) is paid
-    per domain, so the cost model counts it as specialization (C_generic = 0);
+    cost. A family pretrained per domain (``FamilyInfo.runs == "per_domain"``, SLM-is: one run
+    per domain and domain train size) is paid per domain and size, so the cost model counts it
+    as the specialization of that size's trials (C_generic = 0);
   * ``start``: how a trial obtains its starting model(s) (a strategy below; the heavy work is
     done by the trial's start context, tune/starts.py);
   * ``served``: the size preset of the served model (``"slm"``: pretrain.slm_size, ``"llm"``:
@@ -58,7 +59,8 @@ class Start:
 
 @dataclass(frozen=True)
 class FromFamily:
-    """The family's published model; a per-domain family's is the trial domain's own."""
+    """The family's published model; a per-domain family's is the one of the trial's domain
+    and domain size."""
 
     family: str
 
@@ -162,7 +164,7 @@ class Method:
             out.append("every expert tried (expert_selection=all)")
         if self.teacher:
             out.append(f"the teacher's ({self.teacher}) fine-tuning")
-        out += [f"the domain's own {f} pretraining" for f in self.per_domain_families]
+        out += [f"the domain's own {f} pretraining (one per domain size)" for f in self.per_domain_families]
         return out
 
 
@@ -200,7 +202,7 @@ for _m in (
            "domain (the large reference, and SLM-d's teacher)", FromFamily("llm"), ("llm",),
            served="llm", paper="table8", color="#d62728"),
     Method("is", "SLM-is", "a small model pretrained on generic data importance-resampled to "
-           "match the domain's cluster histogram, then fine-tuned on the domain",
+           "match the cluster histogram of the domain's train subset, then fine-tuned on it",
            FromFamily("is"), ("is",), paper="bound", color="#2ca02c"),
     Method("mix", "SLM-mix", "the expert of a hard mixture (one small model per generic "
            "cluster) chosen for the domain by specialize.expert_selection, then fine-tuned on "

@@ -6,8 +6,9 @@ FLOPs, or measured device-hours, which show what FLOPs hide, e.g. pn's slower pr
     N domains, i.e. a method fits when C_pretrain / N <= pretrain_budget (paper Eq. 1: shared
     pretraining is paid once for all N domains);
   * specialize_budget: cost per domain for specialization, fine-tuning to its best validation
-    step as the paper counts it (SLM-is's per-domain pretraining counts here, as in the
-    paper's Table 3; expert selection by lowest loss is charged);
+    step as the paper counts it (SLM-is's own pretraining counts here, as in the paper's
+    Table 3: one run per domain *and* domain size, charged to the measured point of that size
+    only, tune/costs.py; expert selection by lowest loss is charged);
   * inference_budget: the most parameters the served model may have.
 
 From measured results (a sweep's results.parquet): each method's measured points

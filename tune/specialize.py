@@ -60,14 +60,16 @@ def teacher_model(recipe, trial: Trial) -> tuple[str, dict[str, Any], str]:
     return uri, read_json(join(uri, TRIAL_ROW)), ref.key()
 
 
-def method_pretrain_costs(layout: RunLayout, method: Method, domain: str, level: float = 1.0) -> dict[str, float]:
+def method_pretrain_costs(layout: RunLayout, method: Method, domain: str, level: float = 1.0,
+                          domain_tokens: int = 0) -> dict[str, float]:
     """The row's pretraining columns: everything the method's model was built with (all experts
-    of a mixture, teacher + student for SLM-d, the domain's own run for SLM-is, 0 for nopt),
-    up to the pretraining ``level`` its start models were saved at."""
-    shared, own, missing = pretrain_split(method, load_pretrain_costs(layout.root), domain, level)
+    of a mixture, teacher + student for SLM-d, the run of the domain at this domain size for
+    SLM-is, 0 for nopt), up to the pretraining ``level`` its start models were saved at."""
+    shared, own, missing = pretrain_split(method, load_pretrain_costs(layout.root), domain, level,
+                                          domain_tokens)
     if missing:
         fam = missing[0]
-        sub = domain if FAMILY_INFO[fam].runs == "per_domain" else ""
+        sub = FAMILY_INFO[fam].sub(domain, domain_tokens) if FAMILY_INFO[fam].runs == "per_domain" else ""
         what = layout.pretrain_costs(fam, sub) if level >= 1.0 else layout.pretrain_level(fam, sub, level)
         raise StageError(f"'{what}' is missing; the pretraining run did not finish (or level "
                          f"{level:g} is not in its pretrain.levels): re-run `slm pretrain --family {fam}`")
@@ -117,7 +119,7 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
                              "(`slm data run`) for this domain and size")
     lr = small_data_lr(recipe, trial.lr, trial.domain_tokens)
     teacher_uri, teacher_row, teacher_key = teacher_model(recipe, trial)
-    pretrain = method_pretrain_costs(layout, method, trial.domain, trial.level)
+    pretrain = method_pretrain_costs(layout, method, trial.domain, trial.level, trial.domain_tokens)
     work = trial_workdir(recipe, trial)
     t_start = time.perf_counter()
     context = StartContext(recipe, work)

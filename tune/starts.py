@@ -35,13 +35,11 @@ log = logging.getLogger(__name__)
 
 
 def pretrain_final(layout: RunLayout, family: str, domain: str = "", expert: int | None = None,
-                   level: float = 1.0) -> str:
+                   level: float = 1.0, domain_tokens: int = 0) -> str:
     """The published model of a pretraining run at a pretraining level (1: its final model):
-    the family's, a per-domain family's for ``domain``, a per-expert family's ``expert``.
-    StageError when it is not published."""
-    runs = FAMILY_INFO[family].runs
-    sub = domain if runs == "per_domain" else expert_name(expert) if runs == "per_expert" else ""
-    final = layout.pretrain_level(family, sub, level)
+    the family's, a per-domain family's for ``domain`` at ``domain_tokens`` train tokens, a
+    per-expert family's ``expert``. StageError when it is not published."""
+    final = layout.pretrain_level(family, FAMILY_INFO[family].sub(domain, domain_tokens, expert), level)
     if not exists(final):
         more = "" if level >= 1.0 else f" (level {level:g}: is it in pretrain.levels?)"
         raise StageError(f"pretrained model '{final}' is missing{more}; run `slm pretrain --family "
@@ -100,7 +98,9 @@ class StartContext:
         return get_method(trial.method).start(self, trial)
 
     def pretrained(self, family: str, trial: Trial) -> Start:
-        return Start(pretrain_final(self.layout, family, domain=trial.domain, level=trial.level))
+        # a per-domain family's (SLM-is) model of the trial's own domain *and* size
+        return Start(pretrain_final(self.layout, family, domain=trial.domain, level=trial.level,
+                                    domain_tokens=trial.domain_tokens))
 
     def selected_experts(self, family: str, trial: Trial) -> list[Start]:
         """``specialize.expert_selection``: the expert of the train subset's most frequent

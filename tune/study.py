@@ -40,7 +40,7 @@ def run_study(recipe, force: bool = False) -> str:
             data = run_pipeline(recipe, force=force)
         lines.append(("data", time.time() - t, _data_result(data)))
         # families train at once where the cluster holds several runs; a family pretrained
-        # per domain (SLM-is) only for the domains the sweep specializes
+        # per (domain, train size) (SLM-is) only for the domains and sizes the sweep specializes
         for done in pretrain_families(recipe, recipe.pretrain.families, domains=recipe.sweep.domains or None,
                                       force=force):
             lines.append((f"pretrain {done['family']}", done["seconds"], _pretrain_result(layout, done["out"])))
