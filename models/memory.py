@@ -11,7 +11,9 @@ Adam's two moments) partitioned by ZeRO:
   stage 2: 2Ψ + 18Ψ/N          stage 3: 4·largest layer + 18Ψ/N
 
 In float32 (CPU runs) the 16-bit copies are the float32 ones: 4Ψ parameters, 4Ψ gradients, 8Ψ
-moments, partitioned the same way. Offloading the optimizer (or the parameters, ZeRO-3) in the
+moments, partitioned the same way. A LoRA run's frozen weights hold no gradient or optimizer
+state: only their copy in the run's precision (partitioned at ZeRO-3), the adapters the above.
+Offloading the optimizer (or the parameters, ZeRO-3) in the
 user's DeepSpeed JSON moves the partitioned part to host memory (DeepSpeed's cpu_offload rows).
 
 Activations of one micro-batch of b windows of s tokens (GPT-2 block, d model width, f MLP
@@ -46,8 +48,14 @@ def largest_layer_params(model: nn.Module) -> int:
 
 
 def model_state_bytes(params: int, largest_layer: int, *, stage: int, world: int, bf16: bool,
-                      offload_optimizer: bool = False, offload_params: bool = False) -> int:
-    """Device bytes of parameters, gradients and optimizer state per worker (module docstring)."""
+                      offload_optimizer: bool = False, offload_params: bool = False,
+                      trainable: int | None = None) -> int:
+    """Device bytes of parameters, gradients and optimizer state per worker (module docstring);
+    ``trainable`` < ``params``: the rest is frozen (LoRA)."""
+    if trainable is not None and trainable < params:
+        frozen = (params - trainable) * (2 if bf16 else 4) // (world if stage == 3 else 1)
+        return frozen + model_state_bytes(trainable, largest_layer, stage=stage, world=world, bf16=bf16,
+                                          offload_optimizer=offload_optimizer, offload_params=offload_params)
     p = params
     if not bf16:  # float32: params 4, grads 4, Adam moments 8
         full, part = {0: (16 * p, 0), 1: (8 * p, 8 * p), 2: (4 * p, 12 * p), 3: (4 * largest_layer, 16 * p)}[stage]
@@ -103,9 +111,11 @@ class MemoryEstimate:
 def estimate(*, family: str, config: GPT2Config, params: int, largest_layer: int, stage: int,
              world: int, micro_batch: int, seq_len: int, bf16: bool, checkpointing: bool,
              loss_chunk: int, offload_optimizer: bool = False, offload_params: bool = False,
-             teacher_config: GPT2Config | None = None, teacher_params: int = 0) -> MemoryEstimate:
+             teacher_config: GPT2Config | None = None, teacher_params: int = 0,
+             trainable: int | None = None) -> MemoryEstimate:
     states = model_state_bytes(params, largest_layer, stage=stage, world=world, bf16=bf16,
-                               offload_optimizer=offload_optimizer, offload_params=offload_params)
+                               offload_optimizer=offload_optimizer, offload_params=offload_params,
+                               trainable=trainable)
     acts = sum(activation_bytes(config, micro_batch=micro_batch, seq_len=seq_len, bf16=bf16,
                                 checkpointing=checkpointing, loss_chunk=loss_chunk).values())
     teacher = 0

@@ -264,8 +264,9 @@ class Trainer:
         params = self.family.params(model)   # the served model's, before ZeRO partitions them
         model = self.family.adapt(model, cfg.lora, cfg.seed)  # LoRA: a frozen model with adapters
         trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in trainable)
         ds_config = deepspeed_config(cfg, self.world, self.precision == "bf16")
-        self.memory = self.estimate_memory(model, params, ds_config)
+        self.memory = self.estimate_memory(model, params, ds_config, n_trainable)
         o = cfg.optim
         optimizer = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -284,14 +285,14 @@ class Trainer:
         self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
         self.last_checkpoint: str | None = None  # URI of the newest reported (or resumed) one
         self.step = self.epoch = self.batch_in_epoch = self.start_step = 0
-        self.costs = Costs(params=params, trainable_params=sum(p.numel() for p in trainable),
+        self.costs = Costs(params=params, trainable_params=n_trainable,
                            flops_per_token=self.family.flops_per_token(),
                            world_size=self.world, device=str(self.engine.device.type))
         self.stopping = False
         self.step_cost = (0, 0.0, 0.0)  # the last step's (tokens, seconds, FLOPs of all workers)
 
-    def estimate_memory(self, model: torch.nn.Module, params: int,
-                        ds_config: dict[str, Any]) -> memory.MemoryEstimate:
+    def estimate_memory(self, model: torch.nn.Module, params: int, ds_config: dict[str, Any],
+                        trainable: int) -> memory.MemoryEstimate:
         """This worker's memory need (models/memory.py), before the engine allocates anything:
         on a GPU, printed by rank 0 and refused when it exceeds the device's memory."""
         cfg = self.cfg
@@ -304,7 +305,8 @@ class Trainer:
             world=self.world, micro_batch=cfg.data.micro_batch, seq_len=cfg.model.seq_len,
             bf16=self.precision == "bf16", checkpointing=cfg.engine.activation_checkpointing,
             loss_chunk=cfg.engine.loss_chunk, offload_optimizer=off_opt, offload_params=off_par,
-            teacher_config=teacher, teacher_params=lm_param_count(teacher) if teacher else 0)
+            teacher_config=teacher, teacher_params=lm_param_count(teacher) if teacher else 0,
+            trainable=trainable)
         if torch.cuda.is_available():
             if self.rank == 0:
                 console(f"run '{cfg.logging.run_name}': {est.line()}")

@@ -139,6 +139,8 @@ def test_lora_run_trains_only_the_adapters_and_exports_the_merged_plain_model(tm
     per_token = train_flops_per_token(lm_config("tiny", VOCAB, SEQ), SEQ, lora_params=n)
     assert costs.flops_per_token == per_token and costs.flops == pytest.approx(per_token * costs.tokens, rel=1e-12)
     assert per_token < train_flops_per_token(lm_config("tiny", VOCAB, SEQ), SEQ)
+    # the memory estimate: frozen weights hold no gradient or Adam state (fp32, ZeRO-1, 1 worker)
+    assert trainer.memory.model_states == 4 * (costs.params - n) + 16 * n
 
     export = tmp_path / "run" / "probe" / "step=00000004" / "export"
     assert sorted(os.listdir(export)) == ["config.json", "generation_config.json", "model.safetensors"]
