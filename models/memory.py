@@ -12,9 +12,9 @@ Adam's two moments) partitioned by ZeRO:
 
 In float32 (CPU runs) the 16-bit copies are the float32 ones: 4Ψ parameters, 4Ψ gradients, 8Ψ
 moments, partitioned the same way. A LoRA run's frozen weights hold no gradient or optimizer
-state: only their copy in the run's precision (partitioned at ZeRO-3), the adapters the above.
-Offloading the optimizer (or the parameters, ZeRO-3) in the
-user's DeepSpeed JSON moves the partitioned part to host memory (DeepSpeed's cpu_offload rows).
+state, only their copy in the run's precision (partitioned at ZeRO-3); its adapters count as
+above. Offloading the optimizer (or the parameters, ZeRO-3) in the user's DeepSpeed JSON moves
+the partitioned part to host memory (DeepSpeed's cpu_offload rows).
 
 Activations of one micro-batch of b windows of s tokens (GPT-2 block, d model width, f MLP
 width, bytes per element e; SDPA attention keeps no s×s scores): per block and token, the

@@ -5,9 +5,9 @@ Per stage (each pretraining family, the specialization sweep) and in total:
   (models/flops.py through the family's ``micro_flops``): tokens × train FLOPs per token of the
   family's model, + SLM-pn's expert materialisation (expected distinct clusters per micro-batch,
   uniform routing) + SLM-d's teacher forward; a method of ``specialize.lora.methods`` fine-tunes
-  at LoRA's FLOPs per token (its adapters counted in closed form). Evaluation is not counted (the runs' ``flops``
-  exclude it too). The sweep is an upper bound: every trial runs its whole budget (early
-  stopping ends some sooner).
+  at LoRA's FLOPs per token (its adapters counted in closed form). Evaluation is not counted
+  (the runs' ``flops`` exclude it too). The sweep is an upper bound: every trial runs its whole
+  budget (early stopping ends some sooner).
 * **device-hours** = FLOPs / (peak FLOP/s of the node's GPU × MFU). MFU per model size comes
   from ``bench/results/gpu-*.json`` (scripts/gpu_check.sh: objects with ``size`` and ``mfu``)
   when measured, else ``DEFAULT_MFU`` (stated in the output);

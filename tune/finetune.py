@@ -128,9 +128,9 @@ def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: fl
     is ``<workdir>/ray`` (a re-run resumes a finished run there, unless it is from another
     config or data: then it starts afresh). Returns {model_dir (``<workdir>/best``, the
     best-valid model, published), valid_loss, test_loss (NaN without a test set), best_step,
-    steps_run, flops, trainable_params, device_seconds, eval_device_seconds, history, phases}: ``phases`` are
-    this process's wall seconds by phase (data: planning and reading rows; start: model,
-    engine and loop set-up; train; eval; publish)."""
+    steps_run, flops, trainable_params, device_seconds, eval_device_seconds, history, phases}:
+    ``phases`` are this process's wall seconds by phase (data: planning and reading rows;
+    start: model, engine and loop set-up; train; eval; publish)."""
     t0 = time.perf_counter()
     sw = recipe.sweep
     layout = RunLayout(recipe.run_dir)
