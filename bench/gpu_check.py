@@ -15,6 +15,9 @@ recorded, not fatal), writing the JSON after each:
   (median after the first steps) against the goals (SLM ≥ 40 %, LLM ≥ 50 %);
 * ``finetune``: one SLM-d fine-tuning step of the paper SLM at the recipe's
   ``specialize.micro_batch``, its teacher the paper LLM (bf16, no gradients);
+* ``finetune-lora`` (a recipe with ``specialize.lora.methods``): ``--steps`` LoRA fine-tuning
+  steps of the first such method's served model at ``specialize.micro_batch`` (peft adapters
+  on the frozen model in bf16; MFU with LoRA's FLOPs), its export merged into a plain model;
 * every training probe: the memory estimate (models/memory.py) against
   ``torch.cuda.max_memory_allocated`` (goal: within 15 %);
 * ``embed``: embedding throughput of the recipe's model on one GPU Ray Data actor (the model
@@ -55,9 +58,11 @@ from slm.cluster.ray_env import ray_session  # noqa: E402
 from slm.config import load_recipe  # noqa: E402
 from slm.models.families import FamilySpec  # noqa: E402
 from slm.models.lm import lm_config, make_lm  # noqa: E402
+from slm.models.loop_config import LoraSection  # noqa: E402
 from slm.models.probe import StepRecorder, probe_config, random_rows, train_in_process  # noqa: E402
 from slm.pipeline.config import EmbedConfig  # noqa: E402
 from slm.pipeline.embed import embed_texts, resolve_model  # noqa: E402
+from slm.tune.methods import get_method  # noqa: E402
 
 GOALS = {"paper-slm": 0.40, "paper-llm": 0.50}  # MFU goals on an H100/H200 class GPU (bf16)
 MEMORY_TOLERANCE = 0.15
@@ -92,6 +97,13 @@ def plan(recipe_path: str, dry_run: bool, steps: int, embed_model: str = "",
          "micro": micro(spec.micro_batch), "accum": spec.grad_accum, "steps": 1,
          "zero": min(t.zero_stage_of("slm"), 2), "teacher_size": size["paper-llm"],
          "kd_weight": spec.kd_weight},
+    ] + [
+        {**common, "name": "finetune-lora", "family": "slm", "size": size[f"paper-{m.served}"], "seq": seq,
+         "micro": micro(spec.micro_batch), "accum": spec.grad_accum, "zero": min(t.zero_stage_of("slm"), 2),
+         "lora": {"rank": spec.lora.rank, "alpha": spec.lora.alpha, "dropout": spec.lora.dropout,
+                  "target_modules": list(spec.lora.target_modules)}}
+        for m in [get_method(n) for n in spec.lora.methods[:1]]
+    ] + [
         {"name": "embed", "model": embed_model or r.embed.model, "random_weights": embed_random_weights,
          "batch_size": 64 if dry_run else r.embed.batch_size,
          "texts": 256 if dry_run else 20000, "num_gpus": 0 if dry_run else 1},
@@ -107,6 +119,9 @@ def run_training_probe(p: dict[str, Any]) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     work = tempfile.mkdtemp(prefix=f"slm-gpu-check-{p['name']}-")
     init_from = teacher = ""
+    if "lora" in p:  # LoRA fine-tunes a saved model
+        init_from = os.path.join(work, "start")
+        make_lm(lm_config(p["size"], p["vocab"], p["seq"]), seed=0).save_pretrained(init_from)
     if "teacher_size" in p:  # a fine-tuning step: a saved student to start from, a saved teacher
         init_from, teacher = os.path.join(work, "student"), os.path.join(work, "teacher")
         make_lm(lm_config(p["size"], p["vocab"], p["seq"]), seed=0).save_pretrained(init_from)
@@ -115,7 +130,8 @@ def run_training_probe(p: dict[str, Any]) -> dict[str, Any]:
     cfg = probe_config(spec, run_uri=os.path.join(work, "run"), steps=p["steps"], micro_batch=p["micro"],
                        grad_accum=p["accum"], zero_stage=p["zero"], precision=p["precision"],
                        checkpointing=p["checkpointing"], loss_chunk=p["loss_chunk"],
-                       teacher=teacher, init_from=init_from)
+                       teacher=teacher, init_from=init_from,
+                       lora=LoraSection(**p["lora"]) if "lora" in p else None)
     if cfg.distillation is not None:
         cfg.distillation.weight = p["kd_weight"]
     rows = p["micro"] * p["accum"] * p["steps"]
@@ -130,7 +146,7 @@ def run_training_probe(p: dict[str, Any]) -> dict[str, Any]:
     steady = recorder.steps[min(2, len(recorder.steps) - 1):]  # the first steps warm up kernels
     est = trainer.memory
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    out = {"params": est.params, "micro_batch": p["micro"], "grad_accum": p["accum"],
+    out = {"params": est.params, "trainable_params": trainer.costs.trainable_params, "micro_batch": p["micro"], "grad_accum": p["accum"],
            "zero_stage": p["zero"], "seq_len": p["seq"], "precision": trainer.precision,
            "steps": len(recorder.steps), "wall_seconds": wall,
            "loss_first": recorder.steps[0]["train/loss"], "loss_last": recorder.steps[-1]["train/loss"],
@@ -143,6 +159,9 @@ def run_training_probe(p: dict[str, Any]) -> dict[str, Any]:
     if peak:
         out["memory_estimate_error"] = est.total / peak - 1.0
         out["memory_within_tolerance"] = abs(out["memory_estimate_error"]) <= MEMORY_TOLERANCE
+    if "lora" in p:  # the served model: merged, plain (no adapter files)
+        export = os.path.join(work, "run", "probe", f"step={p['steps']:08d}", "export")
+        out["export_files"] = sorted(os.listdir(export))
     if p["name"] in GOALS:
         out["mfu_goal"] = GOALS[p["name"]]
         out["mfu_goal_met"] = out["mfu"] >= GOALS[p["name"]]
@@ -245,7 +264,9 @@ def summary(name: str, r: dict[str, Any]) -> str:
         mem = (f", peak {r['max_memory_allocated'] / 2**30:.1f} GiB vs estimate "
                f"{r['memory_estimate']['total'] / 2**30:.1f} GiB ({r['memory_estimate_error']:+.0%})")
     goal = f" (goal {r['mfu_goal']:.0%}: {'met' if r['mfu_goal_met'] else 'NOT met'})" if "mfu_goal" in r else ""
-    return (f"{name}: {r['params'] / 1e6:.0f}M params, ZeRO-{r['zero_stage']}, micro {r['micro_batch']} × "
+    lora = (f" ({r['trainable_params'] / 1e6:.1f}M LoRA)" if r.get("trainable_params", r["params"]) < r["params"]
+            else "")
+    return (f"{name}: {r['params'] / 1e6:.0f}M params{lora}, ZeRO-{r['zero_stage']}, micro {r['micro_batch']} × "
             f"accum {r['grad_accum']}: {r['tokens_per_s']:.0f} tok/s, MFU {r['mfu']:.1%}{goal}{mem}; "
             f"loss {r['loss_first']:.3f} → {r['loss_last']:.3f}")
 

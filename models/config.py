@@ -53,6 +53,18 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+def lora_target_shapes(d_model: int, d_ff: int) -> dict[str, list[tuple[int, int]]]:
+    """The weight matrices of a GPT-2 block that LoRA can adapt, by module name (peft matches a
+    target by the name's last part: ``c_proj`` is both the attention's and the MLP's), as
+    (inputs, outputs) per layer. The tied LM head is left out: an adapter merged into it would
+    change the input embedding too. Checked against the built model by tests/test_lora.py."""
+    d, f = d_model, d_ff
+    return {"c_attn": [(d, 3 * d)], "c_proj": [(d, d), (f, d)], "c_fc": [(d, f)]}
+
+
+LORA_TARGETS = tuple(lora_target_shapes(1, 1))  # specialize.lora.target_modules: these names
+
+
 @dataclass
 class TrainConfig:
     """Optimisation for pretraining (paper: Adam 1e-4, clip 5, 1k warmup)."""

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from slm.configkit import ConfigError
 
+from . import lora as lora_adapters
 from .config import FAMILIES, FAMILY_INFO
 from .flops import train_flops, train_flops_per_token
 from .lm import count_params, lm_config, make_lm
 from .losses import lm_loss
 from .projected import ProjectedLM
+
+if TYPE_CHECKING:  # loop_config imports this module (FamilySpec)
+    from .loop_config import LoraSection
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,20 @@ class LMFamily:
         self.loss_chunk = loss_chunk  # positions per float32 loss chunk (models/losses.py)
 
     route_column: str | None = None
+    lora_params: int = 0  # LoRA adapter weights trained on the frozen model (``adapt``); 0: every weight trains
 
     def build(self, seed: int) -> nn.Module:
         return make_lm(self.config, seed=seed)
+
+    def adapt(self, model: nn.Module, lora: LoraSection | None, seed: int) -> nn.Module:
+        """The model-preparation step: with a ``lora`` section, the model frozen and LoRA
+        adapters added, seeded by ``seed`` (models/lora.py); the FLOPs count them from here on
+        (``lora_params``)."""
+        if lora is None:
+            return model
+        model = lora_adapters.adapt(model, lora, seed)
+        self.lora_params = lora_adapters.trainable_params(model)
+        return model
 
     def checkpoint_activations(self, model: nn.Module) -> None:
         """Recompute each block's activations in the backward (HF's gradient checkpointing)."""
@@ -69,17 +84,19 @@ class LMFamily:
 
     def micro_flops(self, input_ids: torch.Tensor, cluster: torch.Tensor | None) -> float:
         """Model FLOPs of one forward+backward on this micro-batch (flops.py formula)."""
-        return train_flops("lm", self.config, int(input_ids.numel()), seq_len=self.spec.seq_len)
+        return train_flops("lm", self.config, int(input_ids.numel()), seq_len=self.spec.seq_len,
+                           lora_params=self.lora_params)
 
     def flops_per_token(self) -> float:
-        return train_flops_per_token(self.config, self.spec.seq_len)
+        return train_flops_per_token(self.config, self.spec.seq_len, lora_params=self.lora_params)
 
     def params(self, model: nn.Module) -> int:
         return count_params(model)
 
     def export(self, model: nn.Module, out_dir: str) -> None:
-        """The served model: a plain HF directory (safetensors + config.json)."""
-        model.save_pretrained(out_dir, safe_serialization=True)
+        """The served model: a plain HF directory (safetensors + config.json); LoRA adapters
+        merged into it."""
+        lora_adapters.merged(model).save_pretrained(out_dir, safe_serialization=True)
 
     def shape(self) -> dict[str, Any]:
         """What a checkpoint must match (model shape), for the resume signature."""
@@ -107,6 +124,12 @@ class PNFamily(LMFamily):
     def checkpoint_activations(self, model: nn.Module) -> None:
         raise ConfigError("pretrain.train.activation_checkpointing is available for the plain LM "
                           "families (slm, llm, is, mix), not pn; lower micro_batch for pn instead")
+
+    def adapt(self, model: nn.Module, lora: LoraSection | None, seed: int) -> nn.Module:
+        if lora is not None:  # its export is the whole ProjectedLM, which peft cannot merge into
+            raise ConfigError("LoRA adapts a plain LM; family pn trains a projected network "
+                              "(its trials fine-tune the materialised expert, a plain LM)")
+        return model
 
     def loss(self, model: nn.Module, input_ids: torch.Tensor,
              cluster: torch.Tensor | None) -> tuple[torch.Tensor, int]:

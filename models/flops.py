@@ -22,6 +22,18 @@ elementwise (O(T·d) or O(V) per token, not O(d²)) and excluded, as in Kaplan/P
 model FLOPs: recomputation (activation checkpointing, flash attention recomputing QKᵀ in its
 backward) is not counted, so `mfu` is PaLM's MFU, not hardware utilisation.
 
+LoRA (a frozen model with N_lora trainable adapter weights, models/lora.py): a frozen weight
+still costs 2 forward and 2 backward FLOPs per token (the gradient of its input, which the
+adapters below it need) but no weight gradient, and each adapter weight costs the full 6:
+
+    LoRA train FLOPs/token = 4·(N_matmul + d·V) + 6·L·T·d + 6·N_lora   (causal)
+
+The attention term keeps its 3× (it has no weights). Below the first adapter nothing needs a
+gradient (the embeddings are frozen too), so autograd skips that backward, which the formula
+still counts: an upper bound by that much. For adapters on c_attn (the paper's 5M-parameter
+LoRA) it is layer 0's c_attn input gradient, 2·3d² + 2·r·d per token (~1.5% of the paper LLM's
+LoRA step); tests/test_lora.py checks both against torch's FlopCounterMode.
+
 SLM-pn adds, per optimizer micro-step, the cost of materialising the U experts present in the
 batch: for each layer, W = coef @ T for both FFN matrices and biases is
 2·h·(2·d·d' + d + d') FLOPs forward per expert, ×3 with the backward (grad of coef and of T);
@@ -79,9 +91,15 @@ def inference_flops_per_token(config: GPT2Config, seq_len: int | None = None, ca
     return 2.0 * (matmul_params(config) + d * V) + attention_flops_per_token(config, seq_len, causal)
 
 
-def train_flops_per_token(config: GPT2Config, seq_len: int | None = None, causal: bool = True) -> float:
-    """Forward + backward FLOPs per token = 3 × inference."""
-    return 3.0 * inference_flops_per_token(config, seq_len, causal)
+def train_flops_per_token(config: GPT2Config, seq_len: int | None = None, causal: bool = True,
+                          lora_params: int = 0) -> float:
+    """Forward + backward FLOPs per token = 3 × inference; with ``lora_params`` > 0 (LoRA
+    adapter weights on the frozen model), 4 per frozen weight and 6 per adapter weight."""
+    if not lora_params:
+        return 3.0 * inference_flops_per_token(config, seq_len, causal)
+    _, d, _, V = _dims(config)
+    return (4.0 * (matmul_params(config) + d * V) + 3.0 * attention_flops_per_token(config, seq_len, causal)
+            + 6.0 * lora_params)
 
 
 def pn_materialize_flops(config: GPT2Config, h: int, m: int, n_present: int, backward: bool = True) -> float:
@@ -107,14 +125,15 @@ def train_flops(
     pn_m: int | None = None,
     steps: int | None = None,
     experts_per_step: float | None = None,
+    lora_params: int = 0,
 ) -> float:
     """Training FLOPs for `tokens` tokens of a model kind ('lm' or a family name; 'pn').
 
     For 'pn' also pass pn_h, pn_m, `steps` (forward+backward passes, i.e. micro-steps) and
     `experts_per_step` (mean distinct clusters per micro-batch; measure it, or use
-    `expected_present_experts`).
+    `expected_present_experts`). `lora_params`: LoRA adapter weights on a frozen model.
     """
-    dense = train_flops_per_token(config, seq_len, causal) * tokens
+    dense = train_flops_per_token(config, seq_len, causal, lora_params) * tokens
     if model_kind in LM_KINDS:
         return dense
     if model_kind in PN_KINDS:

@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from slm.configkit import ConfigError
 
-from .config import SIZES
+from .config import SIZES, lora_target_shapes
 
 
 def resolve_size(size: str | tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -136,3 +136,11 @@ def lm_param_count(config: GPT2Config, non_embedding: bool = False) -> int:
     )
     body = L * per_layer + 2 * d  # + ln_f
     return body if non_embedding else body + V * d + P * d
+
+
+def lora_param_count(config: GPT2Config, target_modules: list[str], rank: int) -> int:
+    """Closed-form count of the LoRA adapter weights on ``target_modules`` at ``rank`` (each
+    adapted (in, out) matrix gets rank·(in + out)): what ``models/lora.py`` trains, no allocation."""
+    d = config.n_embd
+    shapes = lora_target_shapes(d, config.n_inner if config.n_inner is not None else 4 * d)
+    return config.n_layer * sum(rank * (i + o) for t in set(target_modules) for i, o in shapes[t])

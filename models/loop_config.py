@@ -1,7 +1,7 @@
 """The typed config of one training run: what the launcher (models/launch.py) hands every Ray
 Train worker and the Trainer (models/train.py) reads. Pretraining and specialization build the
 same tree; only the values differ (specialization sets ``init_from``, ``patience`` and, for
-SLM-d, ``distillation``).
+SLM-d, ``distillation``; with LoRA, ``lora``).
 
 It crosses the Ray boundary as ``to_dict()`` (Ray Train's ``train_loop_config``) and the worker
 rebuilds the typed tree with ``from_dict``, which refuses a key it does not know, naming it.
@@ -106,6 +106,17 @@ class DistillationSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA: the model's weights frozen, low-rank adapters on ``target_modules`` trained, the
+    export merged into a plain model (models/lora.py; the recipe's ``specialize.lora``)."""
+
+    rank: int = _help("adapter rank r", default=64)
+    alpha: float = _help("the adapters' update is scaled by alpha / rank", default=64.0)
+    dropout: float = _help("dropout on the adapters' input", default=0.0)
+    target_modules: list[str] = _help("names of the modules that get adapters (peft matches a name's last part)", default_factory=lambda: ["c_attn"])
+
+
+@dataclass
 class TrainLoopConfig:
     """Everything one training run's workers need (serialisable: ``to_dict`` / ``from_dict``)."""
 
@@ -121,6 +132,7 @@ class TrainLoopConfig:
     test_at_end: bool = _help("evaluate the run's 'test' set at its end with the final (best-valid) weights, on the worker: test/loss in the final report and costs (specialization trials)", default=False)
     patience: int = _help("> 0: early stopping after this many evaluations without a better valid loss; the exported model is the best-valid one", default=0)
     distillation: DistillationSection | None = _help("SLM-d's teacher and KD loss; None = the family's own loss", default=None)
+    lora: LoraSection | None = _help("LoRA adapters on a frozen model; None = every weight trains", default=None)
     pid_dir: str = _help("each worker writes rank<r>.pid here (operators and the fault-tolerance test find the workers); '' = none", default="")
 
     def to_dict(self) -> dict[str, Any]:

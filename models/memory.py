@@ -11,8 +11,10 @@ Adam's two moments) partitioned by ZeRO:
   stage 2: 2Ψ + 18Ψ/N          stage 3: 4·largest layer + 18Ψ/N
 
 In float32 (CPU runs) the 16-bit copies are the float32 ones: 4Ψ parameters, 4Ψ gradients, 8Ψ
-moments, partitioned the same way. Offloading the optimizer (or the parameters, ZeRO-3) in the
-user's DeepSpeed JSON moves the partitioned part to host memory (DeepSpeed's cpu_offload rows).
+moments, partitioned the same way. A LoRA run's frozen weights hold no gradient or optimizer
+state, only their copy in the run's precision (partitioned at ZeRO-3); its adapters count as
+above. Offloading the optimizer (or the parameters, ZeRO-3) in the user's DeepSpeed JSON moves
+the partitioned part to host memory (DeepSpeed's cpu_offload rows).
 
 Activations of one micro-batch of b windows of s tokens (GPT-2 block, d model width, f MLP
 width, bytes per element e; SDPA attention keeps no s×s scores): per block and token, the
@@ -57,8 +59,14 @@ def largest_layer_params(model: nn.Module) -> int:
 
 
 def model_state_bytes(params: int, largest_layer: int, *, stage: int, world: int, bf16: bool,
-                      offload_optimizer: bool = False, offload_params: bool = False) -> int:
-    """Device bytes of parameters, gradients and optimizer state per worker (module docstring)."""
+                      offload_optimizer: bool = False, offload_params: bool = False,
+                      trainable: int | None = None) -> int:
+    """Device bytes of parameters, gradients and optimizer state per worker (module docstring);
+    ``trainable`` < ``params``: the rest is frozen (LoRA)."""
+    if trainable is not None and trainable < params:
+        frozen = (params - trainable) * (2 if bf16 else 4) // (world if stage == 3 else 1)
+        return frozen + model_state_bytes(trainable, largest_layer, stage=stage, world=world, bf16=bf16,
+                                          offload_optimizer=offload_optimizer, offload_params=offload_params)
     p = params
     if not bf16:  # float32: params 4, grads 4, Adam moments 8
         full, part = {0: (16 * p, 0), 1: (8 * p, 8 * p), 2: (4 * p, 12 * p), 3: (4 * largest_layer, 16 * p)}[stage]
@@ -128,18 +136,19 @@ def estimate(*, family: str, config: GPT2Config, params: int, largest_layer: int
              world: int, micro_batch: int, seq_len: int, bf16: bool, checkpointing: bool,
              loss_chunk: int, offload_optimizer: bool = False, offload_params: bool = False,
              teacher_config: GPT2Config | None = None, teacher_params: int = 0,
-             zero_buffers: int = 0) -> MemoryEstimate:
+             zero_buffers: int = 0, trainable: int | None = None) -> MemoryEstimate:
     states = model_state_bytes(params, largest_layer, stage=stage, world=world, bf16=bf16,
-                               offload_optimizer=offload_optimizer, offload_params=offload_params)
+                               offload_optimizer=offload_optimizer, offload_params=offload_params,
+                               trainable=trainable)
     acts = sum(activation_bytes(config, micro_batch=micro_batch, seq_len=seq_len, bf16=bf16,
                                 checkpointing=checkpointing, loss_chunk=loss_chunk).values())
     teacher = 0
     if teacher_config is not None:  # weights in the run's precision, no gradients; its logits
         e = 2 if bf16 else 4
         teacher = teacher_params * e + micro_batch * seq_len * teacher_config.vocab_size * e
-    step_only = 0
-    if bf16 and not offload_optimizer:
-        step_only = 4 * params if stage == 0 else int(4 * params / world)
+    step_only, trained = 0, params if trainable is None else trainable
+    if bf16 and not offload_optimizer:  # the float32 gradients of what trains (LoRA: its adapters)
+        step_only = 4 * trained if stage == 0 else int(4 * trained / world)
     total = max(states - step_only + acts, states) + teacher + zero_buffers
     return MemoryEstimate(family, params, stage, world, micro_batch, states, acts, teacher,
                           total, zero_buffers, step_only)

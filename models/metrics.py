@@ -42,6 +42,7 @@ class Costs:
     tokens: int = 0
     steps: int = 0
     params: int = 0
+    trainable_params: int = 0  # what the optimizer updates: params, or LoRA's adapters
     flops_per_token: float = 0.0
     eval_device_seconds: float = 0.0
     checkpoint_seconds: float = 0.0

@@ -12,7 +12,7 @@ import numpy as np
 from .families import FamilySpec
 from .hooks import Hook
 from .loop_config import (CheckpointSection, DataSection, DistillationSection, EngineSection,
-                          LoggingSection, OptimSection, ScheduleSection, TrainLoopConfig)
+                          LoggingSection, LoraSection, OptimSection, ScheduleSection, TrainLoopConfig)
 from .runtime import LocalRuntime, local_process_group
 from .train import Trainer
 
@@ -28,7 +28,7 @@ def probe_config(model: FamilySpec, *, run_uri: str, steps: int, micro_batch: in
                  zero_stage: int = 1, precision: str = "auto", checkpointing: bool = False,
                  loss_chunk: int = 0, deepspeed: dict[str, Any] | None = None,
                  teacher: str = "", init_from: str = "", eval_every: int = 0,
-                 lr: float = 1e-4, seed: int = 0) -> TrainLoopConfig:
+                 lr: float = 1e-4, seed: int = 0, lora: LoraSection | None = None) -> TrainLoopConfig:
     """A loop config for ``steps`` steps without warm-up, evaluation only at the end (or every
     ``eval_every``), a checkpoint (the export) only at the end, no metric sink."""
     return TrainLoopConfig(
@@ -42,7 +42,7 @@ def probe_config(model: FamilySpec, *, run_uri: str, steps: int, micro_batch: in
                              deepspeed=dict(deepspeed or {})),
         checkpointing=CheckpointSection(keep=1),
         logging=LoggingSection(run_name="probe", storage=run_uri, logger="none"),
-        init_from=init_from,
+        init_from=init_from, lora=lora,
         distillation=DistillationSection(teacher=teacher) if teacher else None)
 
 

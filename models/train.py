@@ -31,6 +31,7 @@ does depend on the world size (a checkpoint resumes only at the world size it wa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -121,7 +122,8 @@ def signature(cfg: TrainLoopConfig, family: LMFamily, world_size: int, precision
             "global_batch": d.micro_batch * d.grad_accum * world_size,
             "micro_batch": d.micro_batch, "zero_stage": cfg.engine.zero_stage,
             "world_size": world_size, "precision": precision,
-            "shuffle_window": d.shuffle_window}
+            "shuffle_window": d.shuffle_window,
+            "lora": dataclasses.asdict(cfg.lora) if cfg.lora else None}
 
 
 def load_init(model: torch.nn.Module, directory: str) -> torch.nn.Module:
@@ -259,11 +261,14 @@ class Trainer:
             model = load_init(model, cfg.init_from)
         if cfg.engine.activation_checkpointing:
             self.family.checkpoint_activations(model)
-        params = self.family.params(model)   # before ZeRO partitions the parameters
+        params = self.family.params(model)   # the served model's, before ZeRO partitions them
+        model = self.family.adapt(model, cfg.lora, cfg.seed)  # LoRA: a frozen model with adapters
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in trainable)
         ds_config = deepspeed_config(cfg, self.world, self.precision == "bf16")
-        self.memory = self.estimate_memory(model, params, ds_config)
+        self.memory = self.estimate_memory(model, params, ds_config, n_trainable)
         o = cfg.optim
-        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, o.warmup, self.total, o.min_lr_ratio))
         skip_shm_comm_op()
@@ -280,13 +285,14 @@ class Trainer:
         self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
         self.last_checkpoint: str | None = None  # URI of the newest reported (or resumed) one
         self.step = self.epoch = self.batch_in_epoch = self.start_step = 0
-        self.costs = Costs(params=params, flops_per_token=self.family.flops_per_token(),
+        self.costs = Costs(params=params, trainable_params=n_trainable,
+                           flops_per_token=self.family.flops_per_token(),
                            world_size=self.world, device=str(self.engine.device.type))
         self.stopping = False
         self.step_cost = (0, 0.0, 0.0)  # the last step's (tokens, seconds, FLOPs of all workers)
 
-    def estimate_memory(self, model: torch.nn.Module, params: int,
-                        ds_config: dict[str, Any]) -> memory.MemoryEstimate:
+    def estimate_memory(self, model: torch.nn.Module, params: int, ds_config: dict[str, Any],
+                        trainable: int) -> memory.MemoryEstimate:
         """This worker's memory need (models/memory.py), before the engine allocates anything:
         on a GPU, printed by rank 0 and refused when it exceeds the device's memory."""
         cfg = self.cfg
@@ -301,7 +307,8 @@ class Trainer:
             loss_chunk=cfg.engine.loss_chunk, offload_optimizer=off_opt, offload_params=off_par,
             teacher_config=teacher, teacher_params=lm_param_count(teacher) if teacher else 0,
             zero_buffers=memory.zero_buffer_bytes(ds_config.get("zero_optimization", {}),
-                                                  stage=cfg.engine.zero_stage, bf16=self.precision == "bf16"))
+                                                  stage=cfg.engine.zero_stage, bf16=self.precision == "bf16"),
+            trainable=trainable)
         if torch.cuda.is_available():
             if self.rank == 0:
                 console(f"run '{cfg.logging.run_name}': {est.line()}")

@@ -4,9 +4,10 @@ Per stage (each pretraining family, the specialization sweep) and in total:
 * **FLOPs**, with the formula the training loop meters into every run's ``costs.json``
   (models/flops.py through the family's ``micro_flops``): tokens × train FLOPs per token of the
   family's model, + SLM-pn's expert materialisation (expected distinct clusters per micro-batch,
-  uniform routing) + SLM-d's teacher forward. Evaluation is not counted (the runs' ``flops``
-  exclude it too). The sweep is an upper bound: every trial runs its whole budget (early
-  stopping ends some sooner).
+  uniform routing) + SLM-d's teacher forward; a method of ``specialize.lora.methods`` fine-tunes
+  at LoRA's FLOPs per token (its adapters counted in closed form). Evaluation is not counted
+  (the runs' ``flops`` exclude it too). The sweep is an upper bound: every trial runs its whole
+  budget (early stopping ends some sooner).
 * **device-hours** = FLOPs / (peak FLOP/s of the node's GPU × MFU). MFU per model size comes
   from ``bench/results/gpu-*.json`` (scripts/gpu_check.sh: objects with ``size`` and ``mfu``)
   when measured, else ``DEFAULT_MFU`` (stated in the output);
@@ -34,7 +35,7 @@ from slm.layout import RunLayout
 from slm.models.config import FAMILY_INFO
 from slm.models.flops import (DEVICE_PEAK_FLOPS, expected_present_experts,
                               inference_flops_per_token, pn_materialize_flops, train_flops_per_token)
-from slm.models.lm import lm_config
+from slm.models.lm import lm_config, lora_param_count
 from slm.stage import manifest
 from slm.tune.methods import get_method
 
@@ -153,23 +154,27 @@ def _sweep_stage(recipe, vocab: int, n_domains: int) -> StageEstimate:
     tokens = flops = 0.0
     trials = 0
     served = set()
+    notes = ["upper bound: every trial runs its whole budget"]
     for name in sw.methods:
         m = get_method(name)
         size = m.served_preset(p)
         served.add(size)
         config = lm_config(size, vocab, seq)
+        adapters = (lora_param_count(config, spec.lora.target_modules, spec.lora.rank)
+                    if name in spec.lora.methods else 0)
+        if adapters:
+            notes.append(f"{name}: LoRA rank {spec.lora.rank}, {adapters:,} trainable parameters")
         starts = recipe.kmeans.k_mix if m.expert_selection and spec.expert_selection == "all" else 1
         teacher = (inference_flops_per_token(lm_config(get_method(m.teacher).served_preset(p), vocab, seq), seq)
                    if m.teacher else 0.0)
         for budget in sw.budgets:
             t = float(budget * spec.micro_batch * sw.workers_per_trial * seq) * starts
             tokens += t * per_grid_point
-            flops += (train_flops_per_token(config, seq) + teacher) * t * per_grid_point
+            flops += (train_flops_per_token(config, seq, lora_params=adapters) + teacher) * t * per_grid_point
             trials += per_grid_point
     devices = sw.gpus_per_trial * (sw.workers_per_trial if sw.trial_runtime == "train" else 1)
     return StageEstimate("specialize sweep", "+".join(sorted(served)), trials, devices or 1.0,
-                         tokens, flops, 0.0, "",
-                         notes=["upper bound: every trial runs its whole budget"])
+                         tokens, flops, 0.0, "", notes=notes)
 
 
 def estimate(recipe, cluster: Cluster, domains: int = 0, mfu: float = 0.0,

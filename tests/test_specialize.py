@@ -240,3 +240,37 @@ def test_trials_from_a_pretraining_level_start_from_that_levels_models(recipe, t
         # run of the trial's domain *and* size
         inputs = manifest(trial_uri(r, t))["inputs"]
         assert {layout.relative(layout.pretrain_level(f, s, 0.5)) for f, s in runs} == set(inputs)
+
+
+def test_lora_trial_publishes_the_merged_plain_model_and_what_it_trained(recipe):
+    """specialize.lora.methods [llm] (the paper's App. F): the llm trial trains rank-4 adapters
+    on c_attn of the frozen pretrained LLM; it publishes the merged plain model (the served
+    size, no adapter files, its test loss the row's), and its row says what trained and costs
+    LoRA's FLOPs per token (4 per frozen weight, 6 per adapter weight)."""
+    from transformers import AutoModelForCausalLM
+
+    from slm.models.flops import train_flops_per_token
+    from slm.models.lm import lm_config, lora_param_count
+    from slm.tune.config import LoraConfig
+    from slm.tune.evaluation import evaluate
+    from slm.tune.grid import Trial, trial_uri
+    from slm.tune.specialize import specialize_trial
+
+    lora = LoraConfig(methods=["llm"], rank=4, alpha=8.0, target_modules=["c_attn"])
+    r = dataclasses.replace(_with(recipe, lora=lora), sweep=dataclasses.replace(recipe.sweep, name="lora"))
+    t = Trial("numeric", "llm", 10, 1024, 0, 0.002)
+    row = specialize_trial(r, t, trial_uri(r, t))
+    path = RunLayout(r.run_dir).resolve(row["model_path"])
+    assert not os.path.exists(os.path.join(path, "adapter_config.json"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    config = lm_config(recipe.pretrain.llm_size, model.config.vocab_size, recipe.data.seq_len)
+    adapters = lora_param_count(config, ["c_attn"], 4)
+    assert row["lora_rank"] == 4 and row["trainable_params"] == adapters
+    assert sum(p.numel() for p in model.parameters()) == row["inference_params"]
+    test = RunLayout(r.run_dir).shards(domain_set("numeric", "test"))
+    assert evaluate(model, test) == pytest.approx(row["test_loss"], rel=1e-4)
+    spec = r.specialize
+    tokens = row["steps_run"] * spec.micro_batch * spec.grad_accum * recipe.data.seq_len
+    per_token = train_flops_per_token(config, recipe.data.seq_len, lora_params=adapters)
+    assert row["spec_flops"] == pytest.approx(per_token * tokens, rel=1e-12)
+    assert per_token < train_flops_per_token(config, recipe.data.seq_len)

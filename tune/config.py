@@ -5,11 +5,41 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from slm.configkit import ConfigError, positive
+from slm.models.config import LORA_TARGETS
 
 from .methods import get_method, method_names
 
 SELECTIONS = ("top_cluster", "lowest_loss", "all")
 TRIAL_RUNTIMES = ("local", "train")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning (Hu et al. 2021, through peft) for the trials of some methods: the
+    starting model frozen, low-rank adapters trained on ``target_modules``, the published model
+    the merged plain one (models/lora.py). Paper App. F: the LLM with rank 64 (5M trainable
+    parameters: the 771M LLM's c_attn at rank 64)."""
+
+    methods: list[str] = field(default_factory=list, metadata={"help": "methods whose trials fine-tune with LoRA ([] = none: every weight trains)"})
+    rank: int = field(default=64, metadata={"help": "adapter rank r (paper App. F: 64)"})
+    alpha: float = field(default=64.0, metadata={"help": "adapter scaling numerator: the update is scaled by alpha / rank (the paper gives none; alpha = rank scales by 1)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input, in [0, 1)"})
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn"], metadata={"help": f"modules that get adapters, by name: {', '.join(LORA_TARGETS)} (c_proj: the attention's and the MLP's output)"})
+
+    def validate(self) -> None:
+        for m in self.methods:
+            get_method(m, field="methods")
+        positive(self, "rank", "alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"field 'dropout' is {self.dropout}; use a probability in [0, 1)")
+        if not self.target_modules:
+            raise ConfigError("field 'target_modules' is empty; name the modules that get "
+                              f"adapters ({', '.join(LORA_TARGETS)})")
+        for name in self.target_modules:
+            if name not in LORA_TARGETS:
+                raise ConfigError(f"field 'target_modules' has '{name}', which the served GPT-2 "
+                                  f"models do not have; their adaptable modules are "
+                                  f"{', '.join(LORA_TARGETS)}")
 
 
 @dataclass
@@ -31,6 +61,7 @@ class SpecializeConfig:
     inference_budget: int = field(default=0, metadata={"help": "max parameters of a served model (0 = the small model's size)"})
     eval_batches: int = field(default=0, metadata={"help": "micro-batches of the valid split per evaluation (0 = the whole split)"})
     clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping while fine-tuning"})
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> None:
         positive(self, "max_steps", "lr", "micro_batch", "grad_accum", "eval_every", "patience", "small_data_lr_div", "kd_temperature")

@@ -4,7 +4,9 @@ same launcher as pretraining (models/launch.py).
 The loop config differs from pretraining's only in values: ``init_from`` (start from a
 pretrained HF directory), ``patience`` (early stopping on the domain valid split; the exported
 model is the best-valid one), ``test_at_end`` (the test loss of that model, measured where it
-was trained) and, for SLM-d, ``distillation`` (the teacher and the KD loss).
+was trained), for SLM-d, ``distillation`` (the teacher and the KD loss) and, for a method the
+recipe's ``specialize.lora`` lists, ``lora`` (adapters on the frozen starting model; the
+published model is the merged plain one).
 
 Where it runs (``sweep.trial_runtime``): ``local``, in the calling process — a sweep
 trial's Tune actor, which holds the trial's CPUs/GPU and is reused for the next trial (Tune's
@@ -36,9 +38,12 @@ from slm.models.data import local_eval_rows, open_shards, shard_dataset, valid_d
 from slm.models.families import FamilySpec
 from slm.models.launch import RunSpec, check_resumable, export_of, run_local, run_training, storage_path
 from slm.models.loop_config import (CheckpointSection, DataSection, DistillationSection, EngineSection,
-                                    LoggingSection, OptimSection, ScheduleSection, TrainLoopConfig)
+                                    LoggingSection, LoraSection, OptimSection, ScheduleSection,
+                                    TrainLoopConfig)
 from slm.pipeline.artifacts import count_rows
 from slm.stage import copy_dir, fingerprint, input_fingerprints, join, manifest, publish, read_json, remove
+
+from .config import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +62,21 @@ def data_fingerprint(layout: RunLayout, sets: dict[str, str], init_dir: str, tea
     return fingerprint({"shards": shards, **models})
 
 
+def lora_section(lora: LoraConfig, method: str) -> LoraSection | None:
+    """The loop's LoRA section for a trial of ``method``: the recipe's ``specialize.lora``
+    when it lists the method, else None (every weight trains)."""
+    if method not in lora.methods:
+        return None
+    return LoraSection(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                       target_modules=list(lora.target_modules))
+
+
 def loop_config(recipe, init_dir: str, *, steps: int, lr: float, seed: int, teacher: str,
                 run_name: str, storage: str, data_fingerprint: str = "",
-                test_at_end: bool = False) -> TrainLoopConfig:
+                test_at_end: bool = False, lora: LoraSection | None = None) -> TrainLoopConfig:
     """The loop's config for a specialization run: the pretraining settings the recipe keeps
-    (``pretrain.train``), the specialization ones (``specialize``), and the model of ``init_dir``
-    (a local path or URI)."""
+    (``pretrain.train``), the specialization ones (``specialize``; ``lora_section`` of the
+    trial's method), and the model of ``init_dir`` (a local path or URI)."""
     hf = read_json(join(init_dir, "config.json"))
     t, spec = recipe.pretrain.train, recipe.specialize
     return TrainLoopConfig(
@@ -87,7 +101,7 @@ def loop_config(recipe, init_dir: str, *, steps: int, lr: float, seed: int, teac
                                group=f"{recipe.name}/{recipe.sweep.name}",
                                tensorboard=join(RunLayout(recipe.run_dir).sweep_tensorboard(
                                    recipe.sweep.name), run_name)),
-        init_from=init_dir, patience=spec.patience, test_at_end=test_at_end,
+        init_from=init_dir, patience=spec.patience, test_at_end=test_at_end, lora=lora,
         distillation=DistillationSection(teacher=teacher, weight=spec.kd_weight,
                                          temperature=spec.kd_temperature) if teacher else None)
 
@@ -99,12 +113,13 @@ def _size_of(hf: dict[str, Any]) -> tuple[int, int, int, int]:
 
 
 def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: float, seed: int,
-              teacher: str, workdir: str, name: str, in_tune: bool = False) -> dict[str, Any]:
+              teacher: str, workdir: str, name: str, in_tune: bool = False,
+              lora: LoraSection | None = None) -> dict[str, Any]:
     """Fine-tune the HF model in ``init_dir`` on the shard set ``sets['train']`` with early
     stopping on ``sets['valid']`` and, when ``sets`` names one, the loss of the best-valid model
     on ``sets['test']`` (set names, see slm.layout); with a ``teacher`` (an HF directory), by
-    distillation. ``init_dir``, ``teacher`` and ``workdir`` are local paths or URIs on storage
-    every node reads.
+    distillation; with ``lora``, by LoRA adapters (``lora_section``). ``init_dir``, ``teacher``
+    and ``workdir`` are local paths or URIs on storage every node reads.
 
     With ``sweep.trial_runtime`` local, this process trains (a sweep trial's actor, which holds
     the trial's CPUs/GPU), on rows read here and kept for the next trial (models/launch.py
@@ -113,16 +128,16 @@ def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: fl
     is ``<workdir>/ray`` (a re-run resumes a finished run there, unless it is from another
     config or data: then it starts afresh). Returns {model_dir (``<workdir>/best``, the
     best-valid model, published), valid_loss, test_loss (NaN without a test set), best_step,
-    steps_run, flops, device_seconds, eval_device_seconds, history, phases}: ``phases`` are
-    this process's wall seconds by phase (data: planning and reading rows; start: model,
-    engine and loop set-up; train; eval; publish)."""
+    steps_run, flops, trainable_params, device_seconds, eval_device_seconds, history, phases}:
+    ``phases`` are this process's wall seconds by phase (data: planning and reading rows;
+    start: model, engine and loop set-up; train; eval; publish)."""
     t0 = time.perf_counter()
     sw = recipe.sweep
     layout = RunLayout(recipe.run_dir)
     loop = loop_config(recipe, init_dir, steps=steps, lr=lr, seed=seed, teacher=teacher,
                        run_name=name, storage=storage_path(join(workdir, "ray")),
                        data_fingerprint=data_fingerprint(layout, sets, init_dir, teacher),
-                       test_at_end="test" in sets)
+                       test_at_end="test" in sets, lora=lora)
     if sw.pid_dir:
         loop.pid_dir = os.path.join(sw.pid_dir, name)
     spec = RunSpec(loop, ScalingConfig(num_workers=sw.workers_per_trial, use_gpu=sw.gpus_per_trial > 0,
@@ -165,5 +180,6 @@ def fine_tune(recipe, init_dir: str, sets: dict[str, str], *, steps: int, lr: fl
     return {"model_dir": best, "valid_loss": float(m["valid/best_loss"]),
             "test_loss": float(costs.get("extra", {}).get("test_loss", m.get("test/loss", math.nan))),
             "best_step": int(m["valid/best_step"]), "steps_run": int(m["step"]),
-            "flops": float(costs["flops"]), "device_seconds": train_s, "eval_device_seconds": eval_s,
+            "flops": float(costs["flops"]), "trainable_params": int(costs["trainable_params"]),
+            "device_seconds": train_s, "eval_device_seconds": eval_s,
             "history": costs.get("valid_history", []), "phases": phases}

@@ -3,7 +3,8 @@
 and the report.
 
 Columns: RESULT_COLUMNS (what every reader needs; docs/design.md), then whatever else the
-rows hold (trial, base_lr, expert_selection, teacher, wall_seconds, finished_at). Paths in it
+rows hold (trial, base_lr, expert_selection, teacher, trainable_params, lora_rank, wall_seconds,
+finished_at). Paths in it
 (``model_path``) are relative to the run directory (slm.layout.RunLayout.relative).
 """
 
@@ -33,7 +34,7 @@ RESULT_COLUMNS = ("recipe", "domain", "method", "budget_steps", "domain_tokens",
 _STR_COLUMNS = {"recipe", "domain", "method", "model_path", "trial", "data", "expert_selection",
                 "teacher"}
 _INT_COLUMNS = {"budget_steps", "domain_tokens", "seed", "expert", "steps_run", "best_step",
-                "inference_params"}
+                "inference_params", "trainable_params", "lora_rank"}
 
 
 # --------------------------------------------------------------------------------------------

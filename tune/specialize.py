@@ -37,7 +37,7 @@ from slm.models.lm import lm_config, lm_param_count
 from slm.stage import MANIFEST, filesystem, join, manifest, read_json, remove, write_json
 
 from .costs import load_pretrain_costs, pretrain_split
-from .finetune import fine_tune
+from .finetune import fine_tune, lora_section
 from .grid import Trial, small_data_lr, teacher_of, trial_done, trial_stage, trial_uri, trial_workdir
 from .methods import Method, Start, get_method
 from .starts import StartContext
@@ -81,11 +81,13 @@ def _fine_tune_starts(recipe, trial: Trial, starts: list[Start], sets: dict[str,
                       teacher: str, work: str, in_tune: bool) -> dict[str, Any]:
     """Fine-tune from every start; the best-valid run, charged with all of them."""
     best = None
+    lora = lora_section(recipe.specialize.lora, trial.method)
     for start in starts:
         run = fine_tune(recipe, start.path, sets,
                         steps=trial.budget_steps, lr=lr, seed=trial.seed, teacher=teacher,
                         workdir=join(work, f"run-{max(start.expert, 0)}"),
-                        name=f"{recipe.sweep.name}-{trial.key()}-e{start.expert}", in_tune=in_tune)
+                        name=f"{recipe.sweep.name}-{trial.key()}-e{start.expert}", in_tune=in_tune,
+                        lora=lora)
         run["expert"] = start.expert
         steps = max(int(run["steps_run"]), 1)  # a fine-tuning step costs the same at every step
         for k in ("flops", "device_seconds"):
@@ -150,6 +152,9 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
         "select_flops": select["flops"], "select_device_seconds": select["device_seconds"],
         **pretrain,
         "inference_params": int(lm_param_count(config)),
+        # what fine-tuning updated: every weight, or LoRA's adapters (lora_rank > 0)
+        "trainable_params": int(best["trainable_params"]),
+        "lora_rank": spec.lora.rank if trial.method in spec.lora.methods else 0,
         "inference_flops_per_token": float(inference_flops_per_token(config)),
         "model_path": layout.relative(out_uri), "trial": trial.key(), "base_lr": trial.lr,
         "expert_selection": spec.expert_selection if method.expert_selection else "",
