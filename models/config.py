@@ -136,7 +136,7 @@ class ScalingConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per worker"})
     max_failures: int = field(default=3, metadata={"help": "worker failures to recover from (FailureConfig)"})
     parallel_experts: int = field(default=0, metadata={"help": "SLM-mix experts trained at once (0 = as resources allow)"})
-    parallel_families: int = field(default=0, metadata={"help": "families pretrained at once by slm run (0 = as many runs as the cluster holds; 1 = one after another)"})
+    parallel_families: int = field(default=0, metadata={"help": "families (each pretraining seed's run counted apart) pretrained at once by slm run (0 = as many runs as the cluster holds; 1 = one after another)"})
     spot_families: list[str] = field(default_factory=list, metadata={"help": "families whose runs go to spot nodes (their workers ask for the `spot` resource only spot node types declare), e.g. [mix]: many short expert runs, each resumed from its checkpoint when a node is preempted"})
 
     def validate(self) -> None:
@@ -156,6 +156,7 @@ class PretrainConfig:
     llm_size: str = field(default="paper-llm", metadata={"help": "preset of the large model / teacher"})
     steps: dict[str, int] = field(default_factory=lambda: {"slm": 400_000, "llm": 400_000, "is": 200_000, "mix": 400_000, "pn": 400_000}, metadata={"help": "pretraining budget in optimizer steps per family (mix: per expert)"})
     levels: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "pretraining levels: fractions of each family's steps (increasing, in (0, 1]) at which its model is saved in the one pretraining run; the sweep specializes from each (the paper's pretraining-budget axis; 1.0 is the final model)"})
+    seeds: list[int] = field(default_factory=list, metadata={"help": "pretraining seeds: each family is pretrained once per seed (model init and data order), and the sweep specializes from each ([] = the recipe's seed alone; the recipe's seed keeps the paths pretrain/<family>..., another seed s gets pretrain/seed-<s>/<family>...)"})
     pn_h: int = field(default=8, metadata={"help": "SLM-pn capacity multiplier h (T tensors have h slices)"})
     pn_m: int = field(default=8, metadata={"help": "SLM-pn expert-embedding size m"})
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -177,6 +178,7 @@ class PretrainConfig:
                 raise ConfigError(f"field 'steps.{fam}' is {s}; a pretraining budget must be > 0 steps")
         positive(self, "pn_h", "pn_m")
         self.check_levels()
+        check_seeds("seeds", self.seeds)
         if not 0.0 < self.valid_fraction < 0.5:
             raise ConfigError(f"field 'valid_fraction' is {self.valid_fraction}; use a fraction in (0, 0.5), e.g. 0.01")
         if self.logger not in LOGGERS:
@@ -204,6 +206,16 @@ class PretrainConfig:
     def level_steps(self, family: str) -> dict[float, int]:
         """{level: the optimizer step its model is saved at} for one family (mix: per expert)."""
         return {float(lv): level_step(lv, self.steps[family]) for lv in self.levels}
+
+
+def check_seeds(name: str, seeds: list[int]) -> None:
+    """A list of seeds: non-negative integers, each once (ConfigError names the field)."""
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"field '{name}' has {s!r}; a seed is a non-negative integer, e.g. [0, 1]")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise ConfigError(f"field '{name}' lists seed(s) {dup} more than once; list each seed once")
 
 
 def level_step(level: float, steps: int) -> int:
