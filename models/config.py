@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from slm.configkit import ConfigError, positive
+from slm.configkit import ConfigError, check_seeds, positive
 
 
 
@@ -206,16 +206,6 @@ class PretrainConfig:
     def level_steps(self, family: str) -> dict[float, int]:
         """{level: the optimizer step its model is saved at} for one family (mix: per expert)."""
         return {float(lv): level_step(lv, self.steps[family]) for lv in self.levels}
-
-
-def check_seeds(name: str, seeds: list[int]) -> None:
-    """A list of seeds: non-negative integers, each once (ConfigError names the field)."""
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ConfigError(f"field '{name}' has {s!r}; a seed is a non-negative integer, e.g. [0, 1]")
-    dup = sorted({s for s in seeds if seeds.count(s) > 1})
-    if dup:
-        raise ConfigError(f"field '{name}' lists seed(s) {dup} more than once; list each seed once")
 
 
 def level_step(level: float, steps: int) -> int:

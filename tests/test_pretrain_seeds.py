@@ -9,6 +9,7 @@ import os
 
 import pandas as pd
 import pytest
+from synthetic_results import synthetic_results
 from train_shards import SEQ, VOCAB, make_run, tiny_recipe, windows, write_shards
 
 from slm.config import load_recipe
@@ -19,6 +20,7 @@ from slm.models.config import FAMILY_INFO
 from slm.models.pretrain import _Family, pretrain
 from slm.stage import manifest, write_json
 from slm.tune.costs import load_pretrain_costs, pretrain_split, trial_costs
+from slm.tune.findings import evaluate_findings
 from slm.tune.grid import Trial, method_pretrain_seeds, pretrained_inputs, sweep_trials, trial_config
 from slm.tune.methods import get_method
 from slm.tune.starts import StartContext
@@ -152,3 +154,12 @@ def test_a_pretraining_seed_is_published_in_its_tree_and_the_sweep_starts_from_i
     own = next(t for t in trials if t.method == "slm" and t.pretrain_seed is None)
     with pytest.raises(StageError, match=r"pretrain/slm/final' is missing"):  # seed 0: not pretrained
         ctx.starts(own)
+
+
+@pytest.mark.parametrize("pretrain_seeds, verdict", [((0,), "not measurable here"), ((0, 1), "reproduced")])
+def test_findings_need_two_pretraining_seeds(pretrain_seeds, verdict):
+    df = synthetic_results(domains=("a", "b"), levels=(1.0,), pretrain_seeds=pretrain_seeds, seeds=(0, 1))
+    found = {r.id: r for r in evaluate_findings(trial_costs(df))}["large_model_wins"]
+    assert found.verdict == verdict and found.detail["pretrain_seeds"] == len(pretrain_seeds)
+    if len(pretrain_seeds) == 1:
+        assert ">= 2 pretraining seeds" in found.reason

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slm.configkit import ConfigError, positive
-from slm.models.config import check_seeds
+from slm.configkit import ConfigError, check_seeds, positive
 
 from .methods import get_method, method_names
 
