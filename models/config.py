@@ -136,7 +136,7 @@ class ScalingConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per worker"})
     max_failures: int = field(default=3, metadata={"help": "worker failures to recover from (FailureConfig)"})
     parallel_experts: int = field(default=0, metadata={"help": "SLM-mix experts trained at once (0 = as resources allow)"})
-    parallel_families: int = field(default=0, metadata={"help": "families (each pretraining seed's run counted apart) pretrained at once by slm run (0 = as many runs as the cluster holds; 1 = one after another)"})
+    parallel_families: int = field(default=0, metadata={"help": "pretrainings (a family at one pretraining seed) run at once by slm run (0 = as many runs as the cluster holds; 1 = one after another)"})
     spot_families: list[str] = field(default_factory=list, metadata={"help": "families whose runs go to spot nodes (their workers ask for the `spot` resource only spot node types declare), e.g. [mix]: many short expert runs, each resumed from its checkpoint when a node is preempted"})
 
     def validate(self) -> None:

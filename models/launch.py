@@ -243,8 +243,8 @@ def publish_levels(run_uri: str, layout: RunLayout, family: str, sub: str, level
                    stage: str, config: dict[str, Any], seed: int | None = None) -> dict[float, dict[str, Any]]:
     """Publish a finished run's models at its pretraining levels below 1 (``levels``: {level:
     step}; the worker exported each to ``<run_uri>/levels/step=<N>/``, models/hooks.py
-    ``LevelExport``) as ``pretrain/<f>[/<sub>]/level-<x>/`` (of the pretraining ``seed``'s tree), each with its costs to that step
-    in its manifest. Called before the final model is published, so a published ``final/``
+    ``LevelExport``) as ``pretrain/<f>[/<sub>]/level-<x>/`` (in the pretraining ``seed``'s
+    tree), each with its costs to that step in its manifest. Called before the final model is published, so a published ``final/``
     means every level is there. Returns {level: costs}."""
     out_costs = {}
     for level, step in sorted(levels.items()):

@@ -16,9 +16,10 @@ so a re-submitted run resumes; ecosystem §1.0):
 Today: slm, llm (llm_size), pn (routed) are ``one``; mix is ``per_expert``; is is
 ``per_domain``. Each family is trained once per pretraining seed (``pretrain.seeds``: model
 init and data order; the held-out rows do not change): the recipe's ``seed`` at the paths
-above, another seed ``s`` at the same paths under ``pretrain/seed-<s>/`` (slm.layout). Each run directory is Ray Train's storage (``step=*`` checkpoints, TensorBoard
-events) and, once finished, holds ``final/`` (published atomically: a plain HF directory; for a
-routed family the whole ProjectedLM), ``costs.json``, and one ``level-<x>/`` per pretraining level
+above, another seed ``s`` at the same paths under ``pretrain/seed-<s>/`` (slm.layout). Each
+run directory is Ray Train's storage (``step=*`` checkpoints, TensorBoard events) and, once
+finished, holds ``final/`` (published atomically: a plain HF directory; for a routed family the
+whole ProjectedLM), ``costs.json``, and one ``level-<x>/`` per pretraining level
 below 1 (``pretrain.levels``: the same run's model at that fraction of its steps, exported by the
 worker when it got there, with its costs to that step; the sweep specializes from each). Families of several runs also get a
 ``costs.json`` summing them. A run with ``final/`` and ``costs.json`` is not retrained. The

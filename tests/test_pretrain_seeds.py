@@ -12,9 +12,11 @@ import pytest
 from synthetic_results import synthetic_results
 from train_shards import SEQ, VOCAB, make_run, tiny_recipe, windows, write_shards
 
+from slm.cluster.nodes import node_type
 from slm.config import load_recipe
 from slm.configkit import ConfigError
 from slm.errors import InputError, StageError
+from slm.estimate import Cluster, estimate
 from slm.layout import RunLayout, seed_dir
 from slm.models.config import FAMILY_INFO
 from slm.models.pretrain import _Family, pretrain
@@ -163,3 +165,15 @@ def test_findings_need_two_pretraining_seeds(pretrain_seeds, verdict):
     assert found.verdict == verdict and found.detail["pretrain_seeds"] == len(pretrain_seeds)
     if len(pretrain_seeds) == 1:
         assert ">= 2 pretraining seeds" in found.reason
+
+
+def test_the_estimate_counts_every_pretraining_seed():
+    cluster, none = Cluster(node_type("L4", 1), 1), "/nonexistent/gpu-*.json"
+    one = {s["stage"]: s for s in estimate(load_recipe("demo"), cluster, results_glob=none)["stages"]}
+    two = {s["stage"]: s for s in estimate(load_recipe("demo", {"pretrain.seeds": "[0, 1]"}), cluster,
+                                           results_glob=none)["stages"]}
+    assert two["pretrain slm"]["runs"] == 2 * one["pretrain slm"]["runs"]
+    assert two["pretrain mix"]["flops"] == pytest.approx(2 * one["pretrain mix"]["flops"])
+    nopt = load_recipe("demo").sweep.methods.count("nopt")  # one trial per grid point, whatever the seeds
+    per_method = one["specialize sweep"]["runs"] // len(load_recipe("demo").sweep.methods)
+    assert two["specialize sweep"]["runs"] == 2 * one["specialize sweep"]["runs"] - nopt * per_method
