@@ -23,8 +23,9 @@ from slm.models.pretrain import _Family, pretrain
 from slm.stage import manifest, write_json
 from slm.tune.costs import load_pretrain_costs, pretrain_split, trial_costs
 from slm.tune.findings import evaluate_findings
-from slm.tune.grid import Trial, method_pretrain_seeds, pretrained_inputs, sweep_trials, trial_config
+from slm.tune.grid import Trial, method_pretrain_seeds, pretrained_inputs, sweep_trials, trial_config, trial_uri
 from slm.tune.methods import get_method
+from slm.tune.specialize import specialize_trial
 from slm.tune.starts import StartContext
 
 
@@ -114,12 +115,14 @@ def _seeded_run(root: str):
     """The tiny training run (train_shards) with the domain's three splits, pretraining seeds
     0 (the recipe's) and 1, and a sweep of slm and nopt."""
     layout = make_run(root)
-    for split, seed in (("train", 4), ("test", 5)):  # the domain's other splits, for the sweep grid
-        write_shards(layout, f"domain-alpha-{split}", windows(64, SEQ, [2, 4], seed=seed, id_base=30_000))
+    # the domain's other splits and its train subset of 512 tokens (32 windows), for the sweep
+    for name, seed, n in (("train", 4, 64), ("test", 5, 32), ("train-512", 4, 32)):
+        write_shards(layout, f"domain-alpha-{name}", windows(n, SEQ, [2, 4], seed=seed, id_base=30_000))
     recipe = tiny_recipe(root, slm=4)  # one checkpoint, at the last step
     recipe.pretrain.seeds = [0, 1]
     recipe.data.domain_train_tokens = [512]
     recipe.sweep.methods, recipe.sweep.budgets, recipe.sweep.seeds = ["slm", "nopt"], [4], [0]
+    recipe.specialize.micro_batch, recipe.specialize.eval_every, recipe.specialize.eval_batches = 4, 2, 2
     return layout, recipe
 
 
@@ -156,6 +159,9 @@ def test_a_pretraining_seed_is_published_in_its_tree_and_the_sweep_starts_from_i
     own = next(t for t in trials if t.method == "slm" and t.pretrain_seed is None)
     with pytest.raises(StageError, match=r"pretrain/slm/final' is missing"):  # seed 0: not pretrained
         ctx.starts(own)
+    row = specialize_trial(recipe, seeded, trial_uri(recipe, seeded))  # 4 fine-tuning steps
+    assert row["pretrain_seed"] == 1 and row["trial"].endswith("--ps1") and "/trials/" in trial_uri(recipe, seeded)
+    assert row["pretrain_flops"] == costs["flops"]  # the seed's own pretraining
 
 
 @pytest.mark.parametrize("pretrain_seeds, verdict", [((0,), "not measurable here"), ((0, 1), "reproduced")])
