@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from slm.configkit import ConfigError, positive
+from slm.configkit import ConfigError, check_seeds, positive
 from slm.layout import domain_run, expert_name
 
 
@@ -157,7 +157,7 @@ class ScalingConfig:
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per worker"})
     max_failures: int = field(default=3, metadata={"help": "worker failures to recover from (FailureConfig)"})
     parallel_experts: int = field(default=0, metadata={"help": "SLM-mix experts trained at once (0 = as resources allow)"})
-    parallel_families: int = field(default=0, metadata={"help": "families pretrained at once by slm run (0 = as many runs as the cluster holds; 1 = one after another)"})
+    parallel_families: int = field(default=0, metadata={"help": "pretrainings (a family at one pretraining seed) run at once by slm run (0 = as many runs as the cluster holds; 1 = one after another)"})
     spot_families: list[str] = field(default_factory=list, metadata={"help": "families whose runs go to spot nodes (their workers ask for the `spot` resource only spot node types declare), e.g. [mix]: many short expert runs, each resumed from its checkpoint when a node is preempted"})
 
     def validate(self) -> None:
@@ -177,6 +177,7 @@ class PretrainConfig:
     llm_size: str = field(default="paper-llm", metadata={"help": "preset of the large model / teacher"})
     steps: dict[str, int] = field(default_factory=lambda: {"slm": 400_000, "llm": 400_000, "is": 200_000, "mix": 400_000, "pn": 400_000}, metadata={"help": "pretraining budget in optimizer steps per family (mix: per expert)"})
     levels: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "pretraining levels: fractions of each family's steps (increasing, in (0, 1]) at which its model is saved in the one pretraining run; the sweep specializes from each (the paper's pretraining-budget axis; 1.0 is the final model)"})
+    seeds: list[int] = field(default_factory=list, metadata={"help": "pretraining seeds: each family is pretrained once per seed (model init and data order), and the sweep specializes from each ([] = the recipe's seed alone; the recipe's seed keeps the paths pretrain/<family>..., another seed s gets pretrain/seed-<s>/<family>...)"})
     pn_h: int = field(default=8, metadata={"help": "SLM-pn capacity multiplier h (T tensors have h slices)"})
     pn_m: int = field(default=8, metadata={"help": "SLM-pn expert-embedding size m"})
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -198,6 +199,7 @@ class PretrainConfig:
                 raise ConfigError(f"field 'steps.{fam}' is {s}; a pretraining budget must be > 0 steps")
         positive(self, "pn_h", "pn_m")
         self.check_levels()
+        check_seeds("seeds", self.seeds)
         if not 0.0 < self.valid_fraction < 0.5:
             raise ConfigError(f"field 'valid_fraction' is {self.valid_fraction}; use a fraction in (0, 0.5), e.g. 0.01")
         if self.logger not in LOGGERS:

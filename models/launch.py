@@ -230,21 +230,21 @@ def publish_export(src_uri: str, dst: str, layout: RunLayout, *, stage: str,
 
 
 def publish_final(checkpoint_uri: str, layout: RunLayout, family: str, sub: str = "", *,
-                  stage: str, config: dict[str, Any]) -> dict[str, Any]:
+                  stage: str, config: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
     """Publish the final checkpoint's export as the run's ``final/``, then write its
     ``costs.json``. Returns the costs."""
-    costs = publish_export(checkpoint_uri, layout.pretrain_final(family, sub), layout, stage=stage,
+    costs = publish_export(checkpoint_uri, layout.pretrain_final(family, sub, seed), layout, stage=stage,
                            config=config)
-    write_json(layout.pretrain_costs(family, sub), costs)
+    write_json(layout.pretrain_costs(family, sub, seed), costs)
     return costs
 
 
 def publish_levels(run_uri: str, layout: RunLayout, family: str, sub: str, levels: dict[float, int], *,
-                   stage: str, config: dict[str, Any]) -> dict[float, dict[str, Any]]:
+                   stage: str, config: dict[str, Any], seed: int | None = None) -> dict[float, dict[str, Any]]:
     """Publish a finished run's models at its pretraining levels below 1 (``levels``: {level:
     step}; the worker exported each to ``<run_uri>/levels/step=<N>/``, models/hooks.py
-    ``LevelExport``) as ``pretrain/<f>[/<sub>]/level-<x>/``, each with its costs to that step
-    in its manifest. Called before the final model is published, so a published ``final/``
+    ``LevelExport``) as ``pretrain/<f>[/<sub>]/level-<x>/`` (in the pretraining ``seed``'s
+    tree), each with its costs to that step in its manifest. Called before the final model is published, so a published ``final/``
     means every level is there. Returns {level: costs}."""
     out_costs = {}
     for level, step in sorted(levels.items()):
@@ -254,12 +254,12 @@ def publish_levels(run_uri: str, layout: RunLayout, family: str, sub: str, level
         if not exists(join(src, ckpt.COSTS_FILE)):
             raise StageError(f"training run '{run_uri}' has no complete export at step {step} "
                              f"(level {level:g}): re-run the pretraining with --force to rebuild it")
-        out_costs[level] = publish_export(src, layout.pretrain_level(family, sub, level), layout, stage=stage,
+        out_costs[level] = publish_export(src, layout.pretrain_level(family, sub, level, seed), layout, stage=stage,
                                           config={**config, "level": level, "level_step": step})
     return out_costs
 
 
-def run_done(layout: RunLayout, family: str, sub: str = "") -> bool:
+def run_done(layout: RunLayout, family: str, sub: str = "", seed: int | None = None) -> bool:
     """A pretraining run with a published model and costs is not retrained."""
-    return (manifest(layout.pretrain_final(family, sub)) is not None
-            and exists(layout.pretrain_costs(family, sub)))
+    return (manifest(layout.pretrain_final(family, sub, seed)) is not None
+            and exists(layout.pretrain_costs(family, sub, seed)))

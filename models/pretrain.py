@@ -17,6 +17,9 @@ Today: slm, llm (llm_size), pn (routed) are ``one``; mix is ``per_expert``; is i
 ``per_domain``: one run per domain and domain train size T (the sizes the sweep specializes:
 ``Recipe.domain_sizes``), on generic data resampled to the histogram of that size's train
 subset, so the SLM-is trial of size T starts from a model that saw no more of the domain.
+Each family is trained once per pretraining seed (``pretrain.seeds``: model init and data
+order; the held-out rows do not change): the recipe's ``seed`` at the paths above, another
+seed ``s`` at the same paths under ``pretrain/seed-<s>/`` (slm.layout).
 Each run directory is Ray Train's storage (``step=*`` checkpoints, TensorBoard events) and,
 once finished, holds ``final/`` (published atomically: a plain HF directory; for a
 routed family the whole ProjectedLM), ``costs.json``, and one ``level-<x>/`` per pretraining level
@@ -74,10 +77,20 @@ class _Family:
     recipe_path: str
     vocab: int
     force: bool = False  # rebuild a run published from another config or data
+    pretrain_seed: int | None = None  # the pretraining seed (model init, data order); None: recipe.seed
 
     @property
     def layout(self) -> RunLayout:
         return RunLayout(self.recipe.run_dir)
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed if self.pretrain_seed is None else int(self.pretrain_seed)
+
+    @property
+    def tree(self) -> int | None:
+        """The seed as the layout names its runs (None: the recipe's seed, today's paths)."""
+        return self.recipe.layout_seed(self.seed)
 
     def model(self) -> FamilySpec:
         r, p, routed = self.recipe, self.recipe.pretrain, self.info.routed
@@ -89,7 +102,7 @@ class _Family:
     def location(self, sub: str) -> tuple[str, str]:
         """(Ray Train storage, run name) of one run: the parent and name of its directory, in
         the run directory or under ``<cluster.storage>/<run id>`` (slm.layout ``train_root``)."""
-        parent, name = self.layout.relative(self.layout.pretrain(self.info.name, sub)).rsplit("/", 1)
+        parent, name = self.layout.relative(self.layout.pretrain(self.info.name, sub, self.tree)).rsplit("/", 1)
         return join(train_root(self.layout, self.recipe.cluster.storage), parent), name
 
     def sources(self, sub: str, data: str) -> list[str]:
@@ -109,7 +122,7 @@ class _Family:
         """What a published ``final/`` is built from (its manifest's fingerprinted config)."""
         r, f = self.recipe, self.info.name
         return {"family": self.model().to_dict(), "train": asdict(r.pretrain.train),
-                "steps": r.pretrain.steps[f], "levels": self.levels(), "seed": r.seed, "data": data,
+                "steps": r.pretrain.steps[f], "levels": self.levels(), "seed": self.seed, "data": data,
                 "data_fingerprint": self.data_fingerprint(sub, data)}
 
     def levels(self) -> dict[str, int]:
@@ -120,9 +133,9 @@ class _Family:
         """A run published from this very config and data is not retrained; one published from
         another config or data is refused, naming what differs (never silently reused), or,
         with ``force``, rebuilt (its ``final/`` is replaced only once the rebuild finishes)."""
-        if not run_done(self.layout, self.info.name, sub):
+        if not run_done(self.layout, self.info.name, sub, self.tree):
             return False
-        final = self.layout.pretrain_final(self.info.name, sub)
+        final = self.layout.pretrain_final(self.info.name, sub, self.tree)
         found = (manifest(final) or {}).get("config") or {}
         want = json.loads(json.dumps(self.final_config(sub, data), default=str))  # as stored
         diffs = sorted(k for k in set(found) | set(want) if k != "recipe" and found.get(k) != want.get(k))
@@ -141,7 +154,7 @@ class _Family:
     def spec(self, sub: str, data: str) -> RunSpec:
         r, p = self.recipe, self.recipe.pretrain
         storage, name = self.location(sub)
-        loop = pretraining_config(p.train, self.model(), steps=p.steps[self.info.name], seed=r.seed,
+        loop = pretraining_config(p.train, self.model(), steps=p.steps[self.info.name], seed=self.seed,
                                   data=data, run_name=name, storage=storage, logger=p.logger, group=r.name,
                                   data_fingerprint=self.data_fingerprint(sub, data),
                                   export_at=list(p.level_steps(self.info.name).values()))
@@ -165,15 +178,15 @@ class _Family:
         config = {"recipe": r.name, **self.final_config(sub, data)}
         # levels first: a published final/ means every level of the run is published too
         publish_levels(spec.loop.logging.run_uri, self.layout, f, sub, r.pretrain.level_steps(f),
-                       stage=f"pretrain-{spec.name}", config=config)
+                       stage=f"pretrain-{spec.name}", config=config, seed=self.tree)
         costs = publish_final(out["checkpoint"], self.layout, f, sub, stage=f"pretrain-{spec.name}",
-                              config=config)
-        return {"finished": True, "final": self.layout.pretrain_final(f, sub), "costs": costs}
+                              config=config, seed=self.tree)
+        return {"finished": True, "final": self.layout.pretrain_final(f, sub, self.tree), "costs": costs}
 
     def sum_runs(self, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The family's costs.json: its runs' costs summed, and each run's."""
         costs = {**sum_costs(list(parts.values())), "per_run": parts}
-        write_json(self.layout.pretrain_costs(self.info.name), costs)
+        write_json(self.layout.pretrain_costs(self.info.name, seed=self.tree), costs)
         return costs
 
 
@@ -186,12 +199,12 @@ def _train_one(job: _Family, shards: ShardSet) -> dict[str, Any]:
     route = job.model().route_column
     if route:
         check_cluster_ids(shards, route, r.kmeans.k_pn)
-    kw = dict(seed=r.seed, fraction=r.pretrain.valid_fraction, route=route)
+    kw = dict(seed=job.seed, fraction=r.pretrain.valid_fraction, route=route)
     out = job.train("", "generic", shard_dataset(shards, split="train", **kw),
                     shard_dataset(shards, split="valid", **kw), f"'{shards.uri}'")
     if not out["finished"]:
         raise StageError(f"pretraining '{f}' stopped before its last step; re-run to resume")
-    return {"family": f, "runs": {f: out["final"]}, "costs": out["costs"]}
+    return {"family": f, "seed": job.seed, "runs": {f: out["final"]}, "costs": out["costs"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +222,7 @@ def _expert_data(column: str, i: int) -> str:
 def _train_expert(job: _Family, i: int) -> dict[str, Any]:
     r, col = job.recipe, _expert_column(job)
     shards = job.shards("generic", [col])
-    kw = dict(seed=r.seed, fraction=r.pretrain.valid_fraction, select=col, value=i)
+    kw = dict(seed=job.seed, fraction=r.pretrain.valid_fraction, select=col, value=i)
     return job.train(expert_name(i), _expert_data(col, i), shard_dataset(shards, split="train", **kw),
                      shard_dataset(shards, split="valid", **kw), f"expert {i} of '{shards.uri}'")
 
@@ -269,11 +282,12 @@ def _train_experts(job: _Family) -> dict[str, Any]:
     parts = {}
     for i in range(k):
         name = expert_name(i)
-        if not run_done(layout, f, name):
-            raise StageError(f"SLM-{f} expert {i} did not finish ('{layout.pretrain(f, name)}' has no "
-                             f"final/); re-run `slm pretrain --family {f}` to resume it")
-        parts[name] = read_json(layout.pretrain_costs(f, name))
-    return {"family": f, "runs": {n: layout.pretrain_final(f, n) for n in parts}, "costs": job.sum_runs(parts)}
+        if not run_done(layout, f, name, job.tree):
+            raise StageError(f"SLM-{f} expert {i} did not finish ('{layout.pretrain(f, name, job.tree)}' has "
+                             f"no final/); re-run `slm pretrain --family {f}` to resume it")
+        parts[name] = read_json(layout.pretrain_costs(f, name, job.tree))
+    return {"family": f, "seed": job.seed, "runs": {n: layout.pretrain_final(f, n, job.tree) for n in parts},
+            "costs": job.sum_runs(parts)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,15 +319,15 @@ def _train_domains(job: _Family, domains: list[str], sizes: list[int]) -> dict[s
             sub, data = domain_run(d, t), is_set(d, k, t)
             if not job.done(sub, data):
                 train_shards, valid_shards = job.shards(data, []), job.shards(domain_set(d, "valid"), [])
-                kw = dict(seed=r.seed, split="all", fraction=r.pretrain.valid_fraction)
+                kw = dict(seed=job.seed, split="all", fraction=r.pretrain.valid_fraction)
                 out = job.train(sub, data, shard_dataset(train_shards, **kw),
                                 shard_dataset(valid_shards, **kw), f"'{valid_shards.uri}'")
                 if not out["finished"]:
                     raise StageError(f"pretraining '{f}' for domain '{d}' at {t} train tokens "
                                      "stopped before its last step")
-            parts[sub] = read_json(layout.pretrain_costs(f, sub))
-            runs[sub] = layout.pretrain_final(f, sub)
-    return {"family": f, "runs": runs, "costs": job.sum_runs(parts)}
+            parts[sub] = read_json(layout.pretrain_costs(f, sub, job.tree))
+            runs[sub] = layout.pretrain_final(f, sub, job.tree)
+    return {"family": f, "seed": job.seed, "runs": runs, "costs": job.sum_runs(parts)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,9 +335,11 @@ def _train_domains(job: _Family, domains: list[str], sizes: list[int]) -> dict[s
 # --------------------------------------------------------------------------------------------
 
 def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path: str | None = None,
-             force: bool = False, sizes: list[int] | None = None) -> dict[str, Any]:
-    """Pretrain one family of the recipe (see the module docstring); returns
-    ``{"family", "runs": {name: final_uri}, "costs": {...}}``. Finished runs are not retrained;
+             force: bool = False, sizes: list[int] | None = None,
+             seed: int | None = None) -> dict[str, Any]:
+    """Pretrain one family of the recipe for one pretraining ``seed`` (None: the recipe's
+    ``seed``; ``Recipe.pretrain_seeds`` lists them all; see the module docstring); returns
+    ``{"family", "seed", "runs": {name: final_uri}, "costs": {...}}``. Finished runs are not retrained;
     unfinished ones resume from their latest checkpoint. A run finished from another config or
     data is refused, or with ``force`` rebuilt (its checkpoints of the other config removed; a
     run finished from this very config is still kept: rebuilding it would give the same
@@ -339,10 +355,10 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
     recipe_path = recipe_path or recipe.name
     layout, info = RunLayout(recipe.run_dir), FAMILY_INFO[family]
     one_run = info.runs == "one"
-    job = _Family(recipe, info, recipe_path, run_vocab_size(layout, recipe_path), force)
+    job = _Family(recipe, info, recipe_path, run_vocab_size(layout, recipe_path), force, seed)
     if one_run and job.done("", "generic"):  # finished from this config and data: nothing to start
-        return {"family": family, "runs": {family: layout.pretrain_final(family)},
-                "costs": read_json(layout.pretrain_costs(family))}
+        return {"family": family, "seed": job.seed, "runs": {family: layout.pretrain_final(family, seed=job.tree)},
+                "costs": read_json(layout.pretrain_costs(family, seed=job.tree))}
     if one_run:  # checks that need no Ray, before starting it
         route = job.model().route_column
         shards = job.shards("generic", [route] if route else [])
@@ -357,37 +373,41 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
 def pretrain_families(recipe, families: list[str], domains: list[str] | None = None,
                       recipe_path: str | None = None, force: bool = False,
                       sizes: list[int] | None = None) -> list[dict[str, Any]]:
-    """Pretrain several families, as many at once as the cluster holds runs of
-    ``pretrain.scaling`` (``runs_that_fit``; ``scaling.parallel_families`` caps it): each
-    family's ``pretrain`` in a thread of this driver, each driving its own TorchTrainer (or its
-    experts' Tune grid), so GPUs are not left idle while one family trains. Returns, in the
-    order of ``families``, ``{"family", "seconds", "started", "ended", "out"}``; the first
-    failure is raised once every family has stopped (the others' runs are kept). ``domains``,
-    ``sizes`` (per-domain families only) and ``force`` as in ``pretrain``."""
-    def one(family: str) -> dict[str, Any]:
+    """Pretrain several families, once per pretraining seed (``Recipe.pretrain_seeds``), as
+    many runs at once as the cluster holds runs of ``pretrain.scaling`` (``runs_that_fit``;
+    ``scaling.parallel_families`` caps it): each (family, seed)'s ``pretrain`` in a thread of
+    this driver, each driving its own TorchTrainer (or its experts' Tune grid), so GPUs are not
+    left idle while one family trains. Returns, in the order of ``families`` then seeds,
+    ``{"family", "seed", "seconds", "started", "ended", "out"}``; the first failure is raised
+    once every run has stopped (the others' runs are kept). ``domains``, ``sizes`` (per-domain
+    families only) and ``force`` as in ``pretrain``."""
+    def one(family: str, seed: int) -> dict[str, Any]:
         per_domain = FAMILY_INFO[family].runs == "per_domain"
         t0 = time.time()
         out = pretrain(recipe, family, domains=domains if per_domain else None, recipe_path=recipe_path,
-                       force=force, sizes=sizes if per_domain else None)
-        return {"family": family, "seconds": time.time() - t0, "started": t0, "ended": time.time(), "out": out}
+                       force=force, sizes=sizes if per_domain else None, seed=seed)
+        return {"family": family, "seed": seed, "seconds": time.time() - t0, "started": t0,
+                "ended": time.time(), "out": out}
 
+    units = [(f, s) for f in families for s in recipe.pretrain_seeds()]
     with ray_session(recipe.cluster):
         # a family of one run per expert already fills the cluster with its experts (a Tune
         # grid, which wants the main thread): it trains alone, the others together
-        alone = [f for f in families if FAMILY_INFO[f].runs == "per_expert"]
-        together = [f for f in families if f not in alone]
-        cap = recipe.pretrain.scaling.parallel_families or len(families)
+        alone = [u for u in units if FAMILY_INFO[u[0]].runs == "per_expert"]
+        together = [u for u in units if u not in alone]
+        cap = recipe.pretrain.scaling.parallel_families or len(units)
         at_once = max(1, min(len(together), runs_that_fit(recipe), cap))
-        done = {f: one(f) for f in alone}
+        done = {u: one(*u) for u in alone}
         if at_once == 1:
-            done.update({f: one(f) for f in together})
+            done.update({u: one(*u) for u in together})
         else:
-            log.info("pretraining %d families at once (%s)", at_once, ", ".join(together))
+            log.info("pretraining %d runs at once (%s)", at_once,
+                     ", ".join(f"{f} seed {s}" for f, s in together))
             with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="pretrain") as pool:
-                futures = {f: pool.submit(one, f) for f in together}
+                futures = {u: pool.submit(one, *u) for u in together}
                 wait(list(futures.values()))
             for fut in futures.values():
                 if fut.exception() is not None:
                     raise fut.exception()
-            done.update({f: fut.result() for f, fut in futures.items()})
-        return [done[f] for f in families]
+            done.update({u: fut.result() for u, fut in futures.items()})
+        return [done[u] for u in units]

@@ -86,7 +86,8 @@ def cmd_pretrain(args) -> int:
     families = args.family or recipe.pretrain.families
     with _writing(args, recipe.run_dir):
         for fam in families:
-            pretrain(recipe, fam, recipe_path=_recipe_path(args), force=args.force)
+            for seed in recipe.pretrain_seeds():
+                pretrain(recipe, fam, recipe_path=_recipe_path(args), force=args.force, seed=seed)
     return 0
 
 
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("",) + STAGE_GROUPS,
                    help=f"stop after this stage group ({', '.join(STAGE_GROUPS)}; default: all)")
 
-    p = add("pretrain", cmd_pretrain, "pretrain model families with Ray Train + DeepSpeed")
+    p = add("pretrain", cmd_pretrain, "pretrain model families (once per pretraining seed) with Ray Train + DeepSpeed")
     p.add_argument("--family", action="append", choices=["slm", "llm", "is", "mix", "pn"],
                    help="family to pretrain (repeatable; default: the recipe's families)")
     p.add_argument("--force", action="store_true", help="rebuild a pretraining published from "

@@ -47,6 +47,16 @@ class Recipe:
         built for (one per domain and size: the data pipeline, `slm pretrain`, `slm run`)."""
         return sorted(set(self.sweep.domain_tokens or self.data.domain_train_tokens))
 
+    def pretrain_seeds(self) -> list[int]:
+        """The pretraining seeds: ``pretrain.seeds``, or the recipe's ``seed`` alone."""
+        return list(self.pretrain.seeds) or [self.seed]
+
+    def layout_seed(self, seed: int) -> int | None:
+        """A pretraining seed as the run layout names its runs (``RunLayout.pretrain``): None
+        for the recipe's own ``seed`` (today's paths, trial keys and fingerprints), else the
+        seed (its own tree ``pretrain/seed-<s>/``)."""
+        return None if int(seed) == int(self.seed) else int(seed)
+
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("field 'name' is empty; give the recipe a name")

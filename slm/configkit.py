@@ -219,6 +219,17 @@ def positive(section: Any, *names: str, allow_zero: bool = False) -> None:
                 raise ConfigError(f"field '{name}' must be {bound}, got {value!r}; set it to a positive size")
 
 
+def check_seeds(name: str, seeds: list[int]) -> None:
+    """Raise ConfigError when a list of seeds (field ``name``) holds anything but non-negative
+    integers, or a seed twice."""
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"field '{name}' has {s!r}; a seed is a non-negative integer, e.g. [0, 1]")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise ConfigError(f"field '{name}' lists seed(s) {dup} more than once; list each seed once")
+
+
 # --------------------------------------------------------------------------------------------
 # CLI flags generated from the same fields
 # --------------------------------------------------------------------------------------------

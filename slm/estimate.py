@@ -133,6 +133,7 @@ def _pretrain_stages(recipe, vocab: int, n_domains: int) -> Iterator[StageEstima
         # per_domain (SLM-is): one run per domain and domain train size the sweep specializes
         sizes = len(recipe.domain_sizes())
         runs = {"one": 1, "per_expert": recipe.kmeans.k_mix, "per_domain": n_domains * sizes}[info.runs]
+        runs *= len(recipe.pretrain_seeds())  # every run once per pretraining seed
         steps = p.steps.get(fam, 0)
         micro_steps = steps * t.grad_accum * sc.num_workers  # micro-batches over all workers
         tokens = float(micro_steps * t.micro_batch * seq)
@@ -167,11 +168,13 @@ def _sweep_stage(recipe, vocab: int, n_domains: int) -> StageEstimate:
         starts = recipe.kmeans.k_mix if m.expert_selection and spec.expert_selection == "all" else 1
         teacher = (inference_flops_per_token(lm_config(get_method(m.teacher).served_preset(p), vocab, seq), seq)
                    if m.teacher else 0.0)
+        # a method built from pretrained families: one trial per pretraining seed it starts from
+        points = per_grid_point * (len(sw.pretrain_seeds or recipe.pretrain_seeds()) if m.pretrains else 1)
         for budget in sw.budgets:
             t = float(budget * spec.micro_batch * sw.workers_per_trial * seq) * starts
-            tokens += t * per_grid_point
-            flops += (train_flops_per_token(config, seq, lora_params=adapters) + teacher) * t * per_grid_point
-            trials += per_grid_point
+            tokens += t * points
+            flops += (train_flops_per_token(config, seq, lora_params=adapters) + teacher) * t * points
+            trials += points
     devices = sw.gpus_per_trial * (sw.workers_per_trial if sw.trial_runtime == "train" else 1)
     return StageEstimate("specialize sweep", "+".join(sorted(served)), trials, devices or 1.0,
                          tokens, flops, 0.0, "", notes=notes)

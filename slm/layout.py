@@ -15,11 +15,14 @@
                                            histogram.json of one domain train subset (SLM-is)
       data/shards/<name>/                  training shards: input_ids + cluster_k<K> columns
       data/sources/<domain>/<split>/       a flat document set split by ``slm add-domain``
-      pretrain/<family>[/<sub>]/           one training run: Ray Train storage (step=* checkpoints)
+      pretrain/<family>[/<sub>]/           one training run (of the recipe's seed): Ray Train storage
+                                           (step=* checkpoints)
         final/                             its published model (HF directory)
         level-<x>/                         its model at pretraining level x < 1 (pretrain.levels;
                                            HF directory, its costs to that step in the manifest)
         costs.json                         its measured costs (mix, is: also summed one level up)
+      pretrain/seed-<s>/<family>[/<sub>]/  the same run for another pretraining seed s (pretrain.seeds;
+                                           the recipe's own seed keeps the paths above)
       specialize/<sweep>/                  one sweep:
         tune/<phase>/                      the Ray Tune experiments: teachers, then the grid
         grid.json                          the trials each phase was started with
@@ -117,6 +120,13 @@ def domain_of_run(sub: str) -> str:
     return domain
 
 
+def seed_dir(seed: int) -> str:
+    """The folder of a pretraining seed's own tree of training runs (``pretrain/seed-<s>/``)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"pretraining seed {seed!r} is not a non-negative integer")
+    return f"seed-{seed}"
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: str
@@ -180,25 +190,35 @@ class RunLayout:
         checked_name("domain", domain)
         return self.path("data/sources", domain, split) if split else self.path("data/sources", domain)
 
-    def pretrain(self, family: str = "", sub: str = "") -> str:
+    def pretrain(self, family: str = "", sub: str = "", seed: int | None = None) -> str:
         """A training run's directory (``sub``: a mix expert or an is ``domain_run``; no family: the
-        folder of every training run)."""
+        folder of every training run of that pretraining seed). ``seed``: a pretraining seed
+        other than the recipe's own (``Recipe.layout_seed``); its runs live in their own tree
+        ``pretrain/seed-<s>/``, which mirrors ``pretrain/`` (None: the recipe's seed, today's
+        paths)."""
+        root = self.path("pretrain") if seed is None else self.path("pretrain", seed_dir(seed))
         if not family:
-            return self.path("pretrain")
+            return root
         checked_name("family", family)
-        return self.path("pretrain", family, checked_name("sub-run", sub)) if sub else self.path("pretrain", family)
+        return join(root, family, checked_name("sub-run", sub)) if sub else join(root, family)
 
-    def pretrain_final(self, family: str, sub: str = "") -> str:
-        return join(self.pretrain(family, sub), FINAL)
+    def pretrain_final(self, family: str, sub: str = "", seed: int | None = None) -> str:
+        return join(self.pretrain(family, sub, seed), FINAL)
 
-    def pretrain_level(self, family: str, sub: str = "", level: float = 1.0) -> str:
+    def pretrain_level(self, family: str, sub: str = "", level: float = 1.0, seed: int | None = None) -> str:
         """A training run's published model at a pretraining level (1.0: ``final/``)."""
         if float(level) >= 1.0:
-            return self.pretrain_final(family, sub)
-        return join(self.pretrain(family, sub), f"level-{float(level):g}")
+            return self.pretrain_final(family, sub, seed)
+        return join(self.pretrain(family, sub, seed), f"level-{float(level):g}")
 
-    def pretrain_costs(self, family: str, sub: str = "") -> str:
-        return join(self.pretrain(family, sub), COSTS)
+    def pretrain_costs(self, family: str, sub: str = "", seed: int | None = None) -> str:
+        return join(self.pretrain(family, sub, seed), COSTS)
+
+    def pretrain_seeds(self) -> list[int]:
+        """The pretraining seeds with their own tree (``pretrain/seed-<s>/``) in the run, sorted
+        (a listing; the recipe's own seed is not among them)."""
+        return sorted(int(m.group(1)) for n in subdirs(self.pretrain())
+                      if (m := re.fullmatch(r"seed-(\d+)", n)))
 
     def sweep(self, name: str = "") -> str:
         """A sweep's folder ('' = the folder of every sweep)."""

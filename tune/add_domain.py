@@ -144,7 +144,8 @@ def specialize_new_domain(run: str, domain_path: str, name: str = "", methods: l
         # under RUN/pretrain is written unless a per-domain family is asked for
         run_pipeline(recipe)
         for fam in per_domain:
-            pretrain(recipe, fam, domains=[domain])
+            for seed in recipe.pretrain_seeds():
+                pretrain(recipe, fam, domains=[domain], seed=seed)
         sweep = dataclasses.replace(recipe.sweep, name=sweep_name or f"domain-{domain}",
                                     domains=[domain], methods=asked)
         run_sweep(dataclasses.replace(recipe, sweep=sweep))

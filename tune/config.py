@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slm.configkit import ConfigError, positive
+from slm.configkit import ConfigError, check_seeds, positive
 from slm.models.config import LORA_TARGETS
 
 from .methods import get_method, method_names
@@ -75,14 +75,16 @@ class SpecializeConfig:
 
 @dataclass
 class SweepConfig:
-    """Ray Tune grid over domains x methods x budgets x domain sizes x seeds (x LRs)."""
+    """Ray Tune grid over domains x methods x budgets x domain sizes x seeds (x LRs) x
+    pretraining levels x pretraining seeds."""
 
     name: str = field(default="main", metadata={"help": "sweep name (deterministic: re-running resumes it)"})
     domains: list[str] = field(default_factory=list, metadata={"help": "domains to specialize ([] = all)"})
     methods: list[str] = field(default_factory=lambda: ["slm", "llm", "is", "mix", "pn", "d"], metadata={"help": f"methods: {', '.join(method_names())} (tune/methods.py)"})
     budgets: list[int] = field(default_factory=lambda: [2000], metadata={"help": "specialization budgets in steps"})
     domain_tokens: list[int] = field(default_factory=list, metadata={"help": "domain train sizes ([] = all of data.domain_train_tokens)"})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "seeds"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "fine-tuning seeds"})
+    pretrain_seeds: list[int] = field(default_factory=list, metadata={"help": "pretraining seeds to specialize from ([] = every one of pretrain.seeds; each must be one of them)"})
     levels: list[float] = field(default_factory=list, metadata={"help": "pretraining levels to specialize from ([] = every one of pretrain.levels; each must be one of them)"})
     lrs: list[float] = field(default_factory=list, metadata={"help": "LRs to search ([] = specialize.lr)"})
     asha: bool = field(default=False, metadata={"help": "ASHA early termination on valid loss, ranking only like trials (same domain, method, domain size, budget and pretraining level: LRs and seeds compete; tune/schedulers.py)"})
@@ -112,6 +114,7 @@ class SweepConfig:
             raise ConfigError(f"field 'gpus_per_trial' is {self.gpus_per_trial} with workers_per_trial "
                               f"{self.workers_per_trial}: each worker of a multi-worker trial holds a whole "
                               "GPU; use gpus_per_trial 1 (or workers_per_trial 1 to share GPUs between trials)")
+        check_seeds("pretrain_seeds", self.pretrain_seeds)
         if not self.name or "/" in self.name:
             raise ConfigError(f"field 'name' is '{self.name}'; give the sweep a plain name (no '/')")
         if not self.methods or not self.budgets or not self.seeds:

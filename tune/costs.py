@@ -47,11 +47,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from slm.errors import InputError
 from slm.layout import RunLayout, expert_name
 from slm.models.config import FAMILY_INFO, level_name
-from slm.stage import exists, join, manifest, read_json, subdirs
+from slm.stage import exists, filesystem, join, manifest, read_json, subdirs
 
 from .methods import Method, get_method
 
@@ -86,41 +87,65 @@ def _costs_file(uri: str) -> dict[str, Any]:
     return c
 
 
-def _run_costs(layout: RunLayout, fam: str, sub: str) -> dict[str, Any] | None:
+def _run_costs(layout: RunLayout, fam: str, sub: str, seed: int | None = None) -> dict[str, Any] | None:
     """One training run's costs.json, with ``levels``: {level name: costs to that level} from
     its published level models' manifests (pretrain.levels below 1); None if it did not finish."""
-    if not exists(layout.pretrain_costs(fam, sub)):
+    if not exists(layout.pretrain_costs(fam, sub, seed)):
         return None
-    c = _costs_file(layout.pretrain_costs(fam, sub))
+    c = _costs_file(layout.pretrain_costs(fam, sub, seed))
     levels = {}
-    for name in subdirs(layout.pretrain(fam, sub)):
+    run = layout.pretrain(fam, sub, seed)
+    for name in subdirs(run):
         if name.startswith("level-"):
-            found = (manifest(join(layout.pretrain(fam, sub), name)) or {}).get("costs")
+            found = (manifest(join(run, name)) or {}).get("costs")
             if found is not None:
                 levels[name.removeprefix("level-")] = {k: float(found[k]) for k in COST_KEYS}
     return {**c, "levels": levels}
 
 
-def load_pretrain_costs(run_dir: str) -> dict[str, Any]:
+def load_pretrain_costs(run_dir: str, seed: int | None = None) -> dict[str, Any]:
     """The measured pretraining costs of a run, per family (models/config.py FAMILY_INFO):
     a family trained once: its ``costs.json``; per expert (mix): summed over
     ``expert-<i>/costs.json`` (kept under ``experts``), else the family's summed file; per
     domain and domain size (is): ``{"<domain>-<tokens>": costs}`` (slm.layout ``domain_run``).
     Each carries ``levels``: {level name: costs to that
     pretraining level} (a mixture's: summed over experts). Families that did not finish are
-    absent."""
+    absent. Of one pretraining seed's runs (``seed`` as the layout names it; None: the recipe's
+    own). When the run also holds other pretraining seeds' runs (``pretrain/seed-<s>/``), the
+    recipe's own costs carry ``by_seed``: {pretraining seed: its costs, as above} for every
+    seed, the recipe's own included (``pretrain_split`` picks a row's)."""
     layout = RunLayout(run_dir)
+    out = _seed_costs(layout, seed)
+    others = layout.pretrain_seeds() if seed is None else []
+    if others:
+        out["by_seed"] = {_recipe_seed(layout): dict(out), **{s: _seed_costs(layout, s) for s in others}}
+    return out
+
+
+def _recipe_seed(layout: RunLayout) -> int:
+    """The seed of the recipe the run was started with (its pretraining runs at today's
+    paths; 0 without a recipe.yaml, like a recipe without ``seed``)."""
+    if not exists(layout.recipe):
+        return 0
+    fs, path = filesystem(layout.recipe)
+    with fs.open_input_stream(path) as f:
+        data = yaml.safe_load(f.read().decode("utf-8")) or {}
+    return int(data.get("seed", 0)) if isinstance(data, dict) else 0
+
+
+def _seed_costs(layout: RunLayout, seed: int | None) -> dict[str, Any]:
+    """``load_pretrain_costs`` of one pretraining seed's runs."""
     out: dict[str, Any] = {}
     for fam, info in FAMILY_INFO.items():
         if info.runs == "per_domain":
-            per = {s: c for s in subdirs(layout.pretrain(fam)) if (c := _run_costs(layout, fam, s))}
+            per = {s: c for s in subdirs(layout.pretrain(fam, seed=seed)) if (c := _run_costs(layout, fam, s, seed))}
             if per:
                 out[fam] = per
             continue
         if info.runs == "per_expert":
-            names = subdirs(layout.pretrain(fam))
+            names = subdirs(layout.pretrain(fam, seed=seed))
             experts = {str(i): c for i in range(len(names))
-                       if expert_name(i) in names and (c := _run_costs(layout, fam, expert_name(i)))}
+                       if expert_name(i) in names and (c := _run_costs(layout, fam, expert_name(i), seed))}
             if experts:
                 out[fam] = {k: float(sum(e[k] for e in experts.values())) for k in COST_KEYS}
                 out[fam]["params"] = int(sum(e.get("params", 0) for e in experts.values()))
@@ -129,20 +154,24 @@ def load_pretrain_costs(run_dir: str) -> dict[str, Any]:
                 out[fam]["levels"] = {lv: {k: float(sum(e["levels"][lv][k] for e in experts.values()))
                                            for k in COST_KEYS} for lv in sorted(common)}
                 continue
-        c = _run_costs(layout, fam, "")
+        c = _run_costs(layout, fam, "", seed)
         if c is not None:
             out[fam] = c
     return out
 
 
 def pretrain_split(method: Method, pc: dict[str, Any], domain: str, level: float = 1.0,
-                   domain_tokens: int = 0) -> tuple[dict[str, float], dict[str, float], list[str]]:
+                   domain_tokens: int = 0,
+                   seed: int | None = None) -> tuple[dict[str, float], dict[str, float], list[str]]:
     """The one sum of a method's pretraining cost at a pretraining ``level`` (the models it
-    starts from were saved at that fraction of their steps): (shared, per-domain, missing
-    families). Shared: its families pretrained once (C_pretrain); per-domain: the own
+    starts from were saved at that fraction of their steps) and pretraining ``seed`` (a row's
+    ``pretrain_seed``; read from ``pc``'s ``by_seed`` when it has one): (shared, per-domain,
+    missing families). Shared: its families pretrained once (C_pretrain); per-domain: the own
     pretraining of ``domain`` at ``domain_tokens`` train tokens (SLM-is: one run per domain and
     size, charged to that size's trials only; specialization, C_generic = 0); ``missing``:
-    families ``pc`` (load_pretrain_costs) lacks, at that level."""
+    families ``pc`` (load_pretrain_costs) lacks, at that level and seed."""
+    if seed is not None and "by_seed" in pc:
+        pc = pc["by_seed"].get(int(seed), {})
     shared = {k: 0.0 for k in COST_KEYS}
     own = {k: 0.0 for k in COST_KEYS}
     missing = []
@@ -189,7 +218,7 @@ def trial_costs(df: pd.DataFrame, pretrain_costs: dict[str, Any] | None = None) 
     for row in t.to_dict("records"):
         method = get_method(row["method"])
         shared, own, missing = pretrain_split(method, pc, row["domain"], float(row["pretrain_level"]),
-                                              int(row["domain_tokens"]))
+                                              int(row["domain_tokens"]), int(row["pretrain_seed"]))
         src = "costs.json" if method.pretrains else "none"
         if missing:  # e.g. another run's results, or a level the run's files do not hold
             src = "results"  # the row's columns, per domain only if every family is

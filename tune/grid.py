@@ -1,4 +1,5 @@
-"""The sweep grid: one ``Trial`` per (domain, method, budget, domain size, seed, LR), where a
+"""The sweep grid: one ``Trial`` per (domain, method, budget, domain size, seed, LR,
+pretraining level, pretraining seed), where a
 trial is published, which methods the run can specialize (inference budget, pretrained
 families) and the teachers the trials depend on."""
 
@@ -34,21 +35,31 @@ class Trial:
     seed: int
     lr: float  # base LR; divided by specialize.small_data_lr_div for small domains
     level: float = 1.0  # pretraining level its start models were saved at (pretrain.levels)
+    # pretraining seed of its start models, as the layout names it (Recipe.layout_seed): None
+    # for the recipe's own seed, whose trials keep their keys and fingerprints
+    pretrain_seed: int | None = None
 
     def key(self) -> str:
         """Directory name of the trial (deterministic, filesystem-safe; the final model's
-        level 1 is left out, so keys of runs without levels do not change)."""
+        level 1 and the recipe's own pretraining seed are left out, so keys of runs without
+        levels or pretraining seeds do not change)."""
         level = f"--p{level_name(self.level)}" if self.level < 1.0 else ""
+        pseed = f"--ps{self.pretrain_seed}" if self.pretrain_seed is not None else ""
         return (f"{self.domain}--{self.method}--b{self.budget_steps}--t{self.domain_tokens}"
-                f"--s{self.seed}--lr{self.lr:g}{level}")
+                f"--s{self.seed}--lr{self.lr:g}{level}{pseed}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.pretrain_seed is None:  # as before pretraining seeds: published trials stay valid
+            del d["pretrain_seed"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trial":
+        ps = d.get("pretrain_seed")
         return cls(str(d["domain"]), str(d["method"]), int(d["budget_steps"]),
-                   int(d["domain_tokens"]), int(d["seed"]), float(d["lr"]), float(d.get("level", 1.0)))
+                   int(d["domain_tokens"]), int(d["seed"]), float(d["lr"]), float(d.get("level", 1.0)),
+                   None if ps is None else int(ps))
 
 
 def trial_uri(recipe, trial: Trial, sweep: str | None = None) -> str:
@@ -84,7 +95,7 @@ def pretrained_inputs(recipe, trial: Trial) -> dict[str, str]:
         subs = ([expert_name(i) for i in range(recipe.kmeans.k_mix)] if runs == "per_expert"
                 else [FAMILY_INFO[family].sub(trial.domain, trial.domain_tokens)])
         for sub in subs:  # the models of the trial's pretraining level
-            model = layout.pretrain_level(family, sub, trial.level)
+            model = layout.pretrain_level(family, sub, trial.level, trial.pretrain_seed)
             out[layout.relative(model)] = (manifest(model) or {}).get("fingerprint", "")
     return out
 
@@ -103,7 +114,8 @@ def trial_done(recipe, trial: Trial, uri: str) -> bool:
 
 def teacher_of(trial: Trial) -> Trial | None:
     """The trial whose specialized model is ``trial``'s KD teacher (same domain, budget,
-    domain size, seed and LR; the method's ``teacher``), or None."""
+    domain size, seed, LR, pretraining level and pretraining seed; the method's ``teacher``),
+    or None."""
     teacher = get_method(trial.method).teacher
     return dataclasses.replace(trial, method=teacher) if teacher else None
 
@@ -211,9 +223,9 @@ def sweep_trials(recipe, domains: list[str] | None = None) -> list[Trial]:
                               f"{recipe.data.domain_train_tokens}); use one of those")
     methods = check_methods(recipe, sw.methods)
     lrs = sw.lrs or [spec.lr]
-    return [Trial(d, m, b, t, s, lr, lv)
+    return [Trial(d, m, b, t, s, lr, lv, ps)
             for d, m, b, t, s, lr in product(wanted, methods, sw.budgets, sizes, sw.seeds, lrs)
-            for lv in method_levels(recipe, m)]
+            for lv in method_levels(recipe, m) for ps in method_pretrain_seeds(recipe, m)]
 
 
 def method_levels(recipe, method: str) -> list[float]:
@@ -228,3 +240,18 @@ def method_levels(recipe, method: str) -> list[float]:
             raise ConfigError(f"field 'sweep.levels' has {lv:g}, which pretraining does not save "
                               f"(pretrain.levels = {recipe.pretrain.levels}); use some of those")
     return wanted if get_method(method).pretrains else [1.0]
+
+
+def method_pretrain_seeds(recipe, method: str) -> list[int | None]:
+    """The pretraining seeds a method is specialized from, as the layout names them
+    (``Recipe.layout_seed``: None for the recipe's own): those of sweep.pretrain_seeds
+    (default: every one of ``Recipe.pretrain_seeds``) for a method built from pretrained
+    families, the recipe's own alone for one that pretrains nothing (SLM-nopt). ConfigError
+    names a sweep pretraining seed the recipe does not pretrain."""
+    saved = recipe.pretrain_seeds()
+    wanted = list(recipe.sweep.pretrain_seeds) or saved
+    for s in wanted:
+        if s not in saved:
+            raise ConfigError(f"field 'sweep.pretrain_seeds' has {s}, which is not pretrained "
+                              f"(pretraining seeds: {saved}, from pretrain.seeds or seed); use some of those")
+    return [recipe.layout_seed(s) for s in wanted] if get_method(method).pretrains else [None]

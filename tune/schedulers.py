@@ -21,7 +21,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 def like_key(config: dict[str, Any]) -> tuple:
     """The group a sweep trial is ranked in: its grid point (tune/grid.py ``Trial``) without
-    the seed and the LR."""
+    the seeds (fine-tuning and pretraining, like replicates) and the LR."""
     t = config.get("trial", {})
     return (t.get("domain"), t.get("method"), t.get("domain_tokens"), t.get("budget_steps"),
             float(t.get("level", 1.0)))

@@ -61,16 +61,18 @@ def teacher_model(recipe, trial: Trial) -> tuple[str, dict[str, Any], str]:
 
 
 def method_pretrain_costs(layout: RunLayout, method: Method, domain: str, level: float = 1.0,
-                          domain_tokens: int = 0) -> dict[str, float]:
+                          domain_tokens: int = 0, seed: int | None = None) -> dict[str, float]:
     """The row's pretraining columns: everything the method's model was built with (all experts
     of a mixture, teacher + student for SLM-d, the run of the domain at this domain size for
-    SLM-is, 0 for nopt), up to the pretraining ``level`` its start models were saved at."""
-    shared, own, missing = pretrain_split(method, load_pretrain_costs(layout.root), domain, level,
+    SLM-is, 0 for nopt), up to the pretraining ``level`` its start models were saved at, of the
+    pretraining ``seed`` (as the layout names it; None: the recipe's own)."""
+    shared, own, missing = pretrain_split(method, load_pretrain_costs(layout.root, seed), domain, level,
                                           domain_tokens)
     if missing:
         fam = missing[0]
         sub = FAMILY_INFO[fam].sub(domain, domain_tokens) if FAMILY_INFO[fam].runs == "per_domain" else ""
-        what = layout.pretrain_costs(fam, sub) if level >= 1.0 else layout.pretrain_level(fam, sub, level)
+        what = (layout.pretrain_costs(fam, sub, seed) if level >= 1.0
+                else layout.pretrain_level(fam, sub, level, seed))
         raise StageError(f"'{what}' is missing; the pretraining run did not finish (or level "
                          f"{level:g} is not in its pretrain.levels): re-run `slm pretrain --family {fam}`")
     return {"pretrain_flops": shared["flops"] + own["flops"],
@@ -121,7 +123,8 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
                              "(`slm data run`) for this domain and size")
     lr = small_data_lr(recipe, trial.lr, trial.domain_tokens)
     teacher_uri, teacher_row, teacher_key = teacher_model(recipe, trial)
-    pretrain = method_pretrain_costs(layout, method, trial.domain, trial.level, trial.domain_tokens)
+    pretrain = method_pretrain_costs(layout, method, trial.domain, trial.level, trial.domain_tokens,
+                                     trial.pretrain_seed)
     work = trial_workdir(recipe, trial)
     t_start = time.perf_counter()
     context = StartContext(recipe, work)
@@ -136,7 +139,8 @@ def specialize_trial(recipe, trial: Trial, out_uri: str, in_tune: bool = False) 
         "recipe": recipe.name, "domain": trial.domain, "method": trial.method,
         "budget_steps": trial.budget_steps, "domain_tokens": trial.domain_tokens,
         "seed": trial.seed, "lr": lr, "expert": int(best["expert"]),
-        "pretrain_level": float(trial.level), "pretrain_seed": int(recipe.seed),
+        "pretrain_level": float(trial.level),
+        "pretrain_seed": int(recipe.seed if trial.pretrain_seed is None else trial.pretrain_seed),
         "valid_loss": float(best["valid_loss"]), "test_loss": float(test_loss),
         "test_ppl": float(math.exp(min(test_loss, 50.0))),
         "steps_run": int(best["steps_run"]), "best_step": int(best["best_step"]),

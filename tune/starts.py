@@ -35,11 +35,12 @@ log = logging.getLogger(__name__)
 
 
 def pretrain_final(layout: RunLayout, family: str, domain: str = "", expert: int | None = None,
-                   level: float = 1.0, domain_tokens: int = 0) -> str:
+                   level: float = 1.0, domain_tokens: int = 0, seed: int | None = None) -> str:
     """The published model of a pretraining run at a pretraining level (1: its final model):
     the family's, a per-domain family's for ``domain`` at ``domain_tokens`` train tokens, a
-    per-expert family's ``expert``. StageError when it is not published."""
-    final = layout.pretrain_level(family, FAMILY_INFO[family].sub(domain, domain_tokens, expert), level)
+    per-expert family's ``expert``, of the pretraining ``seed`` (as the layout names it; None:
+    the recipe's seed). StageError when it is not published."""
+    final = layout.pretrain_level(family, FAMILY_INFO[family].sub(domain, domain_tokens, expert), level, seed)
     if not exists(final):
         more = "" if level >= 1.0 else f" (level {level:g}: is it in pretrain.levels?)"
         raise StageError(f"pretrained model '{final}' is missing{more}; run `slm pretrain --family "
@@ -100,7 +101,7 @@ class StartContext:
     def pretrained(self, family: str, trial: Trial) -> Start:
         # a per-domain family's (SLM-is) model of the trial's own domain *and* size
         return Start(pretrain_final(self.layout, family, domain=trial.domain, level=trial.level,
-                                    domain_tokens=trial.domain_tokens))
+                                    domain_tokens=trial.domain_tokens, seed=trial.pretrain_seed))
 
     def selected_experts(self, family: str, trial: Trial) -> list[Start]:
         """``specialize.expert_selection``: the expert of the train subset's most frequent
@@ -111,12 +112,14 @@ class StartContext:
             experts = [top_cluster(self.layout, k, train_subset(trial.domain, trial.domain_tokens))]
         elif spec.expert_selection == "lowest_loss":
             valid = self.layout.shards(domain_set(trial.domain, "valid"))
-            losses = {i: self._charged_loss(pretrain_final(self.layout, family, expert=i, level=trial.level), valid)
+            losses = {i: self._charged_loss(pretrain_final(self.layout, family, expert=i, level=trial.level,
+                                                           seed=trial.pretrain_seed), valid)
                       for i in experts}
             experts = [min(losses, key=losses.get)]
             log.info("%s/%s: valid losses before fine-tuning %s -> expert %d", trial.method,
                      trial.domain, losses, experts[0])
-        return [Start(pretrain_final(self.layout, family, expert=i, level=trial.level), i) for i in experts]
+        return [Start(pretrain_final(self.layout, family, expert=i, level=trial.level, seed=trial.pretrain_seed), i)
+                for i in experts]
 
     def _charged_loss(self, model_uri: str, shard: str) -> float:
         """The model's loss on ``shard``, its forward FLOPs and seconds added to ``selection``."""
@@ -132,10 +135,11 @@ class StartContext:
         """The routed family's expert of the train subset's most frequent cluster, written as
         a plain small model."""
         i = top_cluster(self.layout, self.recipe.kmeans.k_pn, train_subset(trial.domain, trial.domain_tokens))
-        final = pretrain_final(self.layout, family, level=trial.level)
+        final = pretrain_final(self.layout, family, level=trial.level, seed=trial.pretrain_seed)
         config = {"family": family, "expert": i, "source": self.layout.relative(final),
                   "source_fingerprint": (manifest(final) or {}).get("fingerprint", "")}
         level = f"-p{trial.level:g}" if trial.level < 1.0 else ""
+        level += f"-ps{trial.pretrain_seed}" if trial.pretrain_seed is not None else ""
         d = self.written(f"init-{family}-{expert_name(i)}{level}", config,
                          lambda: ProjectedLM.from_pretrained(local_dir(final, "model")).materialize(i))
         return Start(d, i)

@@ -43,7 +43,8 @@ def run_study(recipe, force: bool = False) -> str:
         # per (domain, train size) (SLM-is) only for the domains and sizes the sweep specializes
         for done in pretrain_families(recipe, recipe.pretrain.families, domains=recipe.sweep.domains or None,
                                       force=force):
-            lines.append((f"pretrain {done['family']}", done["seconds"], _pretrain_result(layout, done["out"])))
+            seed = "" if recipe.layout_seed(done["seed"]) is None else f" seed {done['seed']}"
+            lines.append((f"pretrain {done['family']}{seed}", done["seconds"], _pretrain_result(layout, done["out"])))
         t = time.time()
         results = run_sweep(recipe)
         lines.append((f"sweep {recipe.sweep.name}", time.time() - t, _sweep_result(recipe, layout, results)))
