@@ -17,7 +17,7 @@ from slm.config import load_recipe
 from slm.configkit import ConfigError
 from slm.errors import InputError, StageError
 from slm.estimate import Cluster, estimate
-from slm.layout import RunLayout, seed_dir
+from slm.layout import RunLayout, domain_run, seed_dir
 from slm.models.config import FAMILY_INFO
 from slm.models.pretrain import _Family, pretrain
 from slm.stage import manifest, write_json
@@ -91,15 +91,16 @@ def test_each_pretraining_seed_is_charged_its_own_costs(tmp_path):
     _write_costs(layout.pretrain_costs("slm"), 100.0)
     assert "by_seed" not in load_pretrain_costs(layout.root)  # one seed: as before seeds
     _write_costs(layout.pretrain_costs("slm", seed=1), 120.0)
-    _write_costs(layout.pretrain_costs("is", "a", seed=1), 30.0)
+    _write_costs(layout.pretrain_costs("is", domain_run("a", 100), seed=1), 30.0)
     pc = load_pretrain_costs(layout.root)
     assert pc["slm"]["flops"] == 100.0 and sorted(pc["by_seed"]) == [0, 1]  # no recipe.yaml: seed 0
     assert load_pretrain_costs(layout.root, seed=1)["slm"]["flops"] == 120.0
     slm = get_method("slm")
-    assert pretrain_split(slm, pc, "a", 1.0, 0)[0]["flops"] == 100.0
-    assert pretrain_split(slm, pc, "a", 1.0, 1)[0]["flops"] == 120.0
-    assert pretrain_split(slm, pc, "a", 1.0, 2)[2] == ["slm"]  # a seed the run did not pretrain
-    assert pretrain_split(get_method("is"), pc, "a", 1.0, 1)[1]["flops"] == 30.0
+    assert pretrain_split(slm, pc, "a", 1.0, 100, seed=0)[0]["flops"] == 100.0
+    assert pretrain_split(slm, pc, "a", 1.0, 100, seed=1)[0]["flops"] == 120.0
+    assert pretrain_split(slm, pc, "a", 1.0, 100, seed=2)[2] == ["slm"]  # a seed the run did not pretrain
+    # SLM-is: the seed's run of the domain at the trial's domain size
+    assert pretrain_split(get_method("is"), pc, "a", 1.0, 100, seed=1)[1]["flops"] == 30.0
     row = {"recipe": "r", "domain": "a", "method": "slm", "budget_steps": 10, "domain_tokens": 100,
            "seed": 0, "lr": 1e-3, "expert": -1, "valid_loss": 3.0, "test_loss": 3.0, "test_ppl": 20.0,
            "steps_run": 10, "best_step": 10, "spec_flops": 1.0, "spec_device_seconds": 1.0,
