@@ -1,22 +1,23 @@
 """k-means over window embeddings, cluster assignment and cluster histograms.
 
 * ``fit_kmeans``: fits centroids on a bounded, seeded sample of ``data/embeddings/generic``
-  with scikit-learn (Lloyd, k-means++), optionally balanced (c-BTM style, see below), and
-  writes ``data/kmeans-k<K>/centroids.safetensors``.
+  with ``kmeans.backend`` (scikit-learn: k-means++ then Lloyd; or faiss), optionally balanced
+  (c-BTM style, see below), and writes ``data/kmeans-k<K>/centroids.safetensors``.
 * ``assign``: one distributed Ray Data pass per set (centroids in the object store, a matrix
   multiply and an argmin per batch) writing ``data/assign-k<K>/<set>``.
 * ``histograms``: per-block partial counts summed on the driver (K numbers per block, never
   rows) into ``data/histograms-k<K>/<set>.json``.
 
-Why scikit-learn and not faiss: the fit runs once per k on a sample (``fit_sample`` rows);
-sklearn's Lloyd step is a BLAS matrix multiply, the same work faiss does on CPU, so at
-k=1024 × 200k × 384 the two differ by a constant, while faiss would add a native dependency
-with no CPU wheel on every platform. The distributed part that scales with the corpus
-(assignment) is ours and runs on Ray.
+scikit-learn or faiss: the fit runs once per k on a sample (``fit_sample`` rows). At the paper's
+k=1024 on 200k × 384, scikit-learn (k-means++ init, then Lloyd) did not finish 20 iterations in
+23 minutes on 2 shared cores where faiss-cpu (random init, Lloyd) took 2 minutes
+(bench_kmeans_assign.py --fit), so faiss is offered as ``kmeans.backend: faiss`` (optional
+extra ``slm[faiss]``: a native wheel, not on every platform; sklearn stays the default). The
+distributed part that scales with the corpus (assignment) is ours and runs on Ray.
 
 Balanced clusters (``balanced``): c-BTM trains experts on equal-sized clusters. We run a few
 balanced Lloyd rounds (E-step: equal-size assignment from Sinkhorn dual prices; M-step: means)
-from the sklearn centroids, and store the final per-cluster prices as tensor ``offsets``.
+from the fitted centroids, and store the final per-cluster prices as tensor ``offsets``.
 Assignment is then ``argmin_c ||x - c||² - offset_c`` for every row independently, which keeps
 the distributed pass embarrassingly parallel and gives near-equal sizes on the whole set
 (the prices are fit on a sample of the same distribution). Unbalanced fits store zero offsets,
@@ -34,7 +35,6 @@ import pyarrow as pa
 import ray
 import ray.data
 from safetensors.numpy import load, save
-from sklearn.cluster import KMeans
 
 from slm.errors import InputError, StageError
 from slm.hashing import hash_uniform
@@ -251,6 +251,11 @@ def fit_with(backend: str, x: np.ndarray, k: int, seed: int, n_init: int, max_it
                           max_points_per_centroid=-(-len(x) // k))  # no subsampling: x is one
         km.train(x)
         return np.asarray(km.centroids, dtype=np.float32), max_iter
+    # imported here, not at the top: every Ray worker that runs an assignment or histogram
+    # batch imports this module, and scikit-learn is ~1 s of its ~1.7 s import (more under
+    # load), paid again by each fresh worker; only the fit task needs it
+    from sklearn.cluster import KMeans
+
     km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter,
                 random_state=seed, algorithm="lloyd").fit(x)
     return km.cluster_centers_.astype(np.float32), int(km.n_iter_)
