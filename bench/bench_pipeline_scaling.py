@@ -2,11 +2,13 @@
 
 Targets (issue 3): cost per document flat within ±10 % from 1x to 10x, and peak driver memory
 that does not grow with corpus size. Each size runs in a fresh subprocess (its own embedded Ray,
-its own peak RSS). Cost = the sum of the stages' seconds (Ray start-up excluded) per generic
-document; the same run also reports the fixed-overhead-free marginal cost (10x - 1x) per
-added document.
+its own peak RSS), in the order 1x, 10x, 1x so that load drift on a shared machine hits both
+sizes alike. Cost = the sum of the stages' seconds (Ray start-up excluded) per generic
+document; the same run also reports the marginal cost (10x - 1x) per added document and the
+fixed cost (a run at zero documents, by the same line). Writes ``pipeline_cost_per_doc_ratio``
+and ``pipeline_scaling`` to bench/results/data_pipeline.json.
 
-    python bench/bench_pipeline_scaling.py [--docs 300] [--factor 10]
+    python bench/bench_pipeline_scaling.py [--docs 700] [--factor 10]
     python bench/bench_pipeline_scaling.py --compare-formats   # parquet vs JSON lines reads
     python bench/bench_pipeline_scaling.py --compare-compute   # tokenize: task vs actor pool
 
@@ -93,11 +95,14 @@ def scaling(docs: int, factor: int, results: str) -> None:
     """1x, 10x, 1x (ABA: the shared machine's load drift hits both sizes alike); the 1x figures
     are the mean of its two runs."""
     load0 = load_average()
-    runs = [_run_subprocess(n) for n in (docs, docs * factor, docs)]
-    for r in runs:
+    runs = []
+    for n in (docs, docs * factor, docs):
+        r = _run_subprocess(n)
+        runs.append(r)
         r["s_per_doc"] = r["stage_seconds"] / r["docs"]
         print(f"docs={r['docs']:>7}  windows={r['windows']:>7}  stages={r['stage_seconds']:8.1f}s  "
-              f"cost/doc={1000 * r['s_per_doc']:8.2f} ms  peak driver RSS={r['peak_rss_mb']:7.0f} MB")
+              f"cost/doc={1000 * r['s_per_doc']:8.2f} ms  peak driver RSS={r['peak_rss_mb']:7.0f} MB",
+              flush=True)
     big = runs[1]
     small_seconds = (runs[0]["stage_seconds"] + runs[2]["stage_seconds"]) / 2
     small_rss = max(runs[0]["peak_rss_mb"], runs[2]["peak_rss_mb"])
@@ -186,7 +191,8 @@ def compare_compute(docs: int = 4000) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--docs", type=int, default=300, help="generic documents at 1x")
+    p.add_argument("--docs", type=int, default=700,
+                   help="generic documents at 1x (700: ~2.3k windows at 1x, ~23k at 10x)")
     p.add_argument("--factor", type=int, default=10)
     p.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--results", default=RESULTS, help="JSON file the figures are merged into")
