@@ -2,11 +2,13 @@
 
 Targets (issue 3): cost per document flat within ±10 % from 1x to 10x, and peak driver memory
 that does not grow with corpus size. Each size runs in a fresh subprocess (its own embedded Ray,
-its own peak RSS). Cost = the sum of the stages' seconds (Ray start-up excluded) per generic
-document; the same run also reports the fixed-overhead-free marginal cost (10x - 1x) per
-added document.
+its own peak RSS), in the order 1x, 10x, 1x so that load drift on a shared machine hits both
+sizes alike. Cost = the sum of the stages' seconds (Ray start-up excluded) per generic
+document; the same run also reports the marginal cost (10x - 1x) per added document and the
+fixed cost (a run at zero documents, by the same line). Writes ``pipeline_cost_per_doc_ratio``
+and ``pipeline_scaling`` to bench/results/data_pipeline.json.
 
-    python bench/bench_pipeline_scaling.py [--docs 300] [--factor 10]
+    python bench/bench_pipeline_scaling.py [--docs 700] [--factor 10]
     python bench/bench_pipeline_scaling.py --compare-formats   # parquet vs JSON lines reads
     python bench/bench_pipeline_scaling.py --compare-compute   # tokenize: task vs actor pool
 
@@ -31,6 +33,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from record import RESULTS, load_average, record  # bench/record.py (the script's folder is on sys.path)
 from slm.cluster.config import ClusterConfig
 from slm.cluster.ray_env import ray_session
 from slm.config import Recipe, from_dict, validate
@@ -74,34 +77,59 @@ def run_one(docs: int) -> dict:
     stage_seconds = sum(s["seconds"] for s in result["stages"])
     return {"docs": docs, "stage_seconds": stage_seconds, "wall_seconds": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "windows": next(s["rows"] for s in result["stages"] if s["stage"] == "windows generic"),
             "per_stage": {s["stage"]: s["seconds"] for s in result["stages"]}}
 
 
-def scaling(docs: int, factor: int) -> None:
+def _run_subprocess(docs: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", str(docs)], capture_output=True,
+                          text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"pipeline run on {docs} docs failed (exit {proc.returncode})")
+    return json.loads(lines[-1][7:])
+
+
+def scaling(docs: int, factor: int, results: str) -> None:
+    """1x, 10x, 1x (ABA: the shared machine's load drift hits both sizes alike); the 1x figures
+    are the mean of its two runs."""
+    load0 = load_average()
     runs = []
-    for n in (docs, docs * factor):
-        proc = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True,
-                              text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"pipeline run on {n} docs failed (exit {proc.returncode})")
-        runs.append(json.loads(lines[-1][7:]))
-    small, big = runs
-    for r in runs:
+    for n in (docs, docs * factor, docs):
+        r = _run_subprocess(n)
+        runs.append(r)
         r["s_per_doc"] = r["stage_seconds"] / r["docs"]
-        print(f"docs={r['docs']:>7}  stages={r['stage_seconds']:8.1f}s  "
-              f"cost/doc={1000 * r['s_per_doc']:8.2f} ms  peak driver RSS={r['peak_rss_mb']:7.0f} MB")
-    ratio = big["s_per_doc"] / small["s_per_doc"]
-    marginal = (big["stage_seconds"] - small["stage_seconds"]) / (big["docs"] - small["docs"])
-    rss_ratio = big["peak_rss_mb"] / small["peak_rss_mb"]
-    slowest = sorted(big["per_stage"].items(), key=lambda kv: -kv[1])[:5]
+        print(f"docs={r['docs']:>7}  windows={r['windows']:>7}  stages={r['stage_seconds']:8.1f}s  "
+              f"cost/doc={1000 * r['s_per_doc']:8.2f} ms  peak driver RSS={r['peak_rss_mb']:7.0f} MB",
+              flush=True)
+    big = runs[1]
+    small_seconds = (runs[0]["stage_seconds"] + runs[2]["stage_seconds"]) / 2
+    small_rss = max(runs[0]["peak_rss_mb"], runs[2]["peak_rss_mb"])
+    ratio = (big["stage_seconds"] / big["docs"]) / (small_seconds / docs)
+    marginal = (big["stage_seconds"] - small_seconds) / (big["docs"] - docs)
+    fixed = small_seconds - marginal * docs  # what a run costs at zero documents
+    rss_ratio = big["peak_rss_mb"] / small_rss
+    per_stage = {k: round(v, 2) for k, v in big["per_stage"].items()}
+    slowest = sorted(per_stage.items(), key=lambda kv: -kv[1])[:5]
     print("slowest stages at 10x:", ", ".join(f"{k} {v:.1f}s" for k, v in slowest))
     print(f"SUMMARY cost/doc ratio {factor}x/1x = {ratio:.2f} (target 0.90-1.10: "
           f"{'PASS' if 0.9 <= ratio <= 1.1 else 'FAIL'}); marginal cost/doc = "
-          f"{1000 * marginal:.2f} ms vs {1000 * small['s_per_doc']:.2f} ms at 1x; "
-          f"peak driver RSS ratio = {rss_ratio:.2f} (target <= 1.10: "
-          f"{'PASS' if rss_ratio <= 1.1 else 'FAIL'})")
+          f"{1000 * marginal:.2f} ms vs {1000 * small_seconds / docs:.2f} ms at 1x; fixed cost "
+          f"{fixed:.1f} s over {len(big['per_stage'])} stages; peak driver RSS ratio = "
+          f"{rss_ratio:.2f} (target <= 1.10: {'PASS' if rss_ratio <= 1.1 else 'FAIL'})")
+    record({"pipeline_cost_per_doc_ratio": round(ratio, 3), "pipeline_scaling": {
+        "goal": "cost per document (sum of stage seconds / generic documents) at 10x over 1x "
+                "within 0.90-1.10; peak driver RSS ratio <= 1.10",
+        "ratio": round(ratio, 3), "pass": 0.9 <= ratio <= 1.1,
+        "peak_driver_rss_ratio": round(rss_ratio, 3), "rss_pass": rss_ratio <= 1.1,
+        "marginal_seconds_per_doc": round(marginal, 5), "fixed_seconds": round(fixed, 2),
+        "order": "1x, 10x, 1x (each a fresh process with its own embedded Ray)",
+        "runs": [{k: r[k] for k in ("docs", "windows", "stage_seconds", "wall_seconds",
+                                    "peak_rss_mb")} for r in runs],
+        "per_stage_seconds": {"1x": [{k: round(v, 2) for k, v in runs[i]["per_stage"].items()}
+                                     for i in (0, 2)], "10x": per_stage},
+        "load_average_at_start": load0}}, results)
 
 
 def compare_formats(windows: int = 100_000, seq_len: int = 128) -> None:
@@ -163,9 +191,11 @@ def compare_compute(docs: int = 4000) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--docs", type=int, default=300, help="generic documents at 1x")
+    p.add_argument("--docs", type=int, default=700,
+                   help="generic documents at 1x (700: ~2.3k windows at 1x, ~23k at 10x)")
     p.add_argument("--factor", type=int, default=10)
     p.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--results", default=RESULTS, help="JSON file the figures are merged into")
     p.add_argument("--compare-formats", action="store_true")
     p.add_argument("--compare-compute", action="store_true")
     args = p.parse_args()
@@ -177,7 +207,7 @@ def main() -> None:
     elif args.compare_compute:
         compare_compute()
     else:
-        scaling(args.docs, args.factor)
+        scaling(args.docs, args.factor, args.results)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 from slm.configkit import ConfigError, positive
+
+FAISS_MISSING = ("kmeans.backend is 'faiss' but the faiss package is not installed; "
+                 "pip install 'slm[faiss]' (faiss-cpu) or set kmeans.backend: sklearn")
 
 # The data pipeline's stage groups, in order (pipeline/run.py); `slm data run --until G` stops
 # after G (e.g. check a new corpus through tokenizer and windows before paying for embeddings).
@@ -99,9 +103,14 @@ class KMeansConfig:
     max_iter: int = field(default=100, metadata={"help": "k-means iterations"})
     n_init: int = field(default=1, metadata={"help": "k-means restarts"})
     fit_cpus: float = field(default=1.0, metadata={"help": "CPUs of the Ray task that fits the centroids (it runs where the cluster has them, not on the head)"})
+    backend: str = field(default="sklearn", metadata={"help": "sklearn | faiss: library that fits the centroids; faiss (pip install 'slm[faiss]') runs exactly max_iter iterations from a random init; see bench_kmeans_assign.py --fit"})
 
     def validate(self) -> None:
         positive(self, "k_is", "k_mix", "k_pn", "fit_sample", "max_iter", "n_init", "fit_cpus")
+        if self.backend not in ("sklearn", "faiss"):
+            raise ConfigError(f"field 'backend' is '{self.backend}'; use sklearn or faiss")
+        if self.backend == "faiss" and importlib.util.find_spec("faiss") is None:
+            raise ConfigError(FAISS_MISSING)
 
     def ks(self) -> list[int]:
         return sorted({self.k_is, self.k_mix, self.k_pn})

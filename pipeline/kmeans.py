@@ -1,22 +1,23 @@
 """k-means over window embeddings, cluster assignment and cluster histograms.
 
 * ``fit_kmeans``: fits centroids on a bounded, seeded sample of ``data/embeddings/generic``
-  with scikit-learn (Lloyd, k-means++), optionally balanced (c-BTM style, see below), and
-  writes ``data/kmeans-k<K>/centroids.safetensors``.
+  with ``kmeans.backend`` (scikit-learn: k-means++ then Lloyd; or faiss), optionally balanced
+  (c-BTM style, see below), and writes ``data/kmeans-k<K>/centroids.safetensors``.
 * ``assign``: one distributed Ray Data pass per set (centroids in the object store, a matrix
   multiply and an argmin per batch) writing ``data/assign-k<K>/<set>``.
 * ``histograms``: per-block partial counts summed on the driver (K numbers per block, never
   rows) into ``data/histograms-k<K>/<set>.json``.
 
-Why scikit-learn and not faiss: the fit runs once per k on a sample (``fit_sample`` rows);
-sklearn's Lloyd step is a BLAS matrix multiply, the same work faiss does on CPU, so at
-k=1024 × 200k × 384 the two differ by a constant, while faiss would add a native dependency
-with no CPU wheel on every platform. The distributed part that scales with the corpus
-(assignment) is ours and runs on Ray.
+scikit-learn or faiss: the fit runs once per k on a sample (``fit_sample`` rows). At the paper's
+k=1024 on 200k × 384, scikit-learn (k-means++ init, then Lloyd) did not finish 20 iterations in
+23 minutes on 2 shared cores where faiss-cpu (random init, Lloyd) took 2 minutes
+(bench_kmeans_assign.py --fit), so faiss is offered as ``kmeans.backend: faiss`` (optional
+extra ``slm[faiss]``: a native wheel, not on every platform; sklearn stays the default). The
+distributed part that scales with the corpus (assignment) is ours and runs on Ray.
 
 Balanced clusters (``balanced``): c-BTM trains experts on equal-sized clusters. We run a few
 balanced Lloyd rounds (E-step: equal-size assignment from Sinkhorn dual prices; M-step: means)
-from the sklearn centroids, and store the final per-cluster prices as tensor ``offsets``.
+from the fitted centroids, and store the final per-cluster prices as tensor ``offsets``.
 Assignment is then ``argmin_c ||x - c||² - offset_c`` for every row independently, which keeps
 the distributed pass embarrassingly parallel and gives near-equal sizes on the whole set
 (the prices are fit on a sample of the same distribution). Unbalanced fits store zero offsets,
@@ -34,14 +35,13 @@ import pyarrow as pa
 import ray
 import ray.data
 from safetensors.numpy import load, save
-from sklearn.cluster import KMeans
 
 from slm.errors import InputError, StageError
 from slm.hashing import hash_uniform
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import (arrow_to_vectors, count_rows, parquet_files, read_artifact,
                                     user_errors, write_dataset)
-from slm.pipeline.config import KMeansConfig
+from slm.pipeline.config import FAISS_MISSING, KMeansConfig
 from slm.stage import (Stage, exists, filesystem, input_fingerprints, join, manifest, read_json,
                        rebuild_fix,
                        write_json)
@@ -69,11 +69,18 @@ def squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def nearest(x: np.ndarray, centroids: np.ndarray, offsets: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
     """(cluster int32, Euclidean distance float32) of each row: argmin ||x-c||² - offset_c."""
-    d2 = squared_distances(x.astype(np.float32, copy=False), centroids)
-    score = d2 if offsets is None else d2 - offsets[None, :]
+    x = x.astype(np.float32, copy=False)
+    centroids = centroids.astype(np.float32, copy=False)
+    off = np.zeros(len(centroids), np.float32) if offsets is None else offsets.astype(np.float32)
+    # ||x||² is the same for every c, so the argmin needs only ||c||² - offset_c - 2 x·c: one
+    # matrix multiply and one in-place add over [n, K] (the full d2 took four [n, K] passes,
+    # ~30 % of the assignment's compute); d2 is then completed for the chosen centroid only.
+    score = x @ centroids.T
+    score *= -2.0
+    score += np.einsum("ij,ij->i", centroids, centroids) - off
     cluster = np.argmin(score, axis=1)
-    dist = np.sqrt(d2[np.arange(len(x)), cluster])
-    return cluster.astype(np.int32), dist.astype(np.float32)
+    d2 = np.einsum("ij,ij->i", x, x) + score[np.arange(len(x)), cluster] + off[cluster]
+    return cluster.astype(np.int32), np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
@@ -200,6 +207,8 @@ def fit_kmeans(layout: RunLayout, k: int, cfg: KMeansConfig, seed: int, force: b
     config = {"k": k, "fit_sample": cfg.fit_sample, "max_iter": cfg.max_iter,
               "n_init": cfg.n_init, "seed": seed, "balanced": balanced,
               "balance_rounds": balance_rounds if balanced else 0}
+    if cfg.backend != "sklearn":  # keyed only when set, so runs fitted before it stay done
+        config["backend"] = cfg.backend
     st = Stage(out_uri, stage="kmeans", config=config, inputs=input_fingerprints(layout, src),
                force=force)
     if st.done:
@@ -211,7 +220,8 @@ def fit_kmeans(layout: RunLayout, k: int, cfg: KMeansConfig, seed: int, force: b
                          "a bigger generic corpus")
     # the fit runs as a Ray task with its own CPUs (kmeans.fit_cpus) where the cluster has them,
     # not on the head: it reads its sample from storage itself and returns only the centroids
-    args = (src, max(cfg.fit_sample, k), n_total, k, seed, cfg.n_init, cfg.max_iter, balanced, balance_rounds)
+    args = (src, max(cfg.fit_sample, k), n_total, k, seed, cfg.n_init, cfg.max_iter, balanced,
+            balance_rounds, cfg.backend)
     if ray.is_initialized():
         cpus = min(cfg.fit_cpus, ray.cluster_resources().get("CPU", cfg.fit_cpus) or cfg.fit_cpus)
         fit = ray.remote(num_cpus=cpus)(fit_centroids)
@@ -226,26 +236,48 @@ def fit_kmeans(layout: RunLayout, k: int, cfg: KMeansConfig, seed: int, force: b
     return out_uri
 
 
+def fit_with(backend: str, x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int
+             ) -> tuple[np.ndarray, int]:
+    """(centroids [k, dim] float32, Lloyd iterations run) of ``x`` with the given backend:
+    scikit-learn (k-means++ init, stops on convergence) or faiss (random init, ``max_iter``
+    iterations; bench_kmeans_assign.py --fit compares them)."""
+    if backend == "faiss":
+        try:
+            import faiss  # optional dependency (extra "faiss"): imported only when chosen
+        except ImportError:
+            raise InputError(FAISS_MISSING) from None
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        km = faiss.Kmeans(x.shape[1], k, niter=max_iter, nredo=n_init, seed=seed, verbose=False,
+                          max_points_per_centroid=-(-len(x) // k))  # no subsampling: x is one
+        km.train(x)
+        return np.asarray(km.centroids, dtype=np.float32), max_iter
+    # imported here, not at the top: every Ray worker that runs an assignment or histogram
+    # batch imports this module, and scikit-learn is ~1 s of its ~1.7 s import (more under
+    # load), paid again by each fresh worker; only the fit task needs it
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter,
+                random_state=seed, algorithm="lloyd").fit(x)
+    return km.cluster_centers_.astype(np.float32), int(km.n_iter_)
+
+
 def fit_centroids(src: str, target: int, n_total: int, k: int, seed: int, n_init: int, max_iter: int,
-                  balanced: bool, balance_rounds: int) -> dict[str, Any]:
-    """Sample ≤ ``target`` embeddings of ``src`` and fit ``k`` centroids (sklearn Lloyd, then the
+                  balanced: bool, balance_rounds: int, backend: str = "sklearn") -> dict[str, Any]:
+    """Sample ≤ ``target`` embeddings of ``src`` and fit ``k`` centroids (``fit_with``, then the
     balanced rounds); returns the centroids, offsets and the figures the manifest records."""
     t0 = time.time()
     x = sample_embeddings(src, target, n_total, seed)
     if len(x) < k:  # the seeded sample fell short of k: take the first rows instead
         x = sample_embeddings(src, target, target, seed)
     sample_seconds = time.time() - t0
-    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=max_iter,
-                random_state=seed, algorithm="lloyd")
-    km.fit(x)
-    centroids = km.cluster_centers_.astype(np.float32)
+    centroids, iterations = fit_with(backend, x, k, seed, n_init, max_iter)
     offsets = np.zeros(k, dtype=np.float32)
     if balanced:
         centroids, offsets = balanced_lloyd(x, centroids, balance_rounds, seed)
     labels, dist = nearest(x, centroids, offsets)
     return {"centroids": centroids, "offsets": offsets, "sample_rows": int(len(x)),
             "inertia": float(np.square(dist, dtype=np.float64).sum()),
-            "sklearn_inertia": float(km.inertia_), "iterations": int(km.n_iter_),
+            "backend": backend, "iterations": iterations,
             "sizes": np.bincount(labels, minlength=k).tolist(),
             "sample_seconds": round(sample_seconds, 3), "fit_seconds": round(time.time() - t0 - sample_seconds, 3),
             # where it ran: a Ray worker (a task with its own CPUs) or the calling process

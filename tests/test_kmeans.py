@@ -16,7 +16,9 @@ from slm.errors import InputError, SlmError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import parquet_files, vectors_to_arrow
 from slm.pipeline.config import KMeansConfig
-from slm.pipeline.kmeans import assign, fit_kmeans, histograms, load_centroids, read_histogram
+from slm.configkit import ConfigError
+from slm.pipeline.kmeans import (assign, fit_kmeans, fit_with, histograms, load_centroids, nearest,
+                                 read_histogram)
 
 DIM = 32
 
@@ -140,3 +142,32 @@ def test_assign_needs_fitted_centroids(run):
     layout, _, _ = run
     with pytest.raises(SlmError, match="kmeans-k7"):
         assign(layout, 7, "generic")
+
+
+def test_nearest_matches_full_distances_with_offsets():
+    rng = np.random.default_rng(0)
+    x, c = rng.normal(size=(300, DIM)).astype(np.float32), rng.normal(size=(7, DIM)).astype(np.float32)
+    off = rng.normal(size=7).astype(np.float32)
+    d2 = ((x[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+    cluster, dist = nearest(x, c, off)
+    np.testing.assert_array_equal(cluster, np.argmin(d2 - off, axis=1))
+    np.testing.assert_allclose(dist, np.sqrt(d2[np.arange(300), cluster]), rtol=1e-4, atol=1e-4)
+
+
+def test_faiss_backend_fits_as_well_as_sklearn():
+    pytest.importorskip("faiss")  # the optional extra slm[faiss] (in slm[all])
+    # more centres than clusters, overlapping (as sentence embeddings are); on a few
+    # well-separated blobs faiss's random init can put two centroids in one blob
+    x = blobs([60] * 48, seed=2)
+    x += np.random.default_rng(3).normal(scale=0.3, size=x.shape).astype(np.float32)
+    inertia = {}
+    for backend in ("sklearn", "faiss"):
+        centroids, iterations = fit_with(backend, x, 16, seed=0, n_init=1, max_iter=30)
+        assert centroids.shape == (16, DIM) and centroids.dtype == np.float32 and iterations >= 1
+        inertia[backend] = float(np.square(nearest(x, centroids)[1], dtype=np.float64).sum())
+    assert inertia["faiss"] == pytest.approx(inertia["sklearn"], rel=0.01)
+
+
+def test_backend_is_checked_in_the_config():
+    with pytest.raises(ConfigError, match="field 'backend' is 'cuml'"):
+        KMeansConfig(backend="cuml").validate()
