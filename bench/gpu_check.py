@@ -56,6 +56,7 @@ from machine_info import machine  # noqa: E402
 from slm.cluster.config import ClusterConfig  # noqa: E402
 from slm.cluster.ray_env import ray_session  # noqa: E402
 from slm.config import load_recipe  # noqa: E402
+from slm.models import checkpoint as ckpt  # noqa: E402
 from slm.models.families import FamilySpec  # noqa: E402
 from slm.models.lm import lm_config, make_lm  # noqa: E402
 from slm.models.loop_config import LoraSection  # noqa: E402
@@ -160,7 +161,7 @@ def run_training_probe(p: dict[str, Any]) -> dict[str, Any]:
         out["memory_estimate_error"] = est.total / peak - 1.0
         out["memory_within_tolerance"] = abs(out["memory_estimate_error"]) <= MEMORY_TOLERANCE
     if "lora" in p:  # the served model: merged, plain (no adapter files)
-        export = os.path.join(work, "run", "probe", f"step={p['steps']:08d}", "export")
+        export = os.path.join(work, "run", "probe", ckpt.step_dir_name(p["steps"]), ckpt.EXPORT_DIR)
         out["export_files"] = sorted(os.listdir(export))
     if p["name"] in GOALS:
         out["mfu_goal"] = GOALS[p["name"]]
