@@ -219,6 +219,17 @@ def positive(section: Any, *names: str, allow_zero: bool = False) -> None:
                 raise ConfigError(f"field '{name}' must be {bound}, got {value!r}; set it to a positive size")
 
 
+def distinct(section: Any, *names: str) -> None:
+    """Raise ConfigError when a list field holds a value twice (a sweep axis listed twice
+    would run every trial of that value twice, under one key)."""
+    for name in names:
+        values = getattr(section, name)
+        dup = [v for i, v in enumerate(values) if v in values[:i]]
+        if dup:
+            raise ConfigError(f"field '{name}' lists {sorted(set(map(str, dup)))} more than once; "
+                              "list each value once")
+
+
 def check_seeds(name: str, seeds: list[int]) -> None:
     """Raise ConfigError when a list of seeds (field ``name``) holds anything but non-negative
     integers, or a seed twice."""

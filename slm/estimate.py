@@ -168,8 +168,10 @@ def _sweep_stage(recipe, vocab: int, n_domains: int) -> StageEstimate:
         starts = recipe.kmeans.k_mix if m.expert_selection and spec.expert_selection == "all" else 1
         teacher = (inference_flops_per_token(lm_config(get_method(m.teacher).served_preset(p), vocab, seq), seq)
                    if m.teacher else 0.0)
-        # a method built from pretrained families: one trial per pretraining seed it starts from
-        points = per_grid_point * (len(sw.pretrain_seeds or recipe.pretrain_seeds()) if m.pretrains else 1)
+        # a method built from pretrained families: one trial per pretraining seed and level it
+        # starts from (as tune.grid.sweep_trials makes them)
+        points = per_grid_point * (len(sw.pretrain_seeds or recipe.pretrain_seeds())
+                                   * len(sw.levels or p.levels) if m.pretrains else 1)
         for budget in sw.budgets:
             t = float(budget * spec.micro_batch * sw.workers_per_trial * seq) * starts
             tokens += t * points

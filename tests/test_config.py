@@ -59,6 +59,17 @@ def test_zero_or_negative_sizes_are_rejected(override, field):
         load_recipe("demo", override)
 
 
+@pytest.mark.parametrize("override, field", [
+    ({"sweep.seeds": "[0, 1, 0]"}, "seeds"),
+    ({"sweep.methods": "[slm, pn, slm]"}, "methods"),
+    ({"sweep.budgets": "[20, 20]"}, "budgets"),
+    ({"sweep.levels": "[0.5, 0.5]"}, "levels"),
+])
+def test_a_sweep_axis_listing_a_value_twice_is_refused(override, field):
+    with pytest.raises(ConfigError, match=rf"field '{field}' lists .* more than once"):
+        load_recipe("demo", override)
+
+
 def test_type_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"kmeans\.k_mix: expected an integer"):
         from_dict(Recipe, {"kmeans": {"k_mix": "many"}})

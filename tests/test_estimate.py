@@ -103,7 +103,9 @@ def test_sweep_counts_the_grid_and_the_teacher():
     demo = load_recipe("demo")
     e = _stages(estimate(demo, Cluster(node_type("L4", 1), 1), results_glob=NONE))
     sw = demo.sweep
-    assert e["specialize sweep"]["runs"] == len(sw.methods) * len(sw.budgets) * len(sw.domain_tokens) * len(sw.seeds)
+    # one trial per pretraining level of every method built from pretrained families
+    assert e["specialize sweep"]["runs"] == (len(sw.methods) * len(sw.budgets) * len(sw.domain_tokens)
+                                             * len(sw.seeds) * len(demo.pretrain.levels))
     no_d = _stages(estimate(load_recipe("demo", {"sweep.methods": "[slm, llm, is, mix, pn]"}),
                             Cluster(node_type("L4", 1), 1), results_glob=NONE))
     slm_only = _stages(estimate(load_recipe("demo", {"sweep.methods": "[slm]"}),
@@ -111,6 +113,19 @@ def test_sweep_counts_the_grid_and_the_teacher():
     # SLM-d = an SLM fine-tuning + the LLM teacher's forward on the same tokens
     d_flops = e["specialize sweep"]["flops"] - no_d["specialize sweep"]["flops"]
     assert d_flops > slm_only["specialize sweep"]["flops"]
+
+
+def test_sweep_counts_levels_and_pretraining_seeds_of_pretrained_methods_only():
+    """The study's grid: SLM-nopt (nothing pretrained) is one trial per (domain, budget, size,
+    seed); every other method one per pretraining level and pretraining seed too."""
+    study = load_recipe("study")
+    e = _stages(estimate(study, Cluster(node_type("L4", 1), 1), results_glob=NONE))
+    sw, p = study.sweep, study.pretrain
+    per_point = len(sw.domains) * len(sw.budgets) * len(sw.domain_tokens) * len(sw.seeds)
+    pretrained = [m for m in sw.methods if m != "nopt"]
+    assert len(p.levels) == 3 and len(p.seeds) == 2 and "nopt" in sw.methods
+    expected = per_point * (len(pretrained) * len(p.levels) * len(p.seeds) + 1)
+    assert e["specialize sweep"]["runs"] == expected == 592
 
 
 def test_sweep_counts_lora_trials_at_loras_flops_per_token():

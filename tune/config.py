@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slm.configkit import ConfigError, check_seeds, positive
+from slm.configkit import ConfigError, check_seeds, distinct, positive
 from slm.models.config import LORA_TARGETS
 
 from .methods import get_method, method_names
@@ -115,6 +115,8 @@ class SweepConfig:
                               f"{self.workers_per_trial}: each worker of a multi-worker trial holds a whole "
                               "GPU; use gpus_per_trial 1 (or workers_per_trial 1 to share GPUs between trials)")
         check_seeds("pretrain_seeds", self.pretrain_seeds)
+        check_seeds("seeds", self.seeds)
+        distinct(self, "domains", "methods", "budgets", "domain_tokens", "lrs", "levels")
         if not self.name or "/" in self.name:
             raise ConfigError(f"field 'name' is '{self.name}'; give the sweep a plain name (no '/')")
         if not self.methods or not self.budgets or not self.seeds:
