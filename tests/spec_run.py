@@ -116,13 +116,14 @@ def tiny_recipe_dict(run_dir: str, paths: dict[str, str], **sweep) -> dict:
 
 def build_tiny_run(base: Path):
     """Data pipeline + pretraining of every family (each skipped when already done); SLM-is,
-    per (domain, size), at the sizes the sweep specializes (1024), as `slm run` does."""
-    from slm.models.pretrain import pretrain
+    per (domain, size), at the sizes the sweep specializes (1024), as `slm run` does: the
+    families whose runs fit train at once (two of 0.5 CPU on a 2-CPU Ray), the mix experts
+    before them."""
+    from slm.models.pretrain import pretrain_families
     from slm.pipeline.run import run_pipeline
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     recipe = tiny_recipe(base)
     run_pipeline(recipe)
-    for fam in recipe.pretrain.families:
-        pretrain(recipe, fam)
+    pretrain_families(recipe, list(recipe.pretrain.families))
     return recipe

@@ -139,6 +139,17 @@ def test_report_computes_the_findings_from_synthetic_results(tmp_path, capsys):
     assert manifest(report)["cost_unit"] == "device-hours"
     for name in ("findings.md", "findings.json", "planner_accuracy.json"):
         assert name in manifest(report)["files"]
+    # the perplexity table holds the final level, every (pretraining seed, seed) pair: the
+    # mean over all 4 pairs, not over the lower-valid-loss pretraining seed of each seed
+    pt = pd.read_csv(os.path.join(report, "perplexity_table.csv"))
+    cell = pt[(pt["domain"] == "a") & (pt["method"] == "slm") & (pt["domain_tokens"] == 8192)
+              & (pt["budget_steps"] == 50)]
+    rows = df[(df["domain"] == "a") & (df["method"] == "slm") & (df["domain_tokens"] == 8192)
+              & (df["budget_steps"] == 50) & (df["pretrain_level"] == 1.0)]
+    assert len(rows) == 4 and int(cell["n_seeds"].iloc[0]) == 4
+    assert cell["mean"].iloc[0] == pytest.approx(rows["test_ppl"].mean())
+    macro = pt[(pt["domain"] == "(macro)") & (pt["method"] == "slm")]
+    assert set(macro["n_seeds"]) == {4}
     md = open(os.path.join(report, "findings.md"), encoding="utf-8").read()
     trials = trial_costs(df)
     expected = findings_markdown(evaluate_findings(trials, "device-hours"), summary(trials),

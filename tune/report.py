@@ -32,7 +32,8 @@ from slm.errors import InputError
 from slm.layout import RunLayout
 from slm.stage import is_remote, join, publish
 
-from .costs import aggregate_points, amortization_table, load_pretrain_costs, macro_ppl_by_seed, trial_costs
+from .costs import (TRIAL_KEY, aggregate_points, amortization_table, load_pretrain_costs, macro_ppl_by_seed,
+                    trial_costs, with_levels)
 from .findings import evaluate_findings, findings_json, findings_markdown, summary
 from .methods import get_method, method_names
 from .planner import format_accuracy, leave_one_cell_out, measured_levels, rank_levels
@@ -56,9 +57,10 @@ METHOD_COSTS = "method_costs.csv"
 
 def perplexity_table(trials: pd.DataFrame) -> pd.DataFrame:
     """Long table of the report's perplexity cells: one row per (domain, method, domain_tokens,
-    budget_steps) with mean/std of test perplexity over seeds; domain '(macro)' rows hold the
-    macro average (exp of the mean over domains of the mean test NLL over seeds) and the std
-    over seeds of the per-seed macro perplexity."""
+    budget_steps) with mean/std of test perplexity over seeds (every pair of pretraining and
+    fine-tuning seed: ``n_seeds`` counts the pairs); domain '(macro)' rows hold the macro
+    average (exp of the mean over domains of the mean test NLL over seeds) and the std over
+    seed pairs of the per-pair macro perplexity."""
     keys = ["method", "domain_tokens", "budget_steps"]
     rows = []
     for (dom, *k), g in trials.groupby(["domain"] + keys, sort=True):
@@ -70,7 +72,7 @@ def perplexity_table(trials: pd.DataFrame) -> pd.DataFrame:
         by_seed = macro_ppl_by_seed(g)
         rows.append({"domain": "(macro)", **dict(zip(keys, k)), "mean": float(math.exp(nll)),
                      "std": float(np.std(by_seed, ddof=1)) if len(by_seed) > 1 else 0.0,
-                     "n_seeds": int(g["seed"].nunique())})
+                     "n_seeds": len(by_seed)})
     return pd.DataFrame(rows)
 
 
@@ -340,10 +342,12 @@ def write_report(recipe, extra_results: Iterable[str] = (), cost_unit: str = "fl
     amort = amortization_table(points, AMORTIZATION_NS)
     # the perplexity table is of the final models (pretraining level 1); the levels have
     # their own figure
-    final = trials[trials["pretrain_level"] >= 1.0]
+    # one row per trial key (the best LR of each; every pretraining seed stays: keying on the
+    # fine-tuning seed alone kept only the luckier pretraining seed of each pair)
+    final = with_levels(trials)
+    final = final[final["pretrain_level"] >= 1.0]
     pt = perplexity_table(final.sort_values("valid_loss", kind="stable")
-                          .drop_duplicates(["recipe", "domain", "method", "budget_steps",
-                                            "domain_tokens", "seed"]))
+                          .drop_duplicates(list(TRIAL_KEY)))
     small_served = points[points["method"].map(lambda m: not get_method(m).serves_large)]
     small = float(recipe.specialize.inference_budget
                   or (small_served["inference_params"].max() if len(small_served)
