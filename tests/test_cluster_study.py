@@ -94,6 +94,9 @@ def study(local_cluster, s3_server, tmp_path_factory):
     data = tiny_recipe_dict(f"{prefix}/run", remote, name="cluster", methods=METHODS,
                             budgets=[4], cpus_per_trial=0.5)
     data["cluster"] = {"storage": f"{prefix}/storage"}
+    # one pretraining level: the levels' trials and exports are tested on one node
+    # (test_levels, test_study_e2e); here they would double the sweep on two 1-CPU nodes
+    data["pretrain"]["levels"] = [1.0]
     recipe = base / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     proc, seconds = _submit(local_cluster, "slm", "run", "--recipe", str(recipe), timeout=2400)
