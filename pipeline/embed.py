@@ -245,7 +245,8 @@ def embed_windows(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: boo
     Skips when already done with the same config and inputs."""
     src, out_uri = layout.windows(set_name), layout.embeddings(set_name)
     cfg.validate()
-    st = Stage(out_uri, stage="embed", config={"model": cfg.model},  # pool/batch: speed only
+    # the model and how much of a window it reads decide the vectors; pool/batch: speed only
+    st = Stage(out_uri, stage="embed", config={"model": cfg.model, "max_seq_length": cfg.max_seq_length},
                inputs=input_fingerprints(layout, src, layout.tokenizer), force=force)
     if st.done:
         return out_uri

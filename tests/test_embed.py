@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -13,10 +14,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from slm import stage
-from slm.errors import InputError
+from slm.errors import InputError, StageError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import arrow_to_vectors, parquet_files
 from slm.pipeline.config import EmbedConfig
+from slm.pipeline.coverage import embedding_coverage
 from slm.pipeline.embed import embed_texts, embed_windows, load_model, offline_model_dir, resolve_model
 
 SEQ = 32
@@ -98,6 +100,26 @@ def test_embed_windows_matches_bare_sentence_transformers(ray_local, tmp_path, b
     # same topic → nearer than other topics (the vectors carry meaning, not just shape)
     assert float(got[0] @ got[1]) > float(np.median(got[0] @ got.T))
     assert embed_windows(layout, "generic", cfg) == uri  # done: reused
+    # how much of a window the model reads changes the vectors: never reused silently
+    with pytest.raises(StageError, match="another|other"):
+        embed_windows(layout, "generic", dataclasses.replace(cfg, max_seq_length=16))
+
+
+def test_coverage_counts_the_tokens_the_embedder_reads_and_windows_spanning_documents(tmp_path, bare_model):
+    """The report's 'what the clustering saw' figures on a run whose windows are cut across
+    documents: the fraction of each window's text tokens within the embedder's limit (16 here,
+    2 of them special), and the windows with an EOS between two pieces of text."""
+    layout, tok, ids = build_run(str(tmp_path / "run"))
+    cov = embedding_coverage(layout, "generic", EmbedConfig(max_seq_length=16), sample=50)
+    texts = tok.batch_decode([list(r) for r in ids[:50]], skip_special_tokens=True)
+    lengths = [len(bare_model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert max(lengths) > 14  # some windows are truncated at this limit
+    assert cov["embedded_token_fraction"] == pytest.approx(sum(min(n, 14) for n in lengths) / sum(lengths))
+    multi = sum(tok.eos_token_id in list(r)[1:-1] for r in ids[:50]) / 50
+    assert cov["multi_document_fraction"] == multi and 0 < multi < 1
+    assert cov["sampled_windows"] == 50 and cov["windows"] == len(ids)
+    # at the model's own limit (256 tokens) every token of these short windows is read
+    assert embedding_coverage(layout, "generic", EmbedConfig(), sample=50)["embedded_token_fraction"] == 1.0
 
 
 def test_embedder_on_any_text_dataset_keeps_other_columns(ray_local, bare_model):

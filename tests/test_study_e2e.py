@@ -5,6 +5,7 @@ done; the sweep and the report are this test's own.)"""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -50,6 +51,14 @@ def test_run_study_end_to_end(recipe, capsys):
     for m in ("slm", "pn"):
         assert 0 < by[(m, 0.5)]["pretrain_flops"] < by[(m, 1.0)]["pretrain_flops"]
     assert os.path.isfile(os.path.join(os.path.dirname(report), "ppl_vs_pretrain_levels.png"))
+    # what the clustering saw: the generic set and the domain's train set, measured
+    with open(os.path.join(os.path.dirname(report), "clustering_coverage.json"), encoding="utf-8") as f:
+        coverage = {c["set"]: c for c in json.load(f)}
+    assert sorted(coverage) == ["domain-numeric-train", "generic"]
+    for c in coverage.values():
+        assert 0 < c["embedded_token_fraction"] <= 1 and 0 <= c["multi_document_fraction"] <= 1
+        assert c["sampled_windows"] == min(c["windows"], 2000)
+    assert "What the clustering saw" in open(report, encoding="utf-8").read()
     for m in ("slm", "pn"):
         assert os.path.isfile(os.path.join(layout.model("numeric", m), "model.safetensors"))
 

@@ -29,7 +29,8 @@ from matplotlib.patches import Patch
 
 from slm.config import dump_recipe
 from slm.errors import InputError
-from slm.layout import RunLayout
+from slm.layout import RunLayout, domain_set
+from slm.pipeline.coverage import embedding_coverage
 from slm.stage import is_remote, join, publish
 
 from .costs import (TRIAL_KEY, aggregate_points, amortization_table, load_pretrain_costs, macro_ppl_by_seed,
@@ -45,6 +46,7 @@ AMORTIZATION_NS = (1, 7, 50)
 FINDINGS_MD = "findings.md"
 FINDINGS_JSON = "findings.json"
 PLANNER_ACCURACY = "planner_accuracy.json"
+CLUSTERING_COVERAGE = "clustering_coverage.json"
 FIGURES = ("ppl_vs_pretrain.png", "ppl_vs_pretrain_levels.png", "ppl_vs_specialize.png", "amortization.png",
            "decision.png")
 PERPLEXITY_TABLE = "perplexity_table.csv"
@@ -364,12 +366,14 @@ def write_report(recipe, extra_results: Iterable[str] = (), cost_unit: str = "fl
         "decision.png": fig_decision(points, small, unit=unit.name),
     }
     command = report_command(recipe, unit.name)
+    coverage = clustering_coverage(recipe, layout, sorted(trials["domain"].unique()))
     found = evaluate_findings(trials, unit.name)
     summ = summary(trials)
     accuracy = {"any_model": leave_one_cell_out(points, unit.name),
                 "small_model": leave_one_cell_out(points, unit.name, small)}
     page = _page(recipe, sources, pt, points, amort, small,
-                 dump_recipe(portable_recipe(recipe, layout)), trials, found, accuracy, unit)
+                 dump_recipe(portable_recipe(recipe, layout)), trials, found, accuracy, unit,
+                 coverage)
     csv = raw.to_csv(index=False).encode("utf-8")
     pq_buf = io.BytesIO()
     raw.to_parquet(pq_buf, index=False)
@@ -381,13 +385,40 @@ def write_report(recipe, extra_results: Iterable[str] = (), cost_unit: str = "fl
                  PERPLEXITY_TABLE: pt.to_csv(index=False).encode("utf-8"),
                  FINDINGS_MD: findings_markdown(found, summ, command).encode("utf-8"),
                  FINDINGS_JSON: findings_json(found, summ, command).encode("utf-8"),
-                 PLANNER_ACCURACY: json.dumps(accuracy, indent=2, default=float).encode("utf-8")}
+                 PLANNER_ACCURACY: json.dumps(accuracy, indent=2, default=float).encode("utf-8"),
+                 CLUSTERING_COVERAGE: json.dumps(coverage, indent=2).encode("utf-8")}
         for name, data in files.items():
             with out.fs.open_output_stream(f"{out.path}/{name}") as f:
                 f.write(data)
         out.manifest.update({"files": sorted(files), "sources": sources, "rows": len(raw),
                              "cost_unit": unit.name})
     return join(layout.report, "index.html")
+
+
+def clustering_coverage(recipe, layout: RunLayout, domains: list[str]) -> list[dict]:
+    """What the embedding (and so every cluster label) saw of the generic set and each
+    reported domain's train set (``slm.pipeline.coverage``); sets the run does not hold, or a
+    model with no local copy, are left out."""
+    sets = ["generic"] + [domain_set(d, "train") for d in domains]
+    return [c for c in (embedding_coverage(layout, s, recipe.embed) for s in sets) if c]
+
+
+def _coverage_html(coverage: list[dict]) -> str:
+    if not coverage:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(c['set'])}</td><td>{c['windows']:,}</td><td>{c['sampled_windows']:,}</td>"
+        f"<td>{c['embedder_max_tokens']}</td><td>{c['embedder_tokens_per_window_mean']:.1f}</td>"
+        f"<td>{100 * c['embedded_token_fraction']:.1f} %</td>"
+        f"<td>{100 * c['multi_document_fraction']:.1f} %</td></tr>" for c in coverage)
+    return (f"<h2>What the clustering saw</h2><p>SLM-is, SLM-mix and SLM-pn use each window's "
+            f"k-means cluster of its embedding. The embedding model reads at most its token limit "
+            f"of a window's text, and a window cut across a document boundary holds text of two "
+            f"documents, so its cluster label is of mixed text. Measured on the first windows of "
+            f"each set: <a href='{CLUSTERING_COVERAGE}'>{CLUSTERING_COVERAGE}</a>.</p>"
+            "<table><tr><th>set</th><th>windows</th><th>sampled</th><th>embedder token limit</th>"
+            "<th>embedder tokens per window</th><th>text tokens embedded</th>"
+            f"<th>windows spanning documents</th></tr>{rows}</table>")
 
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;
@@ -439,7 +470,7 @@ def _findings_html(found, accuracy: dict, unit: CostUnit) -> str:
 
 def _page(recipe, sources: list[str], pt: pd.DataFrame, points: pd.DataFrame, amort: pd.DataFrame,
           small: float, recipe_yaml: str, trials: pd.DataFrame, found, accuracy: dict,
-          unit: CostUnit) -> str:
+          unit: CostUnit, coverage: list[dict] = ()) -> str:
     cost_cols = ["method", "budget_steps", "domain_tokens", "pretrain_level", "c_pretrain_flops",
                  "c_pretrain_hours", "c_spec_flops", "c_spec_hours", "c_spec_total_flops",
                  "c_spec_total_hours", "inference_params", "inference_flops_per_token",
@@ -476,6 +507,7 @@ table: <a href='{PERPLEXITY_TABLE}'>{PERPLEXITY_TABLE}</a>.</p>
 <h2>Amortization over N domains</h2>
 {_df_html(am, {"c_total_flops": ".4g", "c_total_hours": ".4g", "macro_ppl": ".2f"})}
 {_findings_html(found, accuracy, unit)}
+{_coverage_html(list(coverage))}
 <h2>Cost assumptions</h2><ul>{assumptions}</ul>
 <h2>Recipe</h2><pre>{e(recipe_yaml)}</pre>
 </body></html>
