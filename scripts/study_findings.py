@@ -34,7 +34,7 @@ from slm.tune.results import find_results, read_results
 def trainings(layout: RunLayout, sweep: str) -> pd.DataFrame:
     """Every published trial's training.json as a row (its step-0 valid loss too)."""
     rows = []
-    pattern = join(RunLayout(glob.escape(layout.root)).trial(sweep, "*"), TRIAL_TRAINING)
+    pattern = join(RunLayout(glob.escape(layout.root)).sweep(sweep), "trials", "*", TRIAL_TRAINING)
     for path in sorted(glob.glob(pattern)):
         with open(path, encoding="utf-8") as f:
             t = json.load(f)
