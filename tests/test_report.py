@@ -173,3 +173,16 @@ def test_report_computes_the_findings_from_synthetic_results(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", "--recipe", str(recipe), "--cost-unit", "gpus"])
     assert e.value.code == 2 and "--cost-unit" in capsys.readouterr().err
+
+
+def test_readme_findings_table_is_the_committed_studys_generated_one():
+    """The README's findings table is `slm report --findings-md` of the committed study, as
+    generated (docs/results/study/findings.md), not typed: the same lines, in order."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "results", "study", "findings.md"), encoding="utf-8") as f:
+        generated = [line for line in f.read().splitlines() if line.strip()]
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read().splitlines()
+    start = readme.index(generated[0])
+    assert [line for line in readme[start:start + 2 * len(generated)] if line.strip()][:len(generated)] == generated
+    assert "592 trials" in generated[0] and "2 pretraining seed(s), 2 fine-tuning seed(s)" in generated[0]
