@@ -19,7 +19,7 @@ from slm.models.pretrain import pretrain_families
 from slm.pipeline.run import run_pipeline
 from slm.stage import exists, filesystem, rebuild_hint, read_json
 
-from .grid import sweep_trials
+from .grid import sweep_trials, teacher_trials
 from .report import write_report
 from .sweep import run_sweep
 
@@ -94,5 +94,9 @@ def _sweep_result(recipe, layout: RunLayout, results: str) -> str:
     finished = pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
     stopped_uri = layout.sweep_stopped(recipe.sweep.name)
     stopped = len(read_json(stopped_uri)["trials"]) if exists(stopped_uri) else 0
-    return (f"{finished} result rows; grid of {len(sweep_trials(recipe))} trials, {stopped} stopped "
+    grid = sweep_trials(recipe)
+    # teachers outside the grid (an LLM over the inference budget still teaches SLM-d)
+    teachers = [t for t in teacher_trials(grid) if t not in set(grid)]
+    extra = f" + {len(teachers)} SLM-d teachers" if teachers else ""
+    return (f"{finished} result rows; grid of {len(grid)} trials{extra}, {stopped} stopped "
             f"early by ASHA -> {layout.relative(results)}")
