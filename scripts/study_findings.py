@@ -26,9 +26,9 @@ from tensorboardX.proto import event_pb2
 
 from slm.layout import TRIAL_TRAINING, RunLayout
 from slm.stage import join
-from slm.tune.costs import TRIAL_KEY, trial_costs, with_levels
-from slm.tune.report import PERPLEXITY_TABLE
-from slm.tune.results import find_results, read_results
+from slm.config import load_run_recipe
+from slm.tune.costs import TRIAL_KEY, one_row_per_trial, with_levels
+from slm.tune.report import PERPLEXITY_TABLE, load_report_inputs
 
 
 def trainings(layout: RunLayout, sweep: str) -> pd.DataFrame:
@@ -61,7 +61,7 @@ def macro_table(pt: pd.DataFrame) -> list[str]:
                 continue
             txt = f"{c['mean'].iloc[0]:.1f} ± {c['std'].iloc[0]:.1f}"
             cells.append(f"**{txt}**" if c["mean"].iloc[0] == best else txt)
-        out.append(f"| {m} | " + " | ".join(cells) + f" |")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
     n = sorted(set(macro["n_seeds"].astype(int)))
     out.append(f"\n(seed pairs per cell: {', '.join(map(str, n))}; bold: lowest in its column)")
     return out
@@ -136,9 +136,8 @@ def main() -> None:
     pt = pd.read_csv(join(layout.report, PERPLEXITY_TABLE))
     print("## Macro test perplexity, final pretrained models (level 1)\n")
     print("\n".join(macro_table(pt)))
-    trials = pd.concat([trial_costs(read_results(p)) for p in find_results(layout.root)],
-                       ignore_index=True)
-    trials = with_levels(trials).sort_values("valid_loss", kind="stable").drop_duplicates(list(TRIAL_KEY))
+    _, trials, _ = load_report_inputs(load_run_recipe(a.run))
+    trials = one_row_per_trial(trials)
     print("\n## Macro test perplexity by pretraining level\n")
     print("\n".join(levels_table(trials)))
     tr = trainings(layout, a.sweep)

@@ -280,11 +280,17 @@ def method_costs(results_df: pd.DataFrame, pretrain_costs: dict[str, Any] | None
     return aggregate_points(trial_costs(results_df, pretrain_costs))
 
 
+def one_row_per_trial(trials: pd.DataFrame) -> pd.DataFrame:
+    """Costed trials of several sources concatenated: a trial key (every pretraining and
+    fine-tuning seed its own) seen twice keeps its lowest-valid-loss row."""
+    return (with_levels(trials).sort_values("valid_loss", kind="stable")
+            .drop_duplicates(list(TRIAL_KEY), keep="first"))
+
+
 def aggregate_points(trials: pd.DataFrame) -> pd.DataFrame:
     """``method_costs`` from already costed trials (``trial_costs``; several sources may be
-    concatenated: a trial key seen twice keeps its lowest-valid-loss row)."""
-    t = (with_levels(trials).sort_values("valid_loss", kind="stable")
-         .drop_duplicates(list(TRIAL_KEY), keep="first"))
+    concatenated: ``one_row_per_trial``)."""
+    t = one_row_per_trial(trials)
     rows = []
     for key, g in t.groupby(list(POINT_KEY), sort=True):
         nll = macro_nll(g)

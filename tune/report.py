@@ -33,8 +33,8 @@ from slm.layout import RunLayout, domain_set
 from slm.pipeline.coverage import embedding_coverage
 from slm.stage import is_remote, join, publish
 
-from .costs import (TRIAL_KEY, aggregate_points, amortization_table, load_pretrain_costs, macro_ppl_by_seed,
-                    trial_costs, with_levels)
+from .costs import (aggregate_points, amortization_table, load_pretrain_costs, macro_ppl_by_seed,
+                    one_row_per_trial, trial_costs)
 from .findings import evaluate_findings, findings_json, findings_markdown, summary
 from .methods import get_method, method_names
 from .planner import format_accuracy, leave_one_cell_out, measured_levels, rank_levels
@@ -344,12 +344,10 @@ def write_report(recipe, extra_results: Iterable[str] = (), cost_unit: str = "fl
     amort = amortization_table(points, AMORTIZATION_NS)
     # the perplexity table is of the final models (pretraining level 1); the levels have
     # their own figure
-    # one row per trial key (the best LR of each; every pretraining seed stays: keying on the
-    # fine-tuning seed alone kept only the luckier pretraining seed of each pair)
-    final = with_levels(trials)
-    final = final[final["pretrain_level"] >= 1.0]
-    pt = perplexity_table(final.sort_values("valid_loss", kind="stable")
-                          .drop_duplicates(list(TRIAL_KEY)))
+    # every pretraining seed stays: keying on the fine-tuning seed alone kept only the
+    # luckier pretraining seed of each pair
+    final = one_row_per_trial(trials)
+    pt = perplexity_table(final[final["pretrain_level"] >= 1.0])
     small_served = points[points["method"].map(lambda m: not get_method(m).serves_large)]
     small = float(recipe.specialize.inference_budget
                   or (small_served["inference_params"].max() if len(small_served)
