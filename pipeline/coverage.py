@@ -47,11 +47,15 @@ def sample_windows(uri: str, n: int) -> list[list[int]]:
     return out
 
 
-def model_max_length(resolved: str, cfg: EmbedConfig) -> int:
-    """Tokens the embedder reads: ``embed.max_seq_length``, else the model's own setting."""
+def model_max_length(resolved: str, cfg: EmbedConfig, embed_tok) -> int:
+    """Tokens the embedder reads: ``embed.max_seq_length``, else the model's own setting (its
+    sentence-transformers config; a plain transformers directory has none: its tokenizer's)."""
     if cfg.max_seq_length:
         return int(cfg.max_seq_length)
-    with open(os.path.join(resolved, _SBERT_CONFIG), encoding="utf-8") as f:
+    path = os.path.join(resolved, _SBERT_CONFIG)
+    if not os.path.isfile(path):
+        return int(embed_tok.model_max_length)
+    with open(path, encoding="utf-8") as f:
         return int(json.load(f)["max_seq_length"])
 
 
@@ -82,5 +86,5 @@ def embedding_coverage(layout: RunLayout, set_name: str, cfg: EmbedConfig,
     windows = sample_windows(uri, sample)
     texts = tok.batch_decode(windows, skip_special_tokens=True)  # what WindowEmbedder embeds
     embed_tok = AutoTokenizer.from_pretrained(resolved, local_files_only=True)
-    out = window_coverage(windows, tok.eos_token_id, texts, embed_tok, model_max_length(resolved, cfg))
+    out = window_coverage(windows, tok.eos_token_id, texts, embed_tok, model_max_length(resolved, cfg, embed_tok))
     return {"set": set_name, "windows": count_rows(uri), "model": cfg.model, **out}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -120,6 +121,14 @@ def test_coverage_counts_the_tokens_the_embedder_reads_and_windows_spanning_docu
     assert cov["sampled_windows"] == 50 and cov["windows"] == len(ids)
     # at the model's own limit (256 tokens) every token of these short windows is read
     assert embedding_coverage(layout, "generic", EmbedConfig(), sample=50)["embedded_token_fraction"] == 1.0
+    # a plain transformers model directory (no sentence-transformers config): its tokenizer's limit
+    plain = tmp_path / "plain-model"
+    plain.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(offline_model_dir(), name), plain / name)
+    cov = embedding_coverage(layout, "generic", EmbedConfig(model=str(plain)), sample=50)
+    # (512: its tokenizer_config.json, what sentence-transformers reads for such a directory)
+    assert cov["embedder_max_tokens"] == 512
 
 
 def test_embedder_on_any_text_dataset_keeps_other_columns(ray_local, bare_model):
