@@ -12,6 +12,7 @@ a server with a read-write and a read-only user.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import boto3
+import botocore.exceptions
 import pytest
 import yaml
 
@@ -136,6 +138,14 @@ def auth_s3(tmp_path_factory):
         req = urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=b"0",
                                      method="POST", headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(req, timeout=10).read()  # from now on: signed and authorized
+        # The server must authorize as AWS does (listing needs s3:ListBucket): moto 5.2.6 asks
+        # for "s3:ListObjectsV2" instead, which would turn every read-only case into a denial.
+        try:
+            _s3(server, *users["reader"]).list_objects_v2(Bucket=AUTH_BUCKET, Prefix="ro/")
+        except botocore.exceptions.ClientError as e:
+            pytest.fail(f"moto {importlib.metadata.version('moto')} refuses s3:ListBucket's "
+                        f"ListObjectsV2 to a user allowed s3:ListBucket ({e}); install the "
+                        "test extra's moto (pyproject.toml pins it below 5.2.6)")
         yield server, users
     finally:
         server.stop()

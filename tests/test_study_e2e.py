@@ -54,7 +54,9 @@ def test_run_study_end_to_end(recipe, capsys):
     # what the clustering saw: the generic set and the domain's train set, measured
     with open(os.path.join(os.path.dirname(report), "clustering_coverage.json"), encoding="utf-8") as f:
         coverage = {c["set"]: c for c in json.load(f)}
-    assert sorted(coverage) == ["domain-numeric-train", "generic"]
+    # (every domain of the run is measured: the shared run may also hold test_add_domain's)
+    assert {"generic", "domain-numeric-train"} <= set(coverage), sorted(coverage)
+    assert all(s == "generic" or (s.startswith("domain-") and s.endswith("-train")) for s in coverage)
     for c in coverage.values():
         assert 0 < c["embedded_token_fraction"] <= 1 and 0 <= c["multi_document_fraction"] <= 1
         assert c["sampled_windows"] == min(c["windows"], 2000)
