@@ -1,7 +1,7 @@
 """k-means in the pipeline vs scikit-learn: distributed assignment, and (``--fit``) the fit.
 
 Assignment (default): ``slm.pipeline.kmeans.assign`` vs scikit-learn ``predict``, both artifact
-to artifact on the same data: parquet embeddings in, parquet (window_id, cluster, distance) out.
+to artifact on the same data: parquet embeddings in, parquet (unit_id, tokens, cluster, distance) out.
 The scikit-learn side (a Ray task holding every core, so that it runs at the Ray workers'
 niceness) reads the parquet files with pyarrow, calls ``KMeans.predict`` (its OpenMP/BLAS
 threads use every core), computes the distance to the chosen centroid and writes one
@@ -60,7 +60,8 @@ def write_inputs(layout: RunLayout, rows: int, dim: int, k: int, files: int, see
     x = make_vectors(rows, dim, k, seed)
     with publish(layout.embeddings("generic"), stage="embed", config={"bench": rows}) as out:
         for i, part in enumerate(np.array_split(np.arange(rows), files)):
-            pq.write_table(pa.table({"window_id": pa.array(part, pa.int64()),
+            pq.write_table(pa.table({"unit_id": pa.array(part, pa.int64()),
+                                     "tokens": pa.array(1 + part % 128, pa.int32()),
                                      "embedding": vectors_to_arrow(x[part])}),
                            os.path.join(out.local_dir, f"part-{i:05d}.parquet"))
     # centroids from a few Lloyd steps started at k rows (sklearn's k-means++ init alone takes
@@ -77,7 +78,7 @@ def sklearn_side(layout: RunLayout, km, out_file: str) -> tuple[float, np.ndarra
     x = arrow_to_vectors(table.column("embedding"))
     labels = km.predict(x)
     dist = np.linalg.norm(x - km.cluster_centers_[labels], axis=1).astype(np.float32)
-    pq.write_table(pa.table({"window_id": table.column("window_id"),
+    pq.write_table(pa.table({"unit_id": table.column("unit_id"), "tokens": table.column("tokens"),
                              "cluster": pa.array(labels.astype(np.int32)),
                              "distance": pa.array(dist)}), out_file)
     return time.perf_counter() - t0, labels
@@ -87,7 +88,7 @@ def ray_side(layout: RunLayout, k: int) -> tuple[float, np.ndarray]:
     t0 = time.perf_counter()
     uri = assign(layout, k, "generic", force=True)
     seconds = time.perf_counter() - t0
-    got = read_rows(uri).sort_by("window_id")
+    got = read_rows(uri).sort_by("unit_id")
     return seconds, got.column("cluster").to_numpy()
 
 

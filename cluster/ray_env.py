@@ -91,6 +91,11 @@ def configure_data_context(cfg: ClusterConfig | None = None) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = parquet_v2(cfg or ClusterConfig())
     ctx.execution_options.preserve_order = True
+    # The pipeline's shuffles (the train subsets' sort, the per-cluster packing's groupby and
+    # sort) on Ray Data's task-based pull shuffle: the default (SHUFFLE_V2) starts aggregator
+    # actors per shuffle, which cost 12-13 s a packing stage against 1.2-4 s here on the tiny
+    # pipeline of tests/test_pipeline_run.py (2 cores; its whole pipeline: 117 s -> 71 s)
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     bars = progress_bars()
     ctx.enable_operator_progress_bars = bars
     ctx.enable_progress_bars = bars

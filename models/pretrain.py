@@ -9,10 +9,14 @@ so a re-submitted run resumes; ecosystem §1.0):
 
   runs        data (train / valid)                                       run(s)
   one         generic minus held-out / held-out generic                  pretrain/<f>
-              (routed: rows routed by cluster_k<k_pn>)
-  per_expert  generic rows with cluster_k<k_mix> == i / held-out, same i pretrain/<f>/expert-<i>
+              (routed: generic-k<k_pn>, rows routed by cluster_k<k_pn>)
+  per_expert  generic-k<k_mix> rows with cluster_k<k_mix> == i /         pretrain/<f>/expert-<i>
+              held-out, same i
   per_domain  is-k<k_is>-<d>-<T> / domain-<d>-valid                      pretrain/<f>/<d>-<T>
 
+``generic-k<K>`` is the generic text packed into windows one cluster at a time
+(pipeline/shards.py ``build_packed_shards``): a routed or per-expert family trains on windows
+whose every token is text of the cluster they are labelled with.
 Today: slm, llm (llm_size), pn (routed) are ``one``; mix is ``per_expert``; is is
 ``per_domain``: one run per domain and domain train size T (the sizes the sweep specializes:
 ``Recipe.domain_sizes``), on generic data resampled to the histogram of that size's train
@@ -46,7 +50,8 @@ from slm.cluster.ray_env import TRIAL_DRIVER_RESOURCES, ray_session, warn_withou
 from slm.config import resolve_paths
 from slm.configkit import ConfigError, validate
 from slm.errors import StageError, reraise_user_error
-from slm.layout import RunLayout, domain_of_run, domain_run, domain_set, expert_name, is_set, train_root
+from slm.layout import (RunLayout, domain_of_run, domain_run, domain_set, expert_name, is_set,
+                        packed_set, train_root)
 from slm.pipeline.tokenizer import run_vocab_size
 from slm.stage import fingerprint, input_fingerprints, join, manifest, read_json, write_json
 
@@ -110,7 +115,17 @@ class _Family:
         per-domain run's train set is ``data`` (its is-k<K>-<d>-<T> set)."""
         if self.info.runs == "per_domain":
             return [self.layout.shards(data), self.layout.shards(domain_set(domain_of_run(sub), "valid"))]
-        return [self.layout.shards("generic")]
+        return [self.layout.shards(self.generic_set())]
+
+    def generic_set(self) -> str:
+        """The generic shard set a ``one`` or ``per_expert`` family trains on: the windows as
+        cut (no clusters), or, for a routed or per-expert family, packed per cluster at the k it
+        routes or splits by (each window is text of its labelled cluster)."""
+        if self.info.runs == "per_expert":
+            return packed_set("generic", self.recipe.kmeans.k_mix)
+        if self.info.routed:
+            return packed_set("generic", self.recipe.kmeans.k_pn)
+        return "generic"
 
     def data_fingerprint(self, sub: str, data: str) -> str:
         """Content fingerprint of one run's data: its shard sets' manifest fingerprints (which
@@ -200,7 +215,7 @@ def _train_one(job: _Family, shards: ShardSet) -> dict[str, Any]:
     if route:
         check_cluster_ids(shards, route, r.kmeans.k_pn)
     kw = dict(seed=job.seed, fraction=r.pretrain.valid_fraction, route=route)
-    out = job.train("", "generic", shard_dataset(shards, split="train", **kw),
+    out = job.train("", job.generic_set(), shard_dataset(shards, split="train", **kw),
                     shard_dataset(shards, split="valid", **kw), f"'{shards.uri}'")
     if not out["finished"]:
         raise StageError(f"pretraining '{f}' stopped before its last step; re-run to resume")
@@ -216,12 +231,12 @@ def _expert_column(job: _Family) -> str:
 
 
 def _expert_data(column: str, i: int) -> str:
-    return f"generic:{column}=={i}"
+    return f"generic:{column}=={i}"  # rows of the packed set generic-k<K> (see generic_set)
 
 
 def _train_expert(job: _Family, i: int) -> dict[str, Any]:
     r, col = job.recipe, _expert_column(job)
-    shards = job.shards("generic", [col])
+    shards = job.shards(job.generic_set(), [col])
     kw = dict(seed=job.seed, fraction=r.pretrain.valid_fraction, select=col, value=i)
     return job.train(expert_name(i), _expert_data(col, i), shard_dataset(shards, split="train", **kw),
                      shard_dataset(shards, split="valid", **kw), f"expert {i} of '{shards.uri}'")
@@ -257,7 +272,7 @@ def _parallel_experts(recipe, todo: list[int]) -> int:
 def _train_experts(job: _Family) -> dict[str, Any]:
     layout, f, k = job.layout, job.info.name, job.recipe.kmeans.k_mix
     col = _expert_column(job)
-    check_cluster_ids(job.shards("generic", [col]), col, k)
+    check_cluster_ids(job.shards(job.generic_set(), [col]), col, k)
     todo = [i for i in range(k) if not job.done(expert_name(i), _expert_data(col, i))]
     for i in todo:  # fail fast on a foreign/corrupted checkpoint, before any trial starts
         spec = job.spec(expert_name(i), _expert_data(col, i))
@@ -356,12 +371,12 @@ def pretrain(recipe, family: str, domains: list[str] | None = None, recipe_path:
     layout, info = RunLayout(recipe.run_dir), FAMILY_INFO[family]
     one_run = info.runs == "one"
     job = _Family(recipe, info, recipe_path, run_vocab_size(layout, recipe_path), force, seed)
-    if one_run and job.done("", "generic"):  # finished from this config and data: nothing to start
+    if one_run and job.done("", job.generic_set()):  # finished from this config and data: nothing to start
         return {"family": family, "seed": job.seed, "runs": {family: layout.pretrain_final(family, seed=job.tree)},
                 "costs": read_json(layout.pretrain_costs(family, seed=job.tree))}
     if one_run:  # checks that need no Ray, before starting it
         route = job.model().route_column
-        shards = job.shards("generic", [route] if route else [])
+        shards = job.shards(job.generic_set(), [route] if route else [])
     with ray_session(recipe.cluster):
         if info.runs == "per_expert":
             return _train_experts(job)

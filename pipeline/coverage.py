@@ -1,16 +1,17 @@
-"""What the clustering sees of a windows set, measured on a sample of its windows.
+"""What the clustering sees of a set, measured on a sample of its units.
 
-Two figures the report states beside every cluster-based method (issue 13, item 3 is about
-both; this module measures, it changes nothing):
+The units (pipeline/windows.py: pieces of at most seq_len tokens of one document) are what is
+embedded and assigned to a cluster. Two figures the report states beside every cluster-based
+method (this module measures, it changes nothing):
 
 * ``embedded_token_fraction``: the embedding model reads at most ``embed.max_seq_length`` of
-  its own tokens of a window's text (its special tokens included); the fraction of the
-  window's text tokens (the embedder's tokenization) that fit, over the sample.
-* ``multi_document_fraction``: windows are cut from documents concatenated with EOS between
-  them, so a window can hold the end of one document and the start of the next; the fraction
-  of windows with an EOS before their last position. Their cluster label is of mixed text.
+  its own tokens of a unit's text (its special tokens included); the fraction of the units'
+  text tokens (the embedder's tokenization) that fit, over the sample.
+* ``multi_document_fraction``: the fraction of units with an EOS before their last position,
+  i.e. text of two documents. Units are cut inside one document, so it is 0 by construction;
+  it is measured so that the report shows it, not asserted.
 
-The sample is the set's first ``sample`` windows in file order (deterministic; no Ray).
+The sample is the set's first ``sample`` units in file order (deterministic; no Ray).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ SAMPLE = 2000
 _SBERT_CONFIG = "sentence_bert_config.json"
 
 
-def sample_windows(uri: str, n: int) -> list[list[int]]:
-    """The first ``n`` windows (``input_ids``) of a windows artifact, in file order."""
+def sample_rows(uri: str, n: int) -> list[list[int]]:
+    """The first ``n`` rows' ``input_ids`` of a units (or windows) artifact, in file order."""
     fs, _ = filesystem(uri)
     out: list[list[int]] = []
     for path in parquet_files(uri):
@@ -59,32 +60,32 @@ def model_max_length(resolved: str, cfg: EmbedConfig, embed_tok) -> int:
         return int(json.load(f)["max_seq_length"])
 
 
-def window_coverage(windows: list[list[int]], eos_id: int, texts: list[str], embed_tok,
-                    max_length: int) -> dict[str, Any]:
-    """The two figures of the module doc for decoded ``texts`` of ``windows``."""
+def unit_coverage(units: list[list[int]], eos_id: int, texts: list[str], embed_tok,
+                  max_length: int) -> dict[str, Any]:
+    """The two figures of the module doc for decoded ``texts`` of ``units``."""
     special = embed_tok.num_special_tokens_to_add(pair=False)
     lengths = np.array([len(ids) for ids in embed_tok(texts, add_special_tokens=False)["input_ids"]])
     kept = np.minimum(lengths, max(max_length - special, 0))
-    # an EOS with text on both sides in the window (one at either end separates nothing here)
-    multi = sum(eos_id in ids[1:-1] for ids in windows)
-    return {"sampled_windows": len(windows), "embedder_max_tokens": max_length,
-            "embedder_tokens_per_window_mean": float(lengths.mean()) if len(lengths) else 0.0,
+    # an EOS with text on both sides in the unit (one at either end separates nothing here)
+    multi = sum(eos_id in ids[1:-1] for ids in units)
+    return {"sampled_units": len(units), "embedder_max_tokens": max_length,
+            "embedder_tokens_per_unit_mean": float(lengths.mean()) if len(lengths) else 0.0,
             "embedded_token_fraction": float(kept.sum() / max(lengths.sum(), 1)),
-            "truncated_window_fraction": float((lengths > kept).mean()) if len(lengths) else 0.0,
-            "multi_document_fraction": multi / max(len(windows), 1)}
+            "truncated_unit_fraction": float((lengths > kept).mean()) if len(lengths) else 0.0,
+            "multi_document_fraction": multi / max(len(units), 1)}
 
 
 def embedding_coverage(layout: RunLayout, set_name: str, cfg: EmbedConfig,
                        sample: int = SAMPLE) -> dict[str, Any] | None:
-    """Coverage figures of ``data/windows/<set_name>``; None when the set or a local copy of
+    """Coverage figures of ``data/units/<set_name>``; None when the set or a local copy of
     the embedding model (its tokenizer) is not there."""
-    uri = layout.windows(set_name)
+    uri = layout.units(set_name)
     resolved = resolve_model(cfg.model)
     if manifest(uri) is None or manifest(layout.tokenizer) is None or not is_local_model(resolved):
         return None
     tok = load_tokenizer(layout.tokenizer)
-    windows = sample_windows(uri, sample)
-    texts = tok.batch_decode(windows, skip_special_tokens=True)  # what WindowEmbedder embeds
+    units = sample_rows(uri, sample)
+    texts = tok.batch_decode(units, skip_special_tokens=True)  # what TokenEmbedder embeds
     embed_tok = AutoTokenizer.from_pretrained(resolved, local_files_only=True)
-    out = window_coverage(windows, tok.eos_token_id, texts, embed_tok, model_max_length(resolved, cfg, embed_tok))
-    return {"set": set_name, "windows": count_rows(uri), "model": cfg.model, **out}
+    out = unit_coverage(units, tok.eos_token_id, texts, embed_tok, model_max_length(resolved, cfg, embed_tok))
+    return {"set": set_name, "units": count_rows(uri), "model": cfg.model, **out}

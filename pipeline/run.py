@@ -1,7 +1,9 @@
 """The data pipeline end to end: every data stage of a recipe, in order, inside one Ray session.
 
-    corpus → tokenizer → windows → embeddings → k-means (per K) → assignments → histograms
-           → shards (generic, domain splits, nested train subsets)
+    corpus → tokenizer → windows + units → embeddings (of units) → k-means (per K)
+           → assignments (of units) → histograms
+           → shards (generic, domain splits, nested train subsets; the generic set packed
+             per cluster at every K)
            → per (domain, train size): the subset's cluster histogram → SLM-is shards (the
              sizes the sweep specializes)
 
@@ -21,14 +23,14 @@ from typing import Any, Callable
 from slm.cluster.ray_env import ray_session
 from slm.config import dump_recipe
 from slm.configkit import ConfigError
-from slm.layout import SPLITS, RunLayout, domain_set, is_set, train_subset
+from slm.layout import SPLITS, RunLayout, domain_set, is_set, packed_set, train_subset
 from slm.pipeline import embed, importance, kmeans
 from slm.pipeline.config import STAGE_GROUPS
 from slm.pipeline.demo_corpus import build_demo_corpus, demo_corpus_sources
 from slm.pipeline.ingest import ingest_domain_split, ingest_generic
-from slm.pipeline.shards import build_shards, build_train_subset
+from slm.pipeline.shards import build_packed_shards, build_shards, build_train_subset
 from slm.pipeline.tokenizer import build_tokenizer
-from slm.pipeline.windows import build_windows
+from slm.pipeline.windows import build_units, build_windows
 from slm.stage import filesystem, manifest
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ def _run_stages(recipe, layout: RunLayout, stage: _Stages, force: bool,
         if until == "tokenizer":
             return
 
-        # windows: generic + every domain split
+        # windows and units: generic + every domain split
         corpora["generic"] = (layout.corpus_generic(), "generic corpus")
         for d in domains:
             for split in SPLITS:
@@ -143,12 +145,14 @@ def _run_stages(recipe, layout: RunLayout, stage: _Stages, force: bool,
         for name, (corpus_uri, what) in corpora.items():
             stage(f"windows {name}", layout.windows(name), build_windows, layout, name, corpus_uri,
                   data.seq_len, what=what, rows_per_file=data.rows_per_file, force=force)
+            stage(f"units {name}", layout.units(name), build_units, layout, name, corpus_uri,
+                  data.seq_len, what=what, rows_per_file=data.rows_per_file, force=force)
         if until == "windows":
             return
 
-        # embeddings, k-means, assignments
+        # embeddings, k-means, assignments: of the units (text of one document each)
         for name in corpora:
-            stage(f"embeddings {name}", layout.embeddings(name), embed.embed_windows, layout, name,
+            stage(f"embeddings {name}", layout.embeddings(name), embed.embed_units, layout, name,
                   recipe.embed, force=force)
         if until == "embeddings":
             return
@@ -178,6 +182,12 @@ def _run_stages(recipe, layout: RunLayout, stage: _Stages, force: bool,
                 name = train_subset(d, tokens)
                 stage(f"shards {name}", layout.shards(name), build_train_subset, layout, d, tokens,
                       recipe.seed, rows_per_file=data.rows_per_file, force=force)
+        # the generic windows packed per cluster at every K: what mix experts, pn's routing and
+        # SLM-is's resampling train on (each window is text of the cluster it is labelled with)
+        for k in ks:
+            name = packed_set("generic", k)
+            stage(f"shards {name}", layout.shards(name), build_packed_shards, layout, "generic", k,
+                  data.seq_len, recipe.seed, rows_per_file=data.rows_per_file, force=force)
 
         # SLM-is: the cluster histogram of every train subset, and resampled shards per
         # (domain, size) the sweep specializes (Recipe.domain_sizes: data.is_tokens each, the

@@ -1,15 +1,28 @@
-"""Training shards, ``data/shards/<set>``: ``window_id``, ``input_ids`` and one ``cluster_k<K>``
-column per K of the recipe; and the nested domain train subsets ``domain-<d>-train-<tokens>``.
+"""Training shards, ``data/shards/<set>``, and the per-cluster packings ``<set>-k<K>``.
 
-**The join** (windows ⋈ assignments on ``window_id``) runs as one Ray Data task per windows
-file: the task reads its file (bounded by ``data.rows_per_file``), then, for each K, reads only
-the assignment rows in the file's ``window_id`` range through a pyarrow dataset filter. It is
-correct whatever order the assignment files are in; because every stage keeps window order
-(Ray Data ``preserve_order``), parquet row-group statistics make the range read touch only
-the matching row groups. Why not the alternatives: ``Dataset.join`` needs polars (not a
-dependency) and hash-shuffles the token windows (the big side) for every K; ``Dataset.zip`` is
-a bulk operator that materializes both inputs in the object store. Nothing is collected on the
-driver, and the shards keep the windows' order (deterministic).
+**Plain shards** ``data/shards/<set>``: the windows (``window_id``, ``input_ids``,
+``unit_tokens``) and, per K of the recipe, ``unit_clusters_k<K>``: the cluster of each unit a
+window is cut from (pipeline/windows.py: a window may end one document and start the next). A
+set of windows' cluster histogram is therefore exact: each unit's cluster weighted by its
+tokens in the window (``token_histogram``; SLM-is and the expert choice of mix/pn use it on a
+domain train subset). The join (windows ⋈ unit assignments on ``unit_id``) runs as one Ray Data
+task per windows file: the task reads its file (bounded by ``data.rows_per_file``), then, for
+each K, reads only the assignment rows in the range of the file's unit ids through a pyarrow
+dataset filter. It is correct whatever order the assignment files are in; because every stage
+keeps order (Ray Data ``preserve_order``), parquet row-group statistics make the range read
+touch only the matching row groups. Why not the alternatives: ``Dataset.join`` needs polars
+(not a dependency) and hash-shuffles the token windows (the big side) for every K;
+``Dataset.zip`` is a bulk operator that materializes both inputs in the object store. Nothing
+is collected on the driver, and the shards keep the windows' order (deterministic).
+
+**Packed shards** ``data/shards/<set>-k<K>`` (``build_packed_shards``, for the generic set at
+each K): the units joined with their cluster, grouped by cluster (Ray Data ``groupby`` +
+``map_groups``: one call sees every unit of one cluster), concatenated in unit order and cut
+into windows of ``seq_len``; each cluster's tail shorter than a window is dropped. So every
+token of a window in ``cluster_k<K>`` = c is text assigned to cluster c: SLM-mix's expert c,
+SLM-pn's routing and SLM-is's resampling train on text of the cluster they name. Rows are then
+put in the order of a seeded hash of ``window_id`` (a distributed sort), so the files mix
+clusters and the artifact does not depend on how Ray scheduled the groups.
 
 **Why parquet** for the shards Train workers stream: measured with
 ``bench/bench_pipeline_scaling.py --compare-formats`` (100k windows of 128 int32 tokens, read
@@ -40,9 +53,10 @@ import ray.data
 from slm.configkit import ConfigError
 from slm.errors import InputError, StageError
 from slm.hashing import hash64
-from slm.layout import RunLayout, domain_set, train_subset
+from slm.layout import RunLayout, domain_set, packed_set, train_subset
 from slm.pipeline.artifacts import count_rows, parquet_files, read_artifact, write_dataset
 from slm.pipeline.counters import fail, new_counter
+from slm.pipeline.windows import FILE_BITS, WINDOW_BITS, set_hash
 from slm.stage import Stage, filesystem, input_fingerprints, manifest, rebuild_fix
 
 
@@ -52,13 +66,15 @@ from slm.stage import Stage, filesystem, input_fingerprints, manifest, rebuild_f
 
 def _lookup(ids: np.ndarray, assign_uri: str, files: list[str], k: int, counter: Any,
             where: str, fix: str) -> np.ndarray:
-    """Cluster of each window id, read from the assignment rows in [min(ids), max(ids)]."""
+    """Cluster of each unit id, read from the assignment rows in [min(ids), max(ids)]."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int32)
     fs, _ = filesystem(assign_uri)
     lo, hi = int(ids.min()), int(ids.max())
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-        columns=["window_id", "cluster"],
-        filter=(pc.field("window_id") >= lo) & (pc.field("window_id") <= hi))
-    a_ids = table.column("window_id").to_numpy()
+        columns=["unit_id", "cluster"],
+        filter=(pc.field("unit_id") >= lo) & (pc.field("unit_id") <= hi))
+    a_ids = table.column("unit_id").to_numpy()
     order = np.argsort(a_ids, kind="stable")
     a_ids = a_ids[order]
     clusters = table.column("cluster").to_numpy()[order]
@@ -67,13 +83,14 @@ def _lookup(ids: np.ndarray, assign_uri: str, files: list[str], k: int, counter:
     if len(a_ids) == 0 or not np.array_equal(a_ids[pos_c], ids):
         missing = int(np.sum(a_ids[pos_c] != ids)) if len(a_ids) else len(ids)
         fail(counter, where, StageError(
-            f"'{assign_uri}' lacks the cluster of {missing} window(s) of '{where}'; the assignment "
+            f"'{assign_uri}' lacks the cluster of {missing} unit(s) of '{where}'; the assignment "
             f"is stale: {fix} to rebuild assign-k{k} and the shards"))
     return clusters[pos_c].astype(np.int32)
 
 
 class _JoinFile:
-    """One windows file → the same rows plus ``cluster_k<K>`` columns."""
+    """One windows file → its rows with ``unit_clusters_k<K>`` list columns (``unit_ids``
+    dropped: the clusters are what training reads)."""
 
     def __init__(self, windows_uri: str, assigns: dict[int, tuple[str, list[str]]], counter: Any,
                  fix: str):
@@ -85,19 +102,24 @@ class _JoinFile:
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
         fs, _ = filesystem(self.windows_uri)
         for path in batch["path"]:
-            table = pq.read_table(fs.open_input_file(str(path)), columns=["window_id", "input_ids"])
+            table = pq.read_table(fs.open_input_file(str(path)),
+                                  columns=["window_id", "input_ids", "unit_ids", "unit_tokens"])
             if table.num_rows == 0:
                 continue
-            ids = table.column("window_id").to_numpy()
+            units = table.column("unit_ids").combine_chunks()
+            ids = units.flatten().to_numpy()
+            offsets = units.offsets
+            table = table.drop_columns(["unit_ids"])
             for k, (uri, files) in sorted(self.assigns.items()):
-                table = table.append_column(f"cluster_k{k}", pa.array(
-                    _lookup(ids, uri, files, k, self.counter, str(path), self.fix), type=pa.int32()))
+                clusters = _lookup(ids, uri, files, k, self.counter, str(path), self.fix)
+                table = table.append_column(f"unit_clusters_k{k}", pa.ListArray.from_arrays(
+                    offsets, pa.array(clusters, type=pa.int32())))
             yield table
 
 
 def build_shards(layout: RunLayout, set_name: str, ks: list[int], *, rows_per_file: int = 4096,
                  force: bool = False) -> str:
-    """``data/shards/<set_name>``: windows joined with the assignments of every K."""
+    """``data/shards/<set_name>``: windows with the cluster of each of their units, per K."""
     uri = layout.shards(set_name)
     windows_uri = layout.windows(set_name)
     assign_uris = {k: layout.assignments(k, set_name) for k in sorted(set(ks))}
@@ -121,7 +143,111 @@ def build_shards(layout: RunLayout, set_name: str, ks: list[int], *, rows_per_fi
         m = manifest(windows_uri) or {}
         out.manifest.update({"rows": rows, "seq_len": m.get("seq_len"), "vocab_size": m.get("vocab_size"),
                              "tokens": rows * int(m.get("seq_len") or 0),
-                             "columns": ["window_id", "input_ids"] + [f"cluster_k{k}" for k in assign_uris]})
+                             "columns": ["window_id", "input_ids", "unit_tokens"]
+                             + [f"unit_clusters_k{k}" for k in assign_uris]})
+    return uri
+
+
+def token_histogram(table: pa.Table, k: int) -> np.ndarray:
+    """K token counts of the windows of ``table`` (plain shards): each unit's cluster at ``k``
+    weighted by its tokens in the window. InputError when the column is missing."""
+    col = f"unit_clusters_k{k}"
+    if col not in table.column_names:
+        raise InputError(f"shards have no column '{col}' (columns: {table.column_names}); rebuild "
+                         f"them with `slm data run --force` so that k={k} has its column")
+    clusters = pc.list_flatten(table.column(col)).to_numpy()
+    tokens = pc.list_flatten(table.column("unit_tokens")).to_numpy()
+    if len(clusters) and (clusters.min() < 0 or clusters.max() >= k):
+        raise InputError(f"cluster ids outside [0, {k}) in column '{col}'; rebuild the shards "
+                         "with `slm data run --force`")
+    return np.bincount(clusters, weights=tokens, minlength=k).round().astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Windows packed per cluster
+# --------------------------------------------------------------------------------------------
+
+class _UnitClusters:
+    """One units file → (unit_id, input_ids, cluster) of its units at one K."""
+
+    def __init__(self, units_uri: str, assign: tuple[str, list[str]], k: int, counter: Any, fix: str):
+        self.units_uri, self.assign, self.k = units_uri, assign, k
+        self.counter, self.fix = counter, fix
+
+    def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
+        fs, _ = filesystem(self.units_uri)
+        uri, files = self.assign
+        for path in batch["path"]:
+            table = pq.read_table(fs.open_input_file(str(path)), columns=["unit_id", "input_ids"])
+            if table.num_rows == 0:
+                continue
+            clusters = _lookup(table.column("unit_id").to_numpy(), uri, files, self.k,
+                               self.counter, str(path), self.fix)
+            yield table.append_column("cluster", pa.array(clusters, type=pa.int32()))
+
+
+def _pack_cluster(group: pa.Table, seq_len: int, k: int, base: int) -> pa.Table:
+    """map_groups function: every unit of one cluster, in unit order, cut into windows."""
+    column = f"cluster_k{k}"
+    empty = pa.table({"window_id": pa.array([], pa.int64()),
+                      "input_ids": pa.array([], pa.list_(pa.int32())),
+                      column: pa.array([], pa.int32())})
+    if group.num_rows == 0:
+        return empty
+    group = group.sort_by("unit_id")
+    cluster = int(group.column("cluster")[0].as_py())
+    tokens = pc.list_flatten(group.column("input_ids")).to_numpy().astype(np.int32)
+    n = len(tokens) // seq_len
+    if n == 0:
+        return empty
+    if n >= 1 << WINDOW_BITS:
+        raise StageError(f"cluster {cluster} at k={k} holds {n} windows, more than the id scheme's "
+                         f"{1 << WINDOW_BITS}; use a larger k")
+    ids = base | (cluster << WINDOW_BITS) | np.arange(n, dtype=np.int64)
+    offsets = pa.array(np.arange(0, n * seq_len + 1, seq_len, dtype=np.int32))
+    return pa.table({"window_id": pa.array(ids, pa.int64()),
+                     "input_ids": pa.ListArray.from_arrays(offsets, pa.array(tokens[: n * seq_len], pa.int32())),
+                     column: pa.array(np.full(n, cluster, np.int32))})
+
+
+def build_packed_shards(layout: RunLayout, set_name: str, k: int, seq_len: int, seed: int = 0, *,
+                        rows_per_file: int = 4096, force: bool = False) -> str:
+    """``data/shards/<set_name>-k<K>``: the set's units packed into windows one cluster at a
+    time (see the module doc). Returns the URI."""
+    uri = layout.shards(packed_set(set_name, k))
+    units_uri, assign_uri = layout.units(set_name), layout.assignments(k, set_name)
+    if k >= 1 << FILE_BITS:
+        raise ConfigError(f"k={k}: packed shards number clusters with {FILE_BITS} bits; use k < "
+                          f"{1 << FILE_BITS}")
+    st = Stage(uri, stage="packed-shards", config={"set": set_name, "k": k, "seq_len": seq_len, "seed": seed},
+               inputs=input_fingerprints(layout, units_uri, assign_uri), force=force)
+    if st.done:
+        return uri
+    counter = new_counter()
+    base = set_hash(f"{set_name}/k{k}") << (FILE_BITS + WINDOW_BITS)
+    with st.publish() as out:
+        files = parquet_files(units_uri)
+        ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=max(1, len(files)))
+        ds = ds.map_batches(_UnitClusters(units_uri, (assign_uri, parquet_files(assign_uri)), k, counter,
+                                          rebuild_fix(layout)),
+                            batch_size=1, batch_format="numpy", compute=ray.data.TaskPoolStrategy())
+        # one shuffle partition per units file (Ray's default, 200, is 200 tasks on any input):
+        # a partition then holds about one file's units, whatever the k
+        ds = ds.groupby("cluster", num_partitions=max(1, min(k, len(files)))).map_groups(
+            _pack_cluster, fn_kwargs={"seq_len": seq_len, "k": k, "base": base}, batch_format="pyarrow")
+        ds = ds.map_batches(_add_rank, fn_kwargs={"seed": seed}, batch_format="pyarrow",
+                            compute=ray.data.TaskPoolStrategy())
+        ds = ds.sort("_rank").drop_columns(["_rank"])
+        write_dataset(ds, out, counter, max_rows_per_file=rows_per_file)
+        rows = count_rows(out.uri)
+        if rows == 0:
+            raise InputError(f"no cluster of the '{set_name}' set at k={k} holds {seq_len} tokens "
+                             "(one window): use a smaller k or more data")
+        um = manifest(units_uri) or {}
+        out.manifest.update({"rows": rows, "seq_len": seq_len, "vocab_size": um.get("vocab_size"),
+                             "tokens": rows * seq_len, "k": k,
+                             "dropped_tokens": int(um.get("tokens", 0)) - rows * seq_len,
+                             "columns": ["window_id", "input_ids", f"cluster_k{k}"]})
     return uri
 
 

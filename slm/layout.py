@@ -6,14 +6,20 @@
       data/corpus/generic/                 ingested documents (doc_id, text)
       data/corpus/domains/<d>/<split>/
       data/tokenizer/                      HF fast tokenizer
-      data/windows/<name>/                 fixed-length token windows (window_id, input_ids)
-      data/embeddings/<name>/              window_id, embedding
+      data/windows/<name>/                 fixed-length token windows (window_id, input_ids,
+                                           unit_ids, unit_tokens: the units they are cut from)
+      data/units/<name>/                   units: pieces of <= seq_len tokens of one document
+                                           (unit_id, input_ids, tokens); what is clustered
+      data/embeddings/<name>/              unit_id, tokens, embedding
       data/kmeans-k<K>/                    centroids (safetensors)
-      data/assign-k<K>/<name>/             window_id, cluster, distance
-      data/histograms-k<K>/                one histogram per domain + generic (json)
+      data/assign-k<K>/<name>/             unit_id, tokens, cluster, distance
+      data/histograms-k<K>/                token histogram per domain + generic (json)
       data/subset-histograms-k<K>/domain-<d>-train-<tokens>/
                                            histogram.json of one domain train subset (SLM-is)
-      data/shards/<name>/                  training shards: input_ids + cluster_k<K> columns
+      data/shards/<name>/                  training shards: the windows + unit_clusters_k<K>
+                                           (the cluster of each of a window's units)
+      data/shards/<name>-k<K>/             windows packed from the units of one cluster each
+                                           (cluster_k<K>): what mix, pn and is train on
       data/sources/<domain>/<split>/       a flat document set split by ``slm add-domain``
       pretrain/<family>[/<sub>]/           one training run (of the recipe's seed): Ray Train storage
                                            (step=* checkpoints)
@@ -107,6 +113,12 @@ def is_set(domain: str, k: int, tokens: int) -> str:
     return f"is-k{k}-{domain}-{tokens}"
 
 
+def packed_set(name: str, k: int) -> str:
+    """The shard set of ``name``'s windows packed per cluster at ``k`` (pipeline/shards.py
+    ``build_packed_shards``): each window is text of one cluster."""
+    return f"{name}-k{k}"
+
+
 def domain_run(domain: str, tokens: int) -> str:
     """The sub-run name of a family pretrained per (domain, domain train size): SLM-is."""
     return f"{domain}-{tokens}"
@@ -159,8 +171,11 @@ class RunLayout:
     def windows(self, name: str) -> str:
         return self.path("data/windows", checked_name("window set", name))
 
+    def units(self, name: str) -> str:
+        return self.path("data/units", checked_name("unit set", name))
+
     def embeddings(self, name: str) -> str:
-        return self.path("data/embeddings", checked_name("window set", name))
+        return self.path("data/embeddings", checked_name("unit set", name))
 
     def kmeans(self, k: int) -> str:
         return self.path(f"data/kmeans-k{k}")

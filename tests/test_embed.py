@@ -19,8 +19,8 @@ from slm.errors import InputError, StageError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import arrow_to_vectors, parquet_files
 from slm.pipeline.config import EmbedConfig
-from slm.pipeline.coverage import embedding_coverage
-from slm.pipeline.embed import embed_texts, embed_windows, load_model, offline_model_dir, resolve_model
+from slm.pipeline.coverage import embedding_coverage, unit_coverage
+from slm.pipeline.embed import embed_texts, embed_units, load_model, offline_model_dir, resolve_model
 
 SEQ = 32
 TOPICS = {
@@ -42,9 +42,9 @@ def documents() -> list[str]:
     return docs
 
 
-def build_run(root: str) -> tuple[RunLayout, object, np.ndarray]:
-    """A run with a tiny byte-level BPE (trained here) and generic windows cut from it as
-    design.md says: documents + EOS, concatenated, cut into SEQ-token windows."""
+def build_run(root: str) -> tuple[RunLayout, object, list[list[int]]]:
+    """A run with a tiny byte-level BPE (trained here) and generic units cut with it as
+    pipeline/windows.py says: each document + EOS cut into pieces of at most SEQ tokens."""
     layout = RunLayout(root)
     docs = documents()
     bpe = Tokenizer(models.BPE())
@@ -56,17 +56,18 @@ def build_run(root: str) -> tuple[RunLayout, object, np.ndarray]:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     with stage.publish(layout.tokenizer, stage="tokenizer", config={}) as out:
         tok.save_pretrained(out.local_dir)
-    stream = []
+    units = []
     for d in docs:
-        stream += tok(d)["input_ids"] + [tok.eos_token_id]
-    n = len(stream) // SEQ
-    ids = np.asarray(stream[: n * SEQ], dtype=np.int32).reshape(n, SEQ)
-    with stage.publish(layout.windows("generic"), stage="windows", config={}) as out:
+        ids = tok(d)["input_ids"] + [tok.eos_token_id]
+        units += [ids[i:i + SEQ] for i in range(0, len(ids), SEQ)]
+    n = len(units)
+    with stage.publish(layout.units("generic"), stage="units", config={}) as out:
         for i, part in enumerate(np.array_split(np.arange(n), 2)):
-            pq.write_table(pa.table({"window_id": pa.array(part, pa.int64()),
-                                     "input_ids": pa.array(list(ids[part]), pa.list_(pa.int32()))}),
+            pq.write_table(pa.table({"unit_id": pa.array(part, pa.int64()),
+                                     "input_ids": pa.array([units[j] for j in part], pa.list_(pa.int32())),
+                                     "tokens": pa.array([len(units[j]) for j in part], pa.int32())}),
                            os.path.join(out.local_dir, f"part-{i}.parquet"))
-    return layout, tok, ids
+    return layout, tok, units
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +83,15 @@ def test_default_model_resolves_to_the_offline_package():
     assert resolve_model(local) == local  # a path is used as is
 
 
-def test_embed_windows_matches_bare_sentence_transformers(ray_local, tmp_path, bare_model):
+def test_embed_units_matches_bare_sentence_transformers(ray_local, tmp_path, bare_model):
     layout, tok, ids = build_run(str(tmp_path / "run"))
     assert 80 <= len(ids) <= 400  # a small but real set
     cfg = EmbedConfig(batch_size=16, pool_size=1, num_cpus=1, torch_threads=2)
-    uri = embed_windows(layout, "generic", cfg)
-    table = pa.concat_tables([pq.read_table(f) for f in parquet_files(uri)]).sort_by("window_id")
+    uri = embed_units(layout, "generic", cfg)
+    table = pa.concat_tables([pq.read_table(f) for f in parquet_files(uri)]).sort_by("unit_id")
     assert table.schema.field("embedding").type == pa.list_(pa.float32())
-    assert table.column("window_id").to_pylist() == list(range(len(ids)))
+    assert table.column("unit_id").to_pylist() == list(range(len(ids)))
+    assert table.column("tokens").to_pylist() == [len(u) for u in ids]  # carried for histograms
     got = arrow_to_vectors(table.column("embedding"))
     texts = tok.batch_decode([list(r) for r in ids], skip_special_tokens=True)
     want = bare_model.encode(texts, batch_size=16, normalize_embeddings=True)
@@ -100,26 +102,31 @@ def test_embed_windows_matches_bare_sentence_transformers(ray_local, tmp_path, b
     assert m["dim"] == 384 and m["rows"] == len(ids) and m["texts_per_s"] > 0
     # same topic → nearer than other topics (the vectors carry meaning, not just shape)
     assert float(got[0] @ got[1]) > float(np.median(got[0] @ got.T))
-    assert embed_windows(layout, "generic", cfg) == uri  # done: reused
-    # how much of a window the model reads changes the vectors: never reused silently
+    assert embed_units(layout, "generic", cfg) == uri  # done: reused
+    # how much of a unit the model reads changes the vectors: never reused silently
     with pytest.raises(StageError, match="another|other"):
-        embed_windows(layout, "generic", dataclasses.replace(cfg, max_seq_length=16))
+        embed_units(layout, "generic", dataclasses.replace(cfg, max_seq_length=16))
 
 
-def test_coverage_counts_the_tokens_the_embedder_reads_and_windows_spanning_documents(tmp_path, bare_model):
-    """The report's 'what the clustering saw' figures on a run whose windows are cut across
-    documents: the fraction of each window's text tokens within the embedder's limit (16 here,
-    2 of them special), and the windows with an EOS between two pieces of text."""
+def test_coverage_counts_the_tokens_the_embedder_reads_and_units_spanning_documents(tmp_path, bare_model):
+    """The report's 'what the clustering saw' figures: the fraction of each unit's text tokens
+    within the embedder's limit (16 here, 2 of them special), and the units with an EOS between
+    two pieces of text (none: a unit is cut inside one document; the same measure finds the
+    windows cut across documents)."""
     layout, tok, ids = build_run(str(tmp_path / "run"))
     cov = embedding_coverage(layout, "generic", EmbedConfig(max_seq_length=16), sample=50)
     texts = tok.batch_decode([list(r) for r in ids[:50]], skip_special_tokens=True)
     lengths = [len(bare_model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    assert max(lengths) > 14  # some windows are truncated at this limit
+    assert max(lengths) > 14  # some units are truncated at this limit
     assert cov["embedded_token_fraction"] == pytest.approx(sum(min(n, 14) for n in lengths) / sum(lengths))
-    multi = sum(tok.eos_token_id in list(r)[1:-1] for r in ids[:50]) / 50
-    assert cov["multi_document_fraction"] == multi and 0 < multi < 1
-    assert cov["sampled_windows"] == 50 and cov["windows"] == len(ids)
-    # at the model's own limit (256 tokens) every token of these short windows is read
+    assert cov["multi_document_fraction"] == 0
+    assert cov["sampled_units"] == 50 and cov["units"] == len(ids)
+    stream = [t for u in ids for t in u]
+    windows = [stream[i:i + SEQ] for i in range(0, len(stream) - SEQ + 1, SEQ)][:50]
+    spanning = unit_coverage(windows, tok.eos_token_id, tok.batch_decode(windows, skip_special_tokens=True),
+                             bare_model.tokenizer, 16)["multi_document_fraction"]
+    assert spanning == sum(tok.eos_token_id in w[1:-1] for w in windows) / 50 and 0 < spanning < 1
+    # at the model's own limit (256 tokens) every token of these short units is read
     assert embedding_coverage(layout, "generic", EmbedConfig(), sample=50)["embedded_token_fraction"] == 1.0
     # a plain transformers model directory (no sentence-transformers config): its tokenizer's limit
     plain = tmp_path / "plain-model"
@@ -156,10 +163,10 @@ def test_embedder_on_any_text_dataset_keeps_other_columns(ray_local, bare_model)
 def test_unknown_model_fails_on_the_driver_before_any_work(ray_local, tmp_path):
     layout, _, _ = build_run(str(tmp_path / "run"))
     with pytest.raises(InputError, match=r"'no-such-org/no-such-model-xyz'.*local model directory"):
-        embed_windows(layout, "generic", EmbedConfig(model="no-such-org/no-such-model-xyz"))
+        embed_units(layout, "generic", EmbedConfig(model="no-such-org/no-such-model-xyz"))
     assert stage.manifest(layout.embeddings("generic")) is None
     assert not os.path.exists(layout.embeddings("generic"))
     not_a_model = tmp_path / "empty-dir"
     not_a_model.mkdir()
     with pytest.raises(InputError, match="not a sentence-transformers model directory"):
-        embed_windows(layout, "generic", EmbedConfig(model=str(not_a_model)))
+        embed_units(layout, "generic", EmbedConfig(model=str(not_a_model)))

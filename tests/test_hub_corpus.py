@@ -136,7 +136,8 @@ def test_paper_recipe_first_stages_on_a_local_hub_repo(hub_dir, tmp_path, ray_lo
     assert recipe.corpus.generic == "hf://allenai/c4:en/train"
     assert recipe.data.seq_len == 1024 and recipe.tokenizer.vocab_size == 32000
     out = run_pipeline(recipe, until="windows")
-    assert [r["stage"] for r in out["stages"]] == ["corpus generic", "tokenizer", "windows generic"]
+    assert [r["stage"] for r in out["stages"]] == ["corpus generic", "tokenizer", "windows generic",
+                                                   "units generic"]
     run = out["run_dir"]
     corpus = manifest(os.path.join(run, "data", "corpus", "generic"))
     assert corpus["rows"] == 300 and corpus["source"] == "hf://allenai/c4:en/train"

@@ -12,13 +12,14 @@ import pytest
 
 from slm import stage
 from slm.errors import InputError, StageError
-from slm.layout import RunLayout, domain_set, train_subset
+from slm.layout import RunLayout, domain_set, packed_set, train_subset
 from slm.pipeline.artifacts import parquet_files
 from slm.pipeline.importance import (ClusterImportance, read_subset_histogram, write_is_shard,
                                      write_subset_histogram)
 from slm.pipeline.shards import build_train_subset
 
 SEQ = 8
+GENERIC4 = packed_set("generic", 4)  # what SLM-is resamples from at k_is = 4
 
 
 def test_weights_are_the_ratio_of_cluster_frequencies():
@@ -80,11 +81,12 @@ def test_resample_is_seeded_and_repeats_only_when_a_cluster_runs_short():
 # --------------------------------------------------------------------------------------------
 
 def write_generic_shards(layout: RunLayout, clusters4: np.ndarray, files: int = 3) -> None:
-    """Generic shards as design.md describes them: window_id, input_ids[SEQ], cluster_k<K>."""
+    """Generic shards packed per cluster at k=4 (``generic-k4``, as build_packed_shards
+    publishes them): window_id, input_ids[SEQ], cluster_k4 (and a cluster_k2 passenger)."""
     n = len(clusters4)
     ids = np.arange(n, dtype=np.int64) + 1000
     tokens = (ids[:, None] * 10 + np.arange(SEQ)[None, :]).astype(np.int32)  # row-identifying
-    with stage.publish(layout.shards("generic"), stage="shards", config={}) as out:
+    with stage.publish(layout.shards(GENERIC4), stage="shards", config={}, force=True) as out:
         for i, part in enumerate(np.array_split(np.arange(n), files)):
             pq.write_table(pa.table({
                 "window_id": pa.array(ids[part]),
@@ -122,7 +124,7 @@ def test_is_shard_draws_rows_by_the_domain_histogram(ray_local, shards):
     uri = write_is_shard(layout, 4, "x", 800, n_tokens=600 * SEQ, seq_len=SEQ, seed=5)
     assert uri == layout.shards("is-k4-x-800")
     out = read_rows(uri)
-    generic = read_rows(layout.shards("generic"))
+    generic = read_rows(layout.shards(GENERIC4))
     assert out.schema == generic.schema and out.num_rows == 600
     # exactly the driver's per-cluster draws, which follow the domain histogram
     imp = ClusterImportance.fit(np.bincount(clusters, minlength=4), [0, 10, 30, 60])
@@ -164,9 +166,27 @@ def test_is_shard_rejects_an_empty_domain_histogram(ray_local, shards):
 # The histogram of a domain train subset: exactly the subset's windows
 # --------------------------------------------------------------------------------------------
 
+TAIL = 4  # each domain window: SEQ - TAIL tokens of a unit of its cluster c, TAIL of one of c+1
+
+
+def _unit_columns(clusters4: np.ndarray) -> dict[str, pa.Array]:
+    """The plain shards' unit columns of windows cut across two units (see TAIL)."""
+    n = len(clusters4)
+    return {"unit_tokens": pa.array([[SEQ - TAIL, TAIL]] * n, pa.list_(pa.int32())),
+            "unit_clusters_k4": pa.array([[int(c), (int(c) + 1) % 4] for c in clusters4],
+                                         pa.list_(pa.int32()))}
+
+
+def token_counts(clusters4: np.ndarray) -> list[int]:
+    """The token histogram of windows written by ``_unit_columns``."""
+    return (np.bincount(clusters4, minlength=4) * (SEQ - TAIL)
+            + np.bincount((clusters4 + 1) % 4, minlength=4) * TAIL).tolist()
+
+
 def write_domain_train(layout: RunLayout, domain: str, clusters4: np.ndarray) -> None:
-    """A domain train shard set (``domain-<d>-train``, as build_shards publishes it), and a
-    whole-split histogram of it (which the subset histograms must not use)."""
+    """A domain train shard set (``domain-<d>-train``, as build_shards publishes it: windows
+    with the clusters and tokens of their units), and a whole-split histogram of it (which the
+    subset histograms must not use)."""
     n = len(clusters4)
     ids = np.arange(n, dtype=np.int64) + 50_000
     with stage.publish(layout.shards(domain_set(domain, "train")), stage="shards",
@@ -175,7 +195,7 @@ def write_domain_train(layout: RunLayout, domain: str, clusters4: np.ndarray) ->
             pq.write_table(pa.table({
                 "window_id": pa.array(ids[part]),
                 "input_ids": pa.array([[int(w)] * SEQ for w in ids[part]], pa.list_(pa.int32())),
-                "cluster_k4": pa.array(clusters4[part], pa.int32()),
+                **_unit_columns(clusters4[part]),
             }), os.path.join(out.local_dir, f"part-{i:05d}.parquet"))
         out.manifest.update(rows=n, seq_len=SEQ, tokens=n * SEQ)
     with stage.publish(layout.histograms(4), stage="histograms", config={"n": n}, force=True) as out:
@@ -197,11 +217,13 @@ def test_each_domain_size_gets_the_histogram_of_its_own_subset_only(ray_local, t
         assert uri == layout.subset_histogram(4, "z", tokens)
         assert uri.endswith(f"data/subset-histograms-k4/domain-z-train-{tokens}")
         hist[tokens] = read_subset_histogram(layout, 4, "z", tokens)
-        subset = read_rows(layout.shards(train_subset("z", tokens))).column("cluster_k4").to_numpy()
-        assert hist[tokens]["n"] == sum(hist[tokens]["counts"]) == tokens // SEQ == len(subset)
-        assert hist[tokens]["counts"] == np.bincount(subset, minlength=4).tolist()
+        subset = read_rows(layout.shards(train_subset("z", tokens)))
+        first = np.array([c[0] for c in subset.column("unit_clusters_k4").to_pylist()])
+        assert hist[tokens]["n"] == sum(hist[tokens]["counts"]) == tokens == len(first) * SEQ
+        assert hist[tokens]["unit"] == "tokens"
+        assert hist[tokens]["counts"] == token_counts(first)  # both units of every window
     small, large = hist[10 * SEQ]["counts"], hist[60 * SEQ]["counts"]
-    assert small != large and large != np.bincount(clusters, minlength=4).tolist()
+    assert small != large and large != token_counts(clusters)
 
     # outside the small subset: every window's cluster changed and half of them removed; the
     # whole split's histogram changed too. The selection (rebuilt) is the same windows, so is
@@ -220,7 +242,7 @@ def test_each_domain_size_gets_the_histogram_of_its_own_subset_only(ray_local, t
 
     # the SLM-is shards of the two sizes follow their own histograms
     write_generic_shards(layout, np.random.default_rng(0).choice(4, size=300, p=[.4, .3, .2, .1]))
-    generic = np.bincount(read_rows(layout.shards("generic")).column("cluster_k4").to_numpy(), minlength=4)
+    generic = np.bincount(read_rows(layout.shards(GENERIC4)).column("cluster_k4").to_numpy(), minlength=4)
     for tokens in (10 * SEQ, 60 * SEQ):
         uri = write_is_shard(layout, 4, "z", tokens, n_tokens=200 * SEQ, seq_len=SEQ, seed=2)
         want = ClusterImportance.fit(generic, read_subset_histogram(layout, 4, "z", tokens)).draw_counts(200, seed=2)
@@ -236,7 +258,7 @@ def write_domain_train_rows(layout: RunLayout, domain: str, ids: np.ndarray, clu
         pq.write_table(pa.table({
             "window_id": pa.array(ids),
             "input_ids": pa.array([[int(w)] * SEQ for w in ids], pa.list_(pa.int32())),
-            "cluster_k4": pa.array(clusters4, pa.int32()),
+            **_unit_columns(clusters4),
         }), os.path.join(out.local_dir, "part-00000.parquet"))
         out.manifest.update(rows=len(ids), seq_len=SEQ, tokens=len(ids) * SEQ)
     with stage.publish(layout.histograms(4), stage="histograms", config={"ids": ids.tolist()},

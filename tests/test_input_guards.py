@@ -329,10 +329,10 @@ def test_stale_assignment_met_while_joining_shards_names_the_drivers_fix(tmp_pat
     from slm.pipeline.shards import _lookup
 
     path = str(tmp_path / "assign.parquet")
-    pq.write_table(pa.table({"window_id": pa.array([1, 2, 4], pa.int64()),
+    pq.write_table(pa.table({"unit_id": pa.array([1, 2, 4], pa.int64()),
                              "cluster": pa.array([0, 1, 0], pa.int32())}), path)
     assert _lookup(np.array([1, 4]), str(tmp_path), [path], 8, None, "w.parquet", "x").tolist() == [0, 0]
-    with pytest.raises(StageError, match=r"lacks the cluster of 1 window\(s\) of 'w\.parquet'; the "
+    with pytest.raises(StageError, match=r"lacks the cluster of 1 unit\(s\) of 'w\.parquet'; the "
                                          r"assignment is stale: re-run `slm data run --recipe R "
                                          r"--force` to rebuild assign-k8"):
         _lookup(np.array([1, 3]), str(tmp_path), [path], 8, None, "w.parquet",

@@ -32,19 +32,26 @@ def blobs(sizes: list[int], seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def unit_tokens(ids: np.ndarray) -> np.ndarray:
+    """Each test unit's length in tokens (1 to 5): what histograms weigh it by."""
+    return 1 + ids % 5
+
+
 def write_embeddings(layout: RunLayout, set_name: str, x: np.ndarray, id_base: int = 0,
                      files: int = 3) -> None:
     """An embeddings artifact as design.md describes it, split over several parquet files."""
     with stage.publish(layout.embeddings(set_name), stage="embed", config={"set": set_name}) as out:
         for i, part in enumerate(np.array_split(np.arange(len(x)), files)):
-            table = pa.table({"window_id": pa.array(part + id_base, pa.int64()),
+            ids = part + id_base
+            table = pa.table({"unit_id": pa.array(ids, pa.int64()),
+                              "tokens": pa.array(unit_tokens(ids), pa.int32()),
                               "embedding": vectors_to_arrow(x[part])})
             pq.write_table(table, os.path.join(out.local_dir, f"part-{i}.parquet"))
 
 
 def read_assign(layout: RunLayout, k: int, set_name: str) -> pa.Table:
     files = parquet_files(layout.assignments(k, set_name))
-    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("window_id")
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("unit_id")
 
 
 FIT = KMeansConfig(k_is=4, k_mix=2, k_pn=2, fit_sample=10_000, max_iter=50)
@@ -81,7 +88,7 @@ def test_fit_and_assign_agree_with_sklearn(run):
     got = read_assign(layout, 4, "generic")
     assert got.schema.field("cluster").type == pa.int32()
     assert got.schema.field("distance").type == pa.float32()
-    assert got.column("window_id").to_pylist() == list(range(400))
+    assert got.column("unit_id").to_pylist() == list(range(400))
     np.testing.assert_array_equal(got.column("cluster").to_numpy(), ref.predict(generic))
     want_d = np.linalg.norm(generic - ref.cluster_centers_[ref.predict(generic)], axis=1)
     np.testing.assert_allclose(got.column("distance").to_numpy(), want_d, atol=1e-4)
@@ -122,18 +129,22 @@ def test_histograms_count_assignments(run):
     for s in ("generic", "domain-x-train"):  # a set added later joins the same artifact
         uri = histograms(layout, 4, [s])
         h = read_histogram(layout, 4, s)
-        direct = np.bincount(read_assign(layout, 4, s).column("cluster").to_numpy(), minlength=4)
+        a = read_assign(layout, 4, s)  # the units' tokens are carried through the assignment
+        assert a.column("tokens").to_pylist() == unit_tokens(a.column("unit_id").to_numpy()).tolist()
+        direct = np.bincount(a.column("cluster").to_numpy(), weights=a.column("tokens").to_numpy(),
+                             minlength=4).astype(int)
         assert h["k"] == 4 and h["counts"] == direct.tolist() and h["n"] == sum(h["counts"])
-    assert read_histogram(layout, 4, "generic")["n"] == 400
-    assert read_histogram(layout, 4, "domain-x-train")["n"] == len(domain) == 100
+        assert h["unit"] == "tokens"
+    assert read_histogram(layout, 4, "generic")["n"] == int(unit_tokens(np.arange(400)).sum())
+    assert read_histogram(layout, 4, "domain-x-train")["n"] == int(unit_tokens(np.arange(100) + 10_000).sum())
     assert sorted(stage.manifest(uri)["sets"]) == ["domain-x-train", "generic"]
     with open(os.path.join(uri, "generic.json")) as f:
-        assert set(json.load(f)) == {"k", "counts", "n"}
+        assert set(json.load(f)) == {"k", "counts", "n", "unit"}
 
 
-def test_k_larger_than_windows_is_an_input_error(run):
+def test_k_larger_than_units_is_an_input_error(run):
     layout, _, _ = run
-    with pytest.raises(InputError, match=r"k=500 .* only 400 windows"):
+    with pytest.raises(InputError, match=r"k=500 .* only 400 units"):
         fit_kmeans(layout, 500, KMeansConfig(), seed=0)
     assert stage.manifest(layout.kmeans(500)) is None
 

@@ -12,7 +12,7 @@ import yaml
 
 from slm.cli import main
 from slm.config import Recipe, load_recipe
-from slm.layout import RunLayout, domain_set, is_set, train_subset
+from slm.layout import RunLayout, domain_set, is_set, packed_set, train_subset
 from slm.pipeline.artifacts import read_rows
 from slm.pipeline.importance import read_subset_histogram
 from slm.pipeline.run import run_pipeline
@@ -55,20 +55,29 @@ def test_run_pipeline_end_to_end_then_resume(tmp_path, ray_local, capsys):
     sets = ["generic"] + [domain_set(d, s) for d in ("alpha",) for s in ("train", "valid", "test")]
     for name in sets:
         shard = read_rows(layout.shards(name))
-        assert shard.column_names == ["window_id", "input_ids"] + [f"cluster_k{k}" for k in ks]
+        assert shard.column_names == ["window_id", "input_ids", "unit_tokens"] + [
+            f"unit_clusters_k{k}" for k in ks]
         assert shard.num_rows == manifest(layout.windows(name))["rows"] > 0
         ids = np.array(shard.column("input_ids").to_pylist())
         assert ids.shape[1] == SEQ
+        assert all(sum(t) == SEQ for t in shard.column("unit_tokens").to_pylist())
         for k in ks:
-            c = shard.column(f"cluster_k{k}").to_numpy()
+            c = np.concatenate([np.asarray(x, dtype=np.int64) for x in shard.column(f"unit_clusters_k{k}").to_pylist()])
             assert c.min() >= 0 and c.max() < k
+        # every unit of the set was embedded and assigned (units, not windows, are clustered)
+        assert manifest(layout.embeddings(name))["rows"] == manifest(layout.units(name))["rows"]
+    for k in ks:  # the generic text packed per cluster: each window one cluster's text
+        packed = read_rows(layout.shards(packed_set("generic", k)))
+        assert packed.column_names == ["window_id", "input_ids", f"cluster_k{k}"]
+        c = packed.column(f"cluster_k{k}").to_numpy()
+        assert packed.num_rows > 0 and c.min() >= 0 and c.max() < k
     for d in ("alpha",):
         small = read_rows(layout.shards(train_subset(d, 64))).column("window_id").to_pylist()
         large = read_rows(layout.shards(train_subset(d, 160))).column("window_id").to_pylist()
         assert len(small) == 2 and len(large) == 5 and large[:2] == small
         for tokens, subset in ((64, small), (160, large)):  # SLM-is: per (domain, size)
             hist = read_subset_histogram(layout, 4, d, tokens)
-            assert hist["n"] == sum(hist["counts"]) == len(subset)
+            assert hist["n"] == sum(hist["counts"]) == len(subset) * SEQ == tokens
             uri = layout.shards(is_set(d, 4, tokens))
             is_rows = sum(pq.ParquetFile(os.path.join(uri, f)).metadata.num_rows
                           for f in os.listdir(uri) if f.endswith(".parquet"))
@@ -77,8 +86,9 @@ def test_run_pipeline_end_to_end_then_resume(tmp_path, ray_local, capsys):
     for k in ks:
         assert os.path.exists(os.path.join(layout.histograms(k), "domain-alpha-train.json"))
     names = [s["stage"] for s in stages]
-    assert names.index("tokenizer") < names.index("windows generic") < names.index(
-        "embeddings generic") < names.index("kmeans k=2") < names.index("shards generic")
+    assert names.index("tokenizer") < names.index("windows generic") < names.index("units generic") < names.index(
+        "embeddings generic") < names.index("kmeans k=2") < names.index("shards generic") < names.index(
+        "shards generic-k2") < names.index(f"shards {is_set('alpha', 4, 64)}")
 
     started = manifest(layout.shards("generic"))["started"]
     again = run_pipeline(recipe)

@@ -57,9 +57,9 @@ def test_run_study_end_to_end(recipe, capsys):
     # (every domain of the run is measured: the shared run may also hold test_add_domain's)
     assert {"generic", "domain-numeric-train"} <= set(coverage), sorted(coverage)
     assert all(s == "generic" or (s.startswith("domain-") and s.endswith("-train")) for s in coverage)
-    for c in coverage.values():
-        assert 0 < c["embedded_token_fraction"] <= 1 and 0 <= c["multi_document_fraction"] <= 1
-        assert c["sampled_windows"] == min(c["windows"], 2000)
+    for c in coverage.values():  # units: pieces of one document each
+        assert 0 < c["embedded_token_fraction"] <= 1 and c["multi_document_fraction"] == 0
+        assert c["sampled_units"] == min(c["units"], 2000)
     assert "What the clustering saw" in open(report, encoding="utf-8").read()
     for m in ("slm", "pn"):
         assert os.path.isfile(os.path.join(layout.model("numeric", m), "model.safetensors"))

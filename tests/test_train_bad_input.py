@@ -18,7 +18,7 @@ from train_shards import SEQ, make_run, tiny_recipe, windows, write_shards, writ
 from slm.configkit import ConfigError  # noqa: E402
 from slm.errors import InputError, StageError  # noqa: E402
 from slm.hashing import sha256_file  # noqa: E402
-from slm.layout import RunLayout  # noqa: E402
+from slm.layout import RunLayout, packed_set  # noqa: E402
 from slm.models import data as md  # noqa: E402
 from slm.models import launch  # noqa: E402
 from slm.models import pretrain as pt  # noqa: E402
@@ -54,6 +54,10 @@ def test_shards_without_cluster_column_for_pn_and_mix(tmp_path):
     layout = RunLayout(str(tmp_path))
     write_tokenizer(layout)
     write_shards(layout, "generic", windows(64, SEQ, [], seed=0))
+    # pn trains on the generic text packed per cluster at k_pn = 2: not built yet
+    with pytest.raises(StageError, match=r"shards '.*data/shards/generic-k2' are missing.*slm data run"):
+        pt.pretrain(tiny_recipe(str(tmp_path)), "pn")
+    write_shards(layout, packed_set("generic", 2), windows(64, SEQ, [], seed=0))
     with pytest.raises(InputError, match=r"no column 'cluster_k2'.*slm data run"):
         pt.pretrain(tiny_recipe(str(tmp_path)), "pn")
     with pytest.raises(InputError, match=r"no column 'cluster_k2'"):

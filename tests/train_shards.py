@@ -9,7 +9,7 @@ import os
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from slm.config import Recipe
-from slm.layout import RunLayout, is_set
+from slm.layout import RunLayout, is_set, packed_set
 from slm.models.synthetic import VOCAB, windows, write_shards, write_tokenizer  # noqa: F401
 
 SEQ = 16
@@ -37,10 +37,13 @@ def tiny_recipe(run_dir: str, **steps: int) -> Recipe:
 
 
 def make_run(run_dir: str, n_generic: int = 512, ks: tuple[int, ...] = (2, 4)) -> RunLayout:
-    """Tokenizer + generic shards (cluster_k2, cluster_k4) + SLM-is and domain valid shards."""
+    """Tokenizer + generic shards, plain and packed per cluster (generic-k2, generic-k4: what
+    pn and mix train on) + SLM-is and domain valid shards."""
     layout = RunLayout(run_dir)
     write_tokenizer(layout)
-    write_shards(layout, "generic", windows(n_generic, SEQ, list(ks), seed=1))
+    write_shards(layout, "generic", windows(n_generic, SEQ, [], seed=1))
+    for k in ks:
+        write_shards(layout, packed_set("generic", k), windows(n_generic, SEQ, [k], seed=1, id_base=40_000 * k))
     # SLM-is shards of alpha at the recipe's first default domain size
     write_shards(layout, is_set("alpha", 4, 1_000_000), windows(256, SEQ, list(ks), seed=2, id_base=10_000))
     write_shards(layout, "domain-alpha-valid", windows(64, SEQ, list(ks), seed=3, id_base=20_000))

@@ -405,18 +405,19 @@ def _coverage_html(coverage: list[dict]) -> str:
     if not coverage:
         return ""
     rows = "".join(
-        f"<tr><td>{html.escape(c['set'])}</td><td>{c['windows']:,}</td><td>{c['sampled_windows']:,}</td>"
-        f"<td>{c['embedder_max_tokens']}</td><td>{c['embedder_tokens_per_window_mean']:.1f}</td>"
+        f"<tr><td>{html.escape(c['set'])}</td><td>{c['units']:,}</td><td>{c['sampled_units']:,}</td>"
+        f"<td>{c['embedder_max_tokens']}</td><td>{c['embedder_tokens_per_unit_mean']:.1f}</td>"
         f"<td>{100 * c['embedded_token_fraction']:.1f} %</td>"
         f"<td>{100 * c['multi_document_fraction']:.1f} %</td></tr>" for c in coverage)
-    return (f"<h2>What the clustering saw</h2><p>SLM-is, SLM-mix and SLM-pn use each window's "
-            f"k-means cluster of its embedding. The embedding model reads at most its token limit "
-            f"of a window's text, and a window cut across a document boundary holds text of two "
-            f"documents, so its cluster label is of mixed text. Measured on the first windows of "
-            f"each set: <a href='{CLUSTERING_COVERAGE}'>{CLUSTERING_COVERAGE}</a>.</p>"
-            "<table><tr><th>set</th><th>windows</th><th>sampled</th><th>embedder token limit</th>"
-            "<th>embedder tokens per window</th><th>text tokens embedded</th>"
-            f"<th>windows spanning documents</th></tr>{rows}</table>")
+    return (f"<h2>What the clustering saw</h2><p>SLM-is, SLM-mix and SLM-pn use k-means clusters "
+            f"of units: pieces of at most one window of one document, embedded and assigned one "
+            f"by one; their training windows are packed from the units of one cluster, and a "
+            f"domain subset's histogram counts each unit's tokens. The embedding model reads at "
+            f"most its token limit of a unit's text. Measured on the first units of each set: "
+            f"<a href='{CLUSTERING_COVERAGE}'>{CLUSTERING_COVERAGE}</a>.</p>"
+            "<table><tr><th>set</th><th>units</th><th>sampled</th><th>embedder token limit</th>"
+            "<th>embedder tokens per unit</th><th>text tokens embedded</th>"
+            f"<th>units spanning documents</th></tr>{rows}</table>")
 
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;

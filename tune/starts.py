@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from slm.errors import InputError, StageError
 from slm.layout import RunLayout, domain_set, expert_name, train_subset
@@ -24,8 +23,8 @@ from slm.models.config import FAMILY_INFO
 from slm.models.flops import inference_flops_per_token
 from slm.models.lm import lm_config, make_lm
 from slm.models.projected import ProjectedLM
-from slm.pipeline.artifacts import parquet_files
-from slm.stage import Stage, exists, filesystem, join, local_dir, manifest
+from slm.pipeline.importance import shard_token_histogram
+from slm.stage import Stage, exists, join, local_dir, manifest
 
 from .evaluation import evaluate_counted, load_lm, save_model
 from .grid import Trial, vocab_size
@@ -49,23 +48,14 @@ def pretrain_final(layout: RunLayout, family: str, domain: str = "", expert: int
 
 
 def top_cluster(layout: RunLayout, k: int, set_name: str) -> int:
-    """The most frequent cluster at ``k`` among the windows of a shard set (ties: lowest id).
-
-    Counted from the shard's ``cluster_k<K>`` column, so it is the histogram of exactly the
-    train subset being used (the pipeline's histograms cover whole domain splits)."""
+    """The cluster with the most tokens at ``k`` in the windows of a shard set (ties: lowest
+    id): each window's units counted by their clusters and tokens (pipeline/shards.py
+    ``token_histogram``), so it is the histogram of exactly the train subset being used (the
+    pipeline's histograms cover whole domain splits)."""
     uri = layout.shards(set_name)
     if manifest(uri) is None:
         raise StageError(f"shard '{uri}' is missing; run the data pipeline (`slm data run`)")
-    fs, _ = filesystem(uri)
-    counts = np.zeros(k, dtype=np.int64)
-    col = f"cluster_k{k}"
-    for path in parquet_files(uri):
-        pf = pq.ParquetFile(fs.open_input_file(path))
-        if col not in pf.schema_arrow.names:
-            raise InputError(f"shard '{uri}' has no column '{col}'; rebuild the shards with "
-                             "`slm data run --force` so every k of the recipe has its column")
-        values = pf.read(columns=[col]).column(0).to_numpy()
-        counts += np.bincount(values, minlength=k)[:k]
+    counts = shard_token_histogram(uri, k)
     if counts.sum() == 0:
         raise InputError(f"shard '{uri}' holds no windows; the domain train subset is empty")
     return int(np.argmax(counts))
