@@ -60,7 +60,7 @@ class TokenizerConfig:
 class DataConfig:
     """Windows, domain sizes and resampling."""
 
-    seq_len: int = field(default=1024, metadata={"help": "tokens per window (the unit of embedding, clustering and training)"})
+    seq_len: int = field(default=1024, metadata={"help": "tokens per training window; documents are also cut into units of at most this many tokens, the unit of embedding and clustering"})
     domain_train_tokens: list[int] = field(default_factory=lambda: [1_000_000, 8_000_000, 64_000_000], metadata={"help": "nested domain train subsets, in tokens (paper: 1M, 8M, 64M)"})
     is_tokens: int = field(default=0, metadata={"help": "tokens to resample from the generic corpus for SLM-is, per domain and domain size the sweep specializes: each size matches its own train subset's histogram (0 = as many as the generic corpus)"})
     rows_per_file: int = field(default=4096, metadata={"help": "windows per parquet file in token shards"})
