@@ -52,7 +52,7 @@ import ray.data
 from slm.errors import InputError, StageError
 from slm.layout import RunLayout, is_set, packed_set, train_subset
 from slm.pipeline.artifacts import count_rows, parquet_files, user_errors, write_dataset
-from slm.pipeline.shards import token_histogram
+from slm.pipeline.shards import shard_token_histogram
 from slm.stage import (Stage, exists, filesystem, input_fingerprints, join, manifest, read_json,
                        rebuild_fix, write_json)
 
@@ -238,18 +238,6 @@ def file_cluster_counts(uri: str, k: int) -> tuple[list[str], np.ndarray]:
 
 
 HISTOGRAM = "histogram.json"  # the file of a subset-histogram artifact
-
-
-def shard_token_histogram(uri: str, k: int) -> np.ndarray:
-    """K token counts of the plain shard set ``uri`` (``shards.token_histogram`` per file; a
-    domain train subset is small, and only its two small list columns are read)."""
-    fs, _ = filesystem(uri)
-    counts = np.zeros(k, dtype=np.int64)
-    for path in parquet_files(uri):
-        names = pq.read_schema(path, filesystem=fs).names
-        cols = [c for c in (f"unit_clusters_k{k}", "unit_tokens") if c in names]
-        counts += token_histogram(pq.read_table(fs.open_input_file(path), columns=cols), k)
-    return counts
 
 
 def write_subset_histogram(layout: RunLayout, k: int, domain: str, tokens: int,

@@ -4,7 +4,7 @@
 ``unit_tokens``) and, per K of the recipe, ``unit_clusters_k<K>``: the cluster of each unit a
 window is cut from (pipeline/windows.py: a window may end one document and start the next). A
 set of windows' cluster histogram is therefore exact: each unit's cluster weighted by its
-tokens in the window (``token_histogram``; SLM-is and the expert choice of mix/pn use it on a
+tokens in the window (``token_histogram``, ``shard_token_histogram``; SLM-is and the expert choice of mix/pn use it on a
 domain train subset). The join (windows ⋈ unit assignments on ``unit_id``) runs as one Ray Data
 task per windows file: the task reads its file (bounded by ``data.rows_per_file``), then, for
 each K, reads only the assignment rows in the range of the file's unit ids through a pyarrow
@@ -148,12 +148,13 @@ def build_shards(layout: RunLayout, set_name: str, ks: list[int], *, rows_per_fi
     return uri
 
 
-def token_histogram(table: pa.Table, k: int) -> np.ndarray:
+def token_histogram(table: pa.Table, k: int, where: str = "shards") -> np.ndarray:
     """K token counts of the windows of ``table`` (plain shards): each unit's cluster at ``k``
-    weighted by its tokens in the window. InputError when the column is missing."""
+    weighted by its tokens in the window. InputError naming ``where`` when the column is
+    missing."""
     col = f"unit_clusters_k{k}"
     if col not in table.column_names:
-        raise InputError(f"shards have no column '{col}' (columns: {table.column_names}); rebuild "
+        raise InputError(f"{where} have no column '{col}' (columns: {table.column_names}); rebuild "
                          f"them with `slm data run --force` so that k={k} has its column")
     clusters = pc.list_flatten(table.column(col)).to_numpy()
     tokens = pc.list_flatten(table.column("unit_tokens")).to_numpy()
@@ -161,6 +162,19 @@ def token_histogram(table: pa.Table, k: int) -> np.ndarray:
         raise InputError(f"cluster ids outside [0, {k}) in column '{col}'; rebuild the shards "
                          "with `slm data run --force`")
     return np.bincount(clusters, weights=tokens, minlength=k).round().astype(np.int64)
+
+
+def shard_token_histogram(uri: str, k: int) -> np.ndarray:
+    """K token counts of the plain shard set ``uri``: ``token_histogram`` of each file, summed
+    (a domain train subset is small, and only its two small list columns are read)."""
+    fs, _ = filesystem(uri)
+    counts = np.zeros(k, dtype=np.int64)
+    for path in parquet_files(uri):
+        names = pq.read_schema(path, filesystem=fs).names
+        cols = [c for c in (f"unit_clusters_k{k}", "unit_tokens") if c in names]
+        counts += token_histogram(pq.read_table(fs.open_input_file(path), columns=cols), k,
+                                  where=f"shards '{path}'")
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,10 +249,7 @@ def build_packed_shards(layout: RunLayout, set_name: str, k: int, seq_len: int, 
         # a partition then holds about one file's units, whatever the k
         ds = ds.groupby("cluster", num_partitions=max(1, min(k, len(files)))).map_groups(
             _pack_cluster, fn_kwargs={"seq_len": seq_len, "k": k, "base": base}, batch_format="pyarrow")
-        ds = ds.map_batches(_add_rank, fn_kwargs={"seed": seed}, batch_format="pyarrow",
-                            compute=ray.data.TaskPoolStrategy())
-        ds = ds.sort("_rank").drop_columns(["_rank"])
-        write_dataset(ds, out, counter, max_rows_per_file=rows_per_file)
+        write_dataset(_in_seeded_order(ds, seed), out, counter, max_rows_per_file=rows_per_file)
         rows = count_rows(out.uri)
         if rows == 0:
             raise InputError(f"no cluster of the '{set_name}' set at k={k} holds {seq_len} tokens "
@@ -258,6 +269,14 @@ def build_packed_shards(layout: RunLayout, set_name: str, k: int, seq_len: int, 
 def _add_rank(batch: pa.Table, seed: int) -> pa.Table:
     rank = hash64(batch.column("window_id").to_numpy(), seed)  # a seeded permutation
     return batch.append_column("_rank", pa.array(rank, type=pa.uint64()))
+
+
+def _in_seeded_order(ds, seed: int):
+    """The rows of ``ds`` sorted by a seeded hash of their ``window_id`` (Ray Data's
+    distributed sort): an order that depends on the rows only, not on how Ray ran the stage."""
+    ds = ds.map_batches(_add_rank, fn_kwargs={"seed": seed}, batch_format="pyarrow",
+                        compute=ray.data.TaskPoolStrategy())
+    return ds.sort("_rank").drop_columns(["_rank"])
 
 
 def build_train_subset(layout: RunLayout, domain: str, tokens: int, seed: int, *,
@@ -285,11 +304,8 @@ def build_train_subset(layout: RunLayout, domain: str, tokens: int, seed: int, *
     if st.done:
         return uri
     with st.publish() as out:
-        ds = read_artifact(src).map_batches(_add_rank, fn_kwargs={"seed": seed},
-                                            batch_format="pyarrow",
-                                            compute=ray.data.TaskPoolStrategy())
-        ds = ds.sort("_rank").limit(want).drop_columns(["_rank"])
-        write_dataset(ds, out, max_rows_per_file=rows_per_file)
+        write_dataset(_in_seeded_order(read_artifact(src), seed).limit(want), out,
+                      max_rows_per_file=rows_per_file)
         rows = count_rows(out.uri)
         out.manifest.update({"rows": rows, "seq_len": seq_len, "tokens": rows * seq_len,
                              "domain": domain, "vocab_size": (manifest(src) or {}).get("vocab_size")})

@@ -16,8 +16,8 @@ from slm.pipeline.config import CorpusConfig, TokenizerConfig
 from slm.pipeline.ingest import ingest_generic, ingest_source
 from slm.pipeline.sample_corpus import paragraphs, write_parquet
 from slm.pipeline.artifacts import parquet_files
-from slm.pipeline.importance import shard_token_histogram
-from slm.pipeline.shards import build_packed_shards, build_shards, build_train_subset
+from slm.pipeline.shards import (build_packed_shards, build_shards, build_train_subset,
+                                shard_token_histogram)
 from slm.pipeline.tokenizer import EOS, build_tokenizer, run_tokenizer
 from slm.pipeline.windows import _cached_core, build_units, build_windows, tokenize_file
 from slm.stage import manifest, publish

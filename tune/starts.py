@@ -23,7 +23,7 @@ from slm.models.config import FAMILY_INFO
 from slm.models.flops import inference_flops_per_token
 from slm.models.lm import lm_config, make_lm
 from slm.models.projected import ProjectedLM
-from slm.pipeline.importance import shard_token_histogram
+from slm.pipeline.shards import shard_token_histogram
 from slm.stage import Stage, exists, join, local_dir, manifest
 
 from .evaluation import evaluate_counted, load_lm, save_model
@@ -50,7 +50,7 @@ def pretrain_final(layout: RunLayout, family: str, domain: str = "", expert: int
 def top_cluster(layout: RunLayout, k: int, set_name: str) -> int:
     """The cluster with the most tokens at ``k`` in the windows of a shard set (ties: lowest
     id): each window's units counted by their clusters and tokens (pipeline/shards.py
-    ``token_histogram``), so it is the histogram of exactly the train subset being used (the
+    ``shard_token_histogram``), so it is the histogram of exactly the train subset being used (the
     pipeline's histograms cover whole domain splits)."""
     uri = layout.shards(set_name)
     if manifest(uri) is None:
