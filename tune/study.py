@@ -96,7 +96,8 @@ def _sweep_result(recipe, layout: RunLayout, results: str) -> str:
     stopped = len(read_json(stopped_uri)["trials"]) if exists(stopped_uri) else 0
     grid = sweep_trials(recipe)
     # teachers outside the grid (an LLM over the inference budget still teaches SLM-d)
-    teachers = [t for t in teacher_trials(grid) if t not in set(grid)]
+    in_grid = set(grid)
+    teachers = [t for t in teacher_trials(grid) if t not in in_grid]
     extra = f" + {len(teachers)} SLM-d teachers" if teachers else ""
     return (f"{finished} result rows; grid of {len(grid)} trials{extra}, {stopped} stopped "
             f"early by ASHA -> {layout.relative(results)}")
