@@ -10,8 +10,9 @@ fraction of tokens it read (pipeline/coverage.py). Two layers:
 * ``Embedder`` / ``TokenEmbedder``: callable classes for ``map_batches`` (one model per actor),
   usable on any Ray Dataset with a text column (adding a domain later, the serving router);
   ``embed_texts(ds, cfg)`` wires one onto a dataset with the recipe's pool settings.
-* ``embed_units(layout, set_name, cfg)``: the pipeline stage ``data/units/<set>`` →
-  ``data/embeddings/<set>`` (unit_id, tokens, embedding list<float32>), published atomically.
+* ``embed_unit_sets(layout, set_names, cfg)``: the pipeline stages ``data/units/<set>`` →
+  ``data/embeddings/<set>`` (unit_id, tokens, embedding list<float32>) of many sets in one pass
+  over one actor pool, each published atomically; ``embed_units`` does one set.
 
 Model names resolve offline where they can (``resolve_model``): a local directory is used as is,
 the default ``all-MiniLM-L6-v2`` resolves to the copy shipped by the PyPI package
@@ -22,6 +23,7 @@ message instead of inside an actor.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 from huggingface_hub import hf_hub_download
@@ -244,34 +247,89 @@ def _shown_model(resolved: str) -> str:
     return f"local directory {os.path.basename(resolved.rstrip('/'))}"
 
 
+def _stage(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: bool) -> Stage:
+    """The embedding stage of one set: the model and how much of a unit it reads decide the
+    vectors; pool size and batch size are speed only, so they are not part of it."""
+    return Stage(layout.embeddings(set_name), stage="embed",
+                 config={"model": cfg.model, "max_seq_length": cfg.max_seq_length},
+                 inputs=input_fingerprints(layout, layout.units(set_name), layout.tokenizer),
+                 force=force)
+
+
+SET_COLUMN = "_set"  # which set a unit of a shared pass came from (never written out)
+
+
+def _tag_set(batch: pa.Table, index: int) -> pa.Table:
+    return batch.append_column(SET_COLUMN, pa.array(np.full(batch.num_rows, index, dtype=np.int32)))
+
+
+def _rows_of_set(batch: pa.Table, index: int) -> pa.Table:
+    keep = batch.filter(pc.equal(batch.column(SET_COLUMN), index))
+    return keep.drop_columns([SET_COLUMN])
+
+
 def embed_units(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: bool = False) -> str:
     """Stage: embed ``data/units/<set>`` into ``data/embeddings/<set>``; returns its URI.
     Skips when already done with the same config and inputs."""
-    src, out_uri = layout.units(set_name), layout.embeddings(set_name)
+    embed_unit_sets(layout, [set_name], cfg, force=force)
+    return layout.embeddings(set_name)
+
+
+def embed_unit_sets(layout: RunLayout, set_names: list[str], cfg: EmbedConfig,
+                    force: bool = False) -> list[str]:
+    """Stages: embed every ``data/units/<set>`` of ``set_names`` that is not done yet, in ONE
+    pass over one actor pool, into its own ``data/embeddings/<set>`` (each published atomically,
+    with its own manifest and fingerprint, exactly as ``embed_units`` would). Returns the sets
+    embedded now.
+
+    Why one pass: an embedding actor takes ~6 s to start (torch + the model), and a pipeline has
+    a set per domain split; a pass per set paid that start per set (8 sets: ~45 s on the demo,
+    most of the tiny sets' cost). The pass tags each unit with its set, embeds the union once,
+    holds the vectors in Ray's object store (spilled to disk beyond its memory) and writes each
+    set's rows to that set's staging directory; nothing is published unless every set wrote
+    all its rows."""
     cfg.validate()
-    # the model and how much of a window it reads decide the vectors; pool/batch: speed only
-    st = Stage(out_uri, stage="embed", config={"model": cfg.model, "max_seq_length": cfg.max_seq_length},
-               inputs=input_fingerprints(layout, src, layout.tokenizer), force=force)
-    if st.done:
-        return out_uri
+    stages = {n: _stage(layout, n, cfg, force) for n in set_names}
+    todo = [n for n in set_names if not stages[n].done]
+    if not todo:
+        return []
     model = check_model(cfg.model)
-    rows = count_rows(src)  # parquet footers: no data read
-    if rows == 0:
-        raise InputError(f"units '{src}' are empty; nothing to embed. Check the '{set_name}' "
-                         "corpus")
-    with st.publish() as out:
+    rows = {n: count_rows(layout.units(n)) for n in todo}  # parquet footers: no data read
+    for n in todo:
+        if rows[n] == 0:
+            raise InputError(f"units '{layout.units(n)}' are empty; nothing to embed. Check the "
+                             f"'{n}' corpus")
+    with contextlib.ExitStack() as publishing:
+        outs = {n: publishing.enter_context(stages[n].publish()) for n in todo}
         t0 = time.time()
-        ds = read_artifact(src).select_columns(["unit_id", "tokens", "input_ids"])
+        parts = [read_artifact(layout.units(n)).select_columns(["unit_id", "tokens", "input_ids"])
+                 .map_batches(_tag_set, fn_kwargs={"index": i}, batch_format="pyarrow",
+                              batch_size=None, zero_copy_batch=True)
+                 for i, n in enumerate(todo)]
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         with user_errors():
-            write_dataset(embed_texts(ds, cfg, tokenizer=layout.tokenizer), out)
+            embedded = embed_texts(ds, cfg, tokenizer=layout.tokenizer).materialize()
+        embed_seconds = time.time() - t0
+        for i, n in enumerate(todo):
+            with user_errors():
+                write_dataset(embedded.map_batches(_rows_of_set, fn_kwargs={"index": i},
+                                                   batch_format="pyarrow", batch_size=None,
+                                                   zero_copy_batch=True), outs[n])
+            written = count_rows(outs[n].uri)
+            if written != rows[n]:  # a lost block must never be published as done
+                raise StageError(f"embedding '{n}' wrote {written} rows for {rows[n]} units; "
+                                 "re-run the stage")
         seconds = time.time() - t0
-        written = count_rows(out.uri)
-        if written != rows:  # a lost block must never be published as done
-            raise StageError(f"embedding '{set_name}' wrote {written} rows for {rows} units; "
-                             "re-run the stage")
-        dim = len(first_value(out.uri, "embedding"))
-        out.manifest.update(model=cfg.model, resolved_model=_shown_model(model), dim=dim, rows=rows,
-                            embed_seconds=round(seconds, 3),
-                            texts_per_s=round(rows / max(seconds, 1e-9), 2))
-    log.info("embedded %d units of %s in %.1fs", rows, set_name, seconds)
-    return out_uri
+        total = sum(rows.values())
+        dim = len(first_value(outs[todo[0]].uri, "embedding"))
+        for n in todo:
+            # the pass's time, attributed to each set by its share of the units
+            outs[n].manifest.update(model=cfg.model, resolved_model=_shown_model(model), dim=dim,
+                                    rows=rows[n], embed_seconds=round(seconds * rows[n] / total, 3),
+                                    texts_per_s=round(total / max(embed_seconds, 1e-9), 2),
+                                    shared_pass={"sets": todo, "units": total,
+                                                 "seconds": round(seconds, 3)})
+        del embedded
+    log.info("embedded %d units of %d set(s) (%s) in one pass, %.1fs", total, len(todo),
+             ", ".join(todo), seconds)
+    return todo

@@ -87,6 +87,27 @@ class _Stages:
                              "seconds": round(seconds, 3)})
         return result
 
+    def many(self, stages: list[tuple[str, str]], fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """One call that runs several stages (``[(name, uri)]``) at once: one line and record
+        each; the call's time is attributed to the stages it ran by their share of the rows."""
+        before = {uri: manifest(uri) for _, uri in stages}
+        t0 = time.time()
+        result = fn(*args, **kw)
+        seconds = time.time() - t0
+        after = {uri: manifest(uri) or {} for _, uri in stages}
+        ran = {uri for uri in after
+               if before[uri] is None or before[uri].get("started") != after[uri].get("started")}
+        total = sum(after[uri].get("rows") or 0 for uri in ran) or 1
+        for name, uri in stages:
+            rows = after[uri].get("rows")
+            status = "done" if uri in ran else "skipped"
+            share = seconds * (rows or 0) / total if uri in ran else 0.0
+            log.info("stage %-44s %-7s rows=%-9s %6.1fs", name, status,
+                     rows if rows is not None else "-", share)
+            self.records.append({"stage": name, "uri": uri, "status": status, "rows": rows,
+                                 "seconds": round(share, 3)})
+        return result
+
 
 def run_pipeline(recipe, force: bool = False, until: str = "") -> dict[str, Any]:
     """Run every data stage of ``recipe`` (skipping completed ones unless ``force``), or the
@@ -151,9 +172,9 @@ def _run_stages(recipe, layout: RunLayout, stage: _Stages, force: bool,
             return
 
         # embeddings, k-means, assignments: of the units (text of one document each)
-        for name in corpora:
-            stage(f"embeddings {name}", layout.embeddings(name), embed.embed_units, layout, name,
-                  recipe.embed, force=force)
+        # one pass over one actor pool for every set (an actor's start is paid once)
+        stage.many([(f"embeddings {name}", layout.embeddings(name)) for name in corpora],
+                   embed.embed_unit_sets, layout, list(corpora), recipe.embed, force=force)
         if until == "embeddings":
             return
         for k in ks:

@@ -20,7 +20,8 @@ from slm.layout import RunLayout
 from slm.pipeline.artifacts import arrow_to_vectors, parquet_files
 from slm.pipeline.config import EmbedConfig
 from slm.pipeline.coverage import embedding_coverage, unit_coverage
-from slm.pipeline.embed import embed_texts, embed_units, load_model, offline_model_dir, resolve_model
+from slm.pipeline.embed import (embed_texts, embed_unit_sets, embed_units, load_model, offline_model_dir,
+                                resolve_model)
 
 SEQ = 32
 TOPICS = {
@@ -106,6 +107,58 @@ def test_embed_units_matches_bare_sentence_transformers(ray_local, tmp_path, bar
     # how much of a unit the model reads changes the vectors: never reused silently
     with pytest.raises(StageError, match="another|other"):
         embed_units(layout, "generic", dataclasses.replace(cfg, max_seq_length=16))
+
+
+def _write_units(layout: RunLayout, name: str, units: list[list[int]], force: bool = False) -> None:
+    with stage.publish(layout.units(name), stage="units", config={"set": name, "units": len(units)},
+                       force=force) as out:
+        pq.write_table(pa.table({"unit_id": pa.array(range(len(units)), pa.int64()),
+                                 "input_ids": pa.array(units, pa.list_(pa.int32())),
+                                 "tokens": pa.array([len(u) for u in units], pa.int32())}),
+                       os.path.join(out.local_dir, "part-0.parquet"))
+
+
+def _embedded(uri: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in parquet_files(uri)]).sort_by("unit_id")
+
+
+def test_one_pass_embeds_every_set_into_its_own_artifact(ray_local, tmp_path, bare_model):
+    """Several sets share one pass over one actor pool (an actor starts once), yet each set
+    gets exactly its own units' vectors, its own manifest, and is skipped once done."""
+    layout, tok, ids = build_run(str(tmp_path / "run"))
+    other = [u[::-1] for u in ids[:37]]  # other text, ids overlapping generic's (0..36)
+    _write_units(layout, "domain-x-train", other)
+    cfg = EmbedConfig(batch_size=16, pool_size=1, num_cpus=1, torch_threads=2)
+    assert embed_unit_sets(layout, ["generic", "domain-x-train"], cfg) == ["generic", "domain-x-train"]
+    for name, units in (("generic", ids), ("domain-x-train", other)):
+        table = _embedded(layout.embeddings(name))
+        assert table.column_names == ["unit_id", "tokens", "embedding"]  # the set tag is not written
+        assert table.column("unit_id").to_pylist() == list(range(len(units)))
+        want = bare_model.encode(tok.batch_decode(units, skip_special_tokens=True), batch_size=16,
+                                 normalize_embeddings=True)
+        assert (arrow_to_vectors(table.column("embedding")) * want).sum(axis=1).min() > 0.999
+        m = stage.manifest(layout.embeddings(name))
+        assert m["rows"] == len(units) and m["shared_pass"]["sets"] == ["generic", "domain-x-train"]
+        assert m["shared_pass"]["units"] == len(ids) + len(other)
+    assert embed_unit_sets(layout, ["generic", "domain-x-train"], cfg) == []  # both done
+    # a set whose units changed is refused as built from other data, before any work; with
+    # force it is embedded again, alone, and the other set is kept as it was
+    kept = stage.manifest(layout.embeddings("generic"))["started"]
+    _write_units(layout, "domain-x-train", other[:20], force=True)
+    with pytest.raises(StageError, match="another|other"):
+        embed_unit_sets(layout, ["generic", "domain-x-train"], cfg)
+    assert embed_unit_sets(layout, ["domain-x-train"], cfg, force=True) == ["domain-x-train"]
+    assert _embedded(layout.embeddings("domain-x-train")).num_rows == 20
+    assert stage.manifest(layout.embeddings("generic"))["started"] == kept
+
+
+def test_one_pass_with_an_empty_set_publishes_nothing(ray_local, tmp_path):
+    layout, _, ids = build_run(str(tmp_path / "run"))
+    _write_units(layout, "domain-x-train", [])
+    with pytest.raises(InputError, match="domain-x-train.*empty"):
+        embed_unit_sets(layout, ["generic", "domain-x-train"], EmbedConfig(batch_size=16))
+    for name in ("generic", "domain-x-train"):
+        assert stage.manifest(layout.embeddings(name)) is None
 
 
 def test_coverage_counts_the_tokens_the_embedder_reads_and_units_spanning_documents(tmp_path, bare_model):
