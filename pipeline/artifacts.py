@@ -13,15 +13,18 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
 
 from slm.configkit import ConfigError
 from slm.errors import InputError, SlmError, StageError
 from slm.errors import user_error as raised_user_error
 from slm.pipeline.counters import recorded_error
-from slm.stage import filesystem, manifest
+from slm.stage import Staging, filesystem, manifest
 
 
 def natural_key(path: str) -> list[Any]:
@@ -80,6 +83,60 @@ def write_dataset(ds, staging, counter: Any = None, **kwargs: Any) -> None:
         raise StageError(f"writing '{staging.final_uri}' failed: {_reason(e)}. Nothing was "
                          "published; free space or choose a writable run_dir, then re-run "
                          "(completed stages are kept)") from e
+
+
+SET_COLUMN = "_set"  # which output set a row of a multi-set pass goes to (never written out)
+
+
+def tag_set(batch: pa.Table, index: int) -> pa.Table:
+    """map_batches function: mark every row as going to output set ``index``."""
+    return batch.append_column(SET_COLUMN, pa.array(np.full(batch.num_rows, index, dtype=np.int32)))
+
+
+class SetSink(Datasink):
+    """Ray Data sink that writes each row to the staging directory of the set its ``SET_COLUMN``
+    names (the column itself is dropped): one Ray Data execution fills many stages' outputs,
+    where ``write_parquet`` would need one execution per output. Files are named by write task
+    and block (``part-<task>-<block>.parquet``), so with the pipeline's ordered execution the
+    files of a set are in its row order, as ``parquet_files`` sorts them. Publishing stays with
+    each stage (``slm.stage.publish``): the sink only writes into staging directories."""
+
+    def __init__(self, stagings: list[Staging]) -> None:
+        self.dests = [(s.fs, s.path) for s in stagings]
+
+    def write(self, blocks, ctx) -> list[int]:
+        rows = [0] * len(self.dests)
+        for j, block in enumerate(blocks):
+            table = BlockAccessor.for_block(block).to_arrow()
+            if table.num_rows == 0:
+                continue
+            sets = table.column(SET_COLUMN)
+            for i in pc.unique(sets).to_pylist():
+                part = table.filter(pc.equal(sets, i)).drop_columns([SET_COLUMN])
+                fs, path = self.dests[i]
+                pq.write_table(part, f"{path}/part-{ctx.task_idx:06d}-{j}.parquet", filesystem=fs)
+                rows[i] += part.num_rows
+        return rows
+
+    def get_name(self) -> str:
+        return "WriteSets"
+
+
+def write_sets(ds, stagings: list[Staging], counter: Any = None) -> None:
+    """Stream a dataset whose rows carry ``SET_COLUMN`` (``tag_set``) into the staging
+    directories of several stages in one execution; errors as ``write_dataset``."""
+    try:
+        ds.write_datasink(SetSink(stagings))
+    except Exception as e:
+        err = recorded_error(counter) or user_error(e)
+        if err is not None:
+            raise err from None
+        if isinstance(e, SlmError):
+            raise
+        shown = ", ".join(s.final_uri for s in stagings[:3]) + (", ..." if len(stagings) > 3 else "")
+        raise StageError(f"writing {shown} failed: {_reason(e)}. Nothing was published; free "
+                         "space or choose a writable run_dir, then re-run (completed stages "
+                         "are kept)") from e
 
 
 def _reason(e: BaseException) -> str:

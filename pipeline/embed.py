@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 from huggingface_hub import hf_hub_download
@@ -41,8 +40,8 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from slm.cluster.ray_env import cluster_has_gpus
 from slm.errors import InputError, StageError
 from slm.layout import RunLayout
-from slm.pipeline.artifacts import (count_rows, parquet_files, read_artifact, user_errors,
-                                    vectors_to_arrow, write_dataset)
+from slm.pipeline.artifacts import (count_rows, parquet_files, read_artifact, tag_set, user_errors,
+                                    vectors_to_arrow, write_sets)
 from slm.pipeline.config import EmbedConfig
 from slm.pipeline.tokenizer import load_tokenizer
 from slm.stage import Stage, filesystem, input_fingerprints
@@ -256,18 +255,6 @@ def _stage(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: bool) -> S
                  force=force)
 
 
-SET_COLUMN = "_set"  # which set a unit of a shared pass came from (never written out)
-
-
-def _tag_set(batch: pa.Table, index: int) -> pa.Table:
-    return batch.append_column(SET_COLUMN, pa.array(np.full(batch.num_rows, index, dtype=np.int32)))
-
-
-def _rows_of_set(batch: pa.Table, index: int) -> pa.Table:
-    keep = batch.filter(pc.equal(batch.column(SET_COLUMN), index))
-    return keep.drop_columns([SET_COLUMN])
-
-
 def embed_units(layout: RunLayout, set_name: str, cfg: EmbedConfig, force: bool = False) -> str:
     """Stage: embed ``data/units/<set>`` into ``data/embeddings/<set>``; returns its URI.
     Skips when already done with the same config and inputs."""
@@ -284,10 +271,9 @@ def embed_unit_sets(layout: RunLayout, set_names: list[str], cfg: EmbedConfig,
 
     Why one pass: an embedding actor takes ~6 s to start (torch + the model), and a pipeline has
     a set per domain split; a pass per set paid that start per set (8 sets: ~45 s on the demo,
-    most of the tiny sets' cost). The pass tags each unit with its set, embeds the union once,
-    holds the vectors in Ray's object store (spilled to disk beyond its memory) and writes each
-    set's rows to that set's staging directory; nothing is published unless every set wrote
-    all its rows."""
+    most of the tiny sets' cost). The pass tags each unit with its set, embeds the union once
+    and streams each row into its set's staging directory (``SetSink``); nothing is published
+    unless every set wrote all its rows."""
     cfg.validate()
     stages = {n: _stage(layout, n, cfg, force) for n in set_names}
     todo = [n for n in set_names if not stages[n].done]
@@ -300,36 +286,29 @@ def embed_unit_sets(layout: RunLayout, set_names: list[str], cfg: EmbedConfig,
             raise InputError(f"units '{layout.units(n)}' are empty; nothing to embed. Check the "
                              f"'{n}' corpus")
     with contextlib.ExitStack() as publishing:
-        outs = {n: publishing.enter_context(stages[n].publish()) for n in todo}
+        outs = [publishing.enter_context(stages[n].publish()) for n in todo]
         t0 = time.time()
         parts = [read_artifact(layout.units(n)).select_columns(["unit_id", "tokens", "input_ids"])
-                 .map_batches(_tag_set, fn_kwargs={"index": i}, batch_format="pyarrow",
+                 .map_batches(tag_set, fn_kwargs={"index": i}, batch_format="pyarrow",
                               batch_size=None, zero_copy_batch=True)
                  for i, n in enumerate(todo)]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         with user_errors():
-            embedded = embed_texts(ds, cfg, tokenizer=layout.tokenizer).materialize()
-        embed_seconds = time.time() - t0
-        for i, n in enumerate(todo):
-            with user_errors():
-                write_dataset(embedded.map_batches(_rows_of_set, fn_kwargs={"index": i},
-                                                   batch_format="pyarrow", batch_size=None,
-                                                   zero_copy_batch=True), outs[n])
-            written = count_rows(outs[n].uri)
+            write_sets(embed_texts(ds, cfg, tokenizer=layout.tokenizer), outs)
+        seconds = time.time() - t0
+        for n, out in zip(todo, outs):
+            written = count_rows(out.uri)
             if written != rows[n]:  # a lost block must never be published as done
                 raise StageError(f"embedding '{n}' wrote {written} rows for {rows[n]} units; "
                                  "re-run the stage")
-        seconds = time.time() - t0
         total = sum(rows.values())
-        dim = len(first_value(outs[todo[0]].uri, "embedding"))
-        for n in todo:
+        dim = len(first_value(outs[0].uri, "embedding"))
+        for n, out in zip(todo, outs):
             # the pass's time, attributed to each set by its share of the units
-            outs[n].manifest.update(model=cfg.model, resolved_model=_shown_model(model), dim=dim,
-                                    rows=rows[n], embed_seconds=round(seconds * rows[n] / total, 3),
-                                    texts_per_s=round(total / max(embed_seconds, 1e-9), 2),
-                                    shared_pass={"sets": todo, "units": total,
-                                                 "seconds": round(seconds, 3)})
-        del embedded
+            out.manifest.update(model=cfg.model, resolved_model=_shown_model(model), dim=dim,
+                                rows=rows[n], embed_seconds=round(seconds * rows[n] / total, 3),
+                                texts_per_s=round(total / max(seconds, 1e-9), 2),
+                                shared_pass={"sets": todo, "units": total, "seconds": round(seconds, 3)})
     log.info("embedded %d units of %d set(s) (%s) in one pass, %.1fs", total, len(todo),
              ", ".join(todo), seconds)
     return todo

@@ -4,9 +4,9 @@ histograms.
 * ``fit_kmeans``: fits centroids on a bounded, seeded sample of ``data/embeddings/generic``
   with ``kmeans.backend`` (scikit-learn: k-means++ then Lloyd; or faiss), optionally balanced
   (c-BTM style, see below), and writes ``data/kmeans-k<K>/centroids.safetensors``.
-* ``assign``: one distributed Ray Data pass per set (centroids in the object store, a matrix
-  multiply and an argmin per batch) writing ``data/assign-k<K>/<set>`` (unit_id, tokens,
-  cluster, distance).
+* ``assign_sets``: one distributed Ray Data pass for every set at one K (centroids in the
+  object store, a matrix multiply and an argmin per batch) writing each set's
+  ``data/assign-k<K>/<set>`` (unit_id, tokens, cluster, distance); ``assign`` does one set.
 * ``histograms``: per-block partial counts summed on the driver (K numbers per block, never
   rows) into ``data/histograms-k<K>/<set>.json``. A histogram counts *tokens* (each unit weighs
   its length: a unit is 1 to seq_len tokens, and training sees tokens), ``"unit": "tokens"``.
@@ -30,6 +30,7 @@ so the rule is plain nearest-centroid and agrees with ``KMeans.predict``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -44,8 +45,8 @@ from safetensors.numpy import load, save
 from slm.errors import InputError, StageError
 from slm.hashing import hash_uniform
 from slm.layout import RunLayout
-from slm.pipeline.artifacts import (arrow_to_vectors, count_rows, parquet_files, read_artifact,
-                                    user_errors, write_dataset)
+from slm.pipeline.artifacts import (SET_COLUMN, arrow_to_vectors, count_rows, parquet_files,
+                                    read_artifact, tag_set, user_errors, write_sets)
 from slm.pipeline.config import FAISS_MISSING, KMeansConfig
 from slm.stage import (Stage, exists, filesystem, input_fingerprints, join, manifest, read_json,
                        rebuild_fix,
@@ -305,8 +306,10 @@ def assign_batch(batch: pa.Table, model_ref: Any) -> pa.Table:
     out = {"unit_id": batch.column("unit_id")}
     if "tokens" in batch.column_names:  # what histograms weigh a unit by
         out["tokens"] = batch.column("tokens")
-    return pa.table({**out, "cluster": pa.array(cluster, pa.int32()),
-                     "distance": pa.array(dist, pa.float32())})
+    out |= {"cluster": pa.array(cluster, pa.int32()), "distance": pa.array(dist, pa.float32())}
+    if SET_COLUMN in batch.column_names:  # a multi-set pass (assign_sets): the output set
+        out[SET_COLUMN] = batch.column(SET_COLUMN)
+    return pa.table(out)
 
 
 def assign_dataset(ds, centroids: np.ndarray, offsets: np.ndarray | None = None):
@@ -321,23 +324,42 @@ def assign_dataset(ds, centroids: np.ndarray, offsets: np.ndarray | None = None)
 
 def assign(layout: RunLayout, k: int, set_name: str, force: bool = False) -> str:
     """Stage: ``data/embeddings/<set>`` → ``data/assign-k<K>/<set>``. Returns the URI."""
-    src, out_uri = layout.embeddings(set_name), layout.assignments(k, set_name)
-    st = Stage(out_uri, stage="assign", config={"k": k},
-               inputs=input_fingerprints(layout, src, layout.kmeans(k)), force=force)
-    if st.done:
-        return out_uri
+    assign_sets(layout, k, [set_name], force=force)
+    return layout.assignments(k, set_name)
+
+
+def assign_sets(layout: RunLayout, k: int, set_names: list[str], force: bool = False) -> list[str]:
+    """Stages: ``data/embeddings/<set>`` → ``data/assign-k<K>/<set>`` for every set of
+    ``set_names`` not done yet, in one Ray Data execution (rows tagged with their set, written
+    to each set's staging directory by ``SetSink``), each published on its own with its own
+    manifest. One execution instead of one per set: a pipeline has a set per domain split, and
+    each execution costs about a second to start and finish whatever its size. Returns the sets
+    assigned now."""
+    stages = {n: Stage(layout.assignments(k, n), stage="assign", config={"k": k},
+                       inputs=input_fingerprints(layout, layout.embeddings(n), layout.kmeans(k)),
+                       force=force) for n in set_names}
+    todo = [n for n in set_names if not stages[n].done]
+    if not todo:
+        return []
     centroids, offsets = load_centroids(layout, k)
-    rows = count_rows(src)
-    with st.publish() as out:
+    rows = {n: count_rows(layout.embeddings(n)) for n in todo}
+    with contextlib.ExitStack() as publishing:
+        outs = [publishing.enter_context(stages[n].publish()) for n in todo]
         t0 = time.time()
-        ds = read_artifact(src)
+        parts = [read_artifact(layout.embeddings(n)).map_batches(
+                     tag_set, fn_kwargs={"index": i}, batch_format="pyarrow", batch_size=None,
+                     zero_copy_batch=True) for i, n in enumerate(todo)]
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         with user_errors():
-            write_dataset(assign_dataset(ds, centroids, offsets), out)
-        written = count_rows(out.uri)
-        if written != rows:
-            raise StageError(f"assignment of '{set_name}' wrote {written} rows for {rows}; re-run")
-        out.manifest.update(k=k, rows=rows, seconds_assign=round(time.time() - t0, 3))
-    return out_uri
+            write_sets(assign_dataset(ds, centroids, offsets), outs)
+        seconds = time.time() - t0
+        for n, out in zip(todo, outs):
+            written = count_rows(out.uri)
+            if written != rows[n]:
+                raise StageError(f"assignment of '{n}' wrote {written} rows for {rows[n]}; re-run")
+            out.manifest.update(k=k, rows=rows[n], seconds_assign=round(seconds, 3),
+                                shared_pass={"sets": todo, "rows": sum(rows.values())})
+    return todo
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from slm.layout import RunLayout
 from slm.pipeline.artifacts import parquet_files, vectors_to_arrow
 from slm.pipeline.config import KMeansConfig
 from slm.configkit import ConfigError
-from slm.pipeline.kmeans import (assign, fit_kmeans, fit_with, histograms, load_centroids, nearest,
-                                 read_histogram)
+from slm.pipeline.kmeans import (assign, assign_sets, fit_kmeans, fit_with, histograms, load_centroids,
+                                 nearest, read_histogram)
 
 DIM = 32
 
@@ -67,13 +67,13 @@ def run(ray_local, tmp_path_factory) -> tuple[RunLayout, np.ndarray, np.ndarray]
     write_embeddings(layout, "generic", generic)
     write_embeddings(layout, "domain-x-train", domain, id_base=10_000, files=1)
     fit_kmeans(layout, 4, FIT, seed=0)
-    for s in ("generic", "domain-x-train"):
-        assign(layout, 4, s)
+    # both sets in one Ray Data execution, each into its own artifact
+    assert assign_sets(layout, 4, ["generic", "domain-x-train"]) == ["generic", "domain-x-train"]
     return layout, generic, domain
 
 
 def test_fit_and_assign_agree_with_sklearn(run):
-    layout, generic, _ = run
+    layout, generic, domain = run
     uri = layout.kmeans(4)
     centroids, offsets = load_centroids(layout, 4)
     ref = KMeans(n_clusters=4, init="k-means++", n_init=1, max_iter=50, random_state=0,
@@ -92,9 +92,15 @@ def test_fit_and_assign_agree_with_sklearn(run):
     np.testing.assert_array_equal(got.column("cluster").to_numpy(), ref.predict(generic))
     want_d = np.linalg.norm(generic - ref.cluster_centers_[ref.predict(generic)], axis=1)
     np.testing.assert_allclose(got.column("distance").to_numpy(), want_d, atol=1e-4)
+    # the other set of the same pass holds exactly its own rows
+    dom = read_assign(layout, 4, "domain-x-train")
+    assert dom.column("unit_id").to_pylist() == list(range(10_000, 10_100))
+    np.testing.assert_array_equal(dom.column("cluster").to_numpy(), ref.predict(domain))
+    assert stage.manifest(layout.assignments(4, "domain-x-train"))["shared_pass"]["rows"] == 500
     # done artifacts are reused, not rebuilt
     assert fit_kmeans(layout, 4, FIT, seed=0) == uri
     assert stage.manifest(uri)["started"] == m["started"]
+    assert assign_sets(layout, 4, ["generic", "domain-x-train"]) == []
 
 
 def test_fit_uses_a_bounded_seeded_sample(run):
