@@ -56,7 +56,8 @@ class Finding:
 FINDINGS = (
     Finding("fine_tuning_essential", "Fine-tuning is essential for every method", "§5 Table 8",
             "unmeasurable", reason="the results hold no pretrained-only (no fine-tuning) "
-            "perplexity: every trial fine-tunes"),
+            "test perplexity: every trial fine-tunes (a trial's step-0 valid loss is in its "
+            "training log only; scripts/study_findings.py lists it)"),
     Finding("pretraining_helps", "Pretraining on generic data beats training on the domain "
             "data alone (SLM vs SLM-nopt)", "§5 Table 4", "beats", "slm", ("nopt",)),
     Finding("large_model_wins", "The LLM beats the SLM after fine-tuning", "§5 Table 4, Table 8",
@@ -77,7 +78,8 @@ FINDINGS = (
             "teacher's pretraining)", "§3.3", "beats", "pn", ("d",)),
     Finding("preft_ranking", "The ranking before fine-tuning does not predict the ranking "
             "after", "§5 key findings", "unmeasurable", reason="the results hold no "
-            "pretrained-only perplexity to rank"),
+            "pretrained-only test perplexity to rank (step-0 valid losses are in the trials' "
+            "training logs only)"),
     Finding("is_k_ablation", "SLM-is with k = 1024 clusters is best among k in {16, 64, 256, "
             "1024}", "§5, Fig. 10", "unmeasurable", reason="a run has one kmeans.k_is; the "
             "ablation needs one run per k"),
