@@ -72,17 +72,25 @@ def write_dataset(ds, staging, counter: Any = None, **kwargs: Any) -> None:
     A failure inside the Ray tasks comes back as Ray's wrapper; it is turned into the user
     error a task recorded (``counters.fail``), else an ``StageError`` naming the artifact
     (e.g. a full disk), so the CLI prints one clear line and nothing is published."""
-    try:
+    with _write_errors(f"'{staging.final_uri}'", counter):
         ds.write_parquet(staging.path, filesystem=staging.fs, **kwargs)
+
+
+@contextlib.contextmanager
+def _write_errors(what: str, counter: Any = None) -> Iterator[None]:
+    """A failed write (``what``: the artifacts, as shown) as one clear error: the user error a
+    task recorded or raised, else a ``StageError`` with the most specific reason."""
+    try:
+        yield
     except Exception as e:
         err = recorded_error(counter) or user_error(e)
         if err is not None:
             raise err from None
         if isinstance(e, SlmError):
             raise
-        raise StageError(f"writing '{staging.final_uri}' failed: {_reason(e)}. Nothing was "
-                         "published; free space or choose a writable run_dir, then re-run "
-                         "(completed stages are kept)") from e
+        raise StageError(f"writing {what} failed: {_reason(e)}. Nothing was published; free "
+                         "space or choose a writable run_dir, then re-run (completed stages "
+                         "are kept)") from e
 
 
 SET_COLUMN = "_set"  # which output set a row of a multi-set pass goes to (never written out)
@@ -125,18 +133,9 @@ class SetSink(Datasink):
 def write_sets(ds, stagings: list[Staging], counter: Any = None) -> None:
     """Stream a dataset whose rows carry ``SET_COLUMN`` (``tag_set``) into the staging
     directories of several stages in one execution; errors as ``write_dataset``."""
-    try:
+    shown = ", ".join(f"'{s.final_uri}'" for s in stagings[:3]) + (", ..." if len(stagings) > 3 else "")
+    with _write_errors(shown, counter):
         ds.write_datasink(SetSink(stagings))
-    except Exception as e:
-        err = recorded_error(counter) or user_error(e)
-        if err is not None:
-            raise err from None
-        if isinstance(e, SlmError):
-            raise
-        shown = ", ".join(s.final_uri for s in stagings[:3]) + (", ..." if len(stagings) > 3 else "")
-        raise StageError(f"writing {shown} failed: {_reason(e)}. Nothing was published; free "
-                         "space or choose a writable run_dir, then re-run (completed stages "
-                         "are kept)") from e
 
 
 def _reason(e: BaseException) -> str:
