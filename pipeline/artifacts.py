@@ -101,6 +101,16 @@ def tag_set(batch: pa.Table, index: int) -> pa.Table:
     return batch.append_column(SET_COLUMN, pa.array(np.full(batch.num_rows, index, dtype=np.int32)))
 
 
+def read_tagged(uris: list[str], columns: list[str] | None = None):
+    """One Ray Dataset over several artifacts, each row tagged with its artifact's index in
+    ``uris`` (``SET_COLUMN``): the input of a multi-set pass written by ``write_sets``."""
+    parts = [read_artifact(u, columns).map_batches(tag_set, fn_kwargs={"index": i},
+                                                    batch_format="pyarrow", batch_size=None,
+                                                    zero_copy_batch=True)
+             for i, u in enumerate(uris)]
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
 class SetSink(Datasink):
     """Ray Data sink that writes each row to the staging directory of the set its ``SET_COLUMN``
     names (the column itself is dropped): one Ray Data execution fills many stages' outputs,

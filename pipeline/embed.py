@@ -40,7 +40,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from slm.cluster.ray_env import cluster_has_gpus
 from slm.errors import InputError, StageError
 from slm.layout import RunLayout
-from slm.pipeline.artifacts import (count_rows, parquet_files, read_artifact, tag_set, user_errors,
+from slm.pipeline.artifacts import (count_rows, parquet_files, read_tagged, user_errors,
                                     vectors_to_arrow, write_sets)
 from slm.pipeline.config import EmbedConfig
 from slm.pipeline.tokenizer import load_tokenizer
@@ -288,11 +288,7 @@ def embed_unit_sets(layout: RunLayout, set_names: list[str], cfg: EmbedConfig,
     with contextlib.ExitStack() as publishing:
         outs = [publishing.enter_context(stages[n].publish()) for n in todo]
         t0 = time.time()
-        parts = [read_artifact(layout.units(n)).select_columns(["unit_id", "tokens", "input_ids"])
-                 .map_batches(tag_set, fn_kwargs={"index": i}, batch_format="pyarrow",
-                              batch_size=None, zero_copy_batch=True)
-                 for i, n in enumerate(todo)]
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        ds = read_tagged([layout.units(n) for n in todo], ["unit_id", "tokens", "input_ids"])
         with user_errors():
             write_sets(embed_texts(ds, cfg, tokenizer=layout.tokenizer), outs)
         seconds = time.time() - t0

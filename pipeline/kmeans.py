@@ -46,7 +46,7 @@ from slm.errors import InputError, StageError
 from slm.hashing import hash_uniform
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import (SET_COLUMN, arrow_to_vectors, count_rows, parquet_files,
-                                    read_artifact, tag_set, user_errors, write_sets)
+                                    read_artifact, read_tagged, user_errors, write_sets)
 from slm.pipeline.config import FAISS_MISSING, KMeansConfig
 from slm.stage import (Stage, exists, filesystem, input_fingerprints, join, manifest, read_json,
                        rebuild_fix,
@@ -346,10 +346,7 @@ def assign_sets(layout: RunLayout, k: int, set_names: list[str], force: bool = F
     with contextlib.ExitStack() as publishing:
         outs = [publishing.enter_context(stages[n].publish()) for n in todo]
         t0 = time.time()
-        parts = [read_artifact(layout.embeddings(n)).map_batches(
-                     tag_set, fn_kwargs={"index": i}, batch_format="pyarrow", batch_size=None,
-                     zero_copy_batch=True) for i, n in enumerate(todo)]
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        ds = read_tagged([layout.embeddings(n) for n in todo])
         with user_errors():
             write_sets(assign_dataset(ds, centroids, offsets), outs)
         seconds = time.time() - t0

@@ -73,23 +73,12 @@ class _Stages:
         self.records: list[dict[str, Any]] = []
 
     def __call__(self, name: str, uri: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        before = manifest(uri)
-        t0 = time.time()
-        result = fn(*args, **kw)
-        seconds = time.time() - t0
-        after = manifest(uri) or {}
-        skipped = before is not None and before.get("started") == after.get("started")
-        rows = after.get("rows")
-        status = "skipped" if skipped else "done"
-        log.info("stage %-44s %-7s rows=%-9s %6.1fs", name, status, rows if rows is not None else "-",
-                 seconds)
-        self.records.append({"stage": name, "uri": uri, "status": status, "rows": rows,
-                             "seconds": round(seconds, 3)})
-        return result
+        return self.many([(name, uri)], fn, *args, **kw)
 
     def many(self, stages: list[tuple[str, str]], fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """One call that runs several stages (``[(name, uri)]``) at once: one line and record
-        each; the call's time is attributed to the stages it ran by their share of the rows."""
+        """One call that runs one or several stages (``[(name, uri)]``): one line and record
+        each. The call's time goes to the stages it ran, by their share of the rows (evenly
+        without row counts); when it ran none (all skipped), evenly to all."""
         before = {uri: manifest(uri) for _, uri in stages}
         t0 = time.time()
         result = fn(*args, **kw)
@@ -97,11 +86,15 @@ class _Stages:
         after = {uri: manifest(uri) or {} for _, uri in stages}
         ran = {uri for uri in after
                if before[uri] is None or before[uri].get("started") != after[uri].get("started")}
-        total = sum(after[uri].get("rows") or 0 for uri in ran) or 1
+        counted = {uri: r if isinstance(r := after[uri].get("rows"), int) else 0 for uri in ran}
+        ran_rows = sum(counted.values())  # (a histograms manifest's rows are per set: not counted)
         for name, uri in stages:
             rows = after[uri].get("rows")
+            if uri in ran:
+                share = seconds * counted[uri] / ran_rows if ran_rows else seconds / len(ran)
+            else:
+                share = 0.0 if ran else seconds / len(stages)
             status = "done" if uri in ran else "skipped"
-            share = seconds * (rows or 0) / total if uri in ran else 0.0
             log.info("stage %-44s %-7s rows=%-9s %6.1fs", name, status,
                      rows if rows is not None else "-", share)
             self.records.append({"stage": name, "uri": uri, "status": status, "rows": rows,
