@@ -325,8 +325,8 @@ def ingest_source(uri: str, source: str, cfg: CorpusConfig, *, what: str, limit:
                 raise
             raise problem from None
         rows = count_rows(out.uri)
-        totals = ray.get(counter.totals.remote())
-        skipped = ray.get(counter.keys_with.remote("skipped_files"))
+        totals = counter.totals()
+        skipped = counter.keys_with("skipped_files")
         if rows == 0:
             raise InputError(f"the {what} '{source}' has no documents (every file is empty"
                              f"{' or was skipped as non-UTF-8' if skipped else ''}); give a corpus "

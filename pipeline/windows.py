@@ -234,7 +234,7 @@ def build_windows(layout: RunLayout, set_name: str, corpus_uri: str, seq_len: in
     with st.publish() as out:
         ds = windows_dataset(corpus_uri, layout.tokenizer, set_name, seq_len, counter, compute)
         write_dataset(ds, out, counter, max_rows_per_file=rows_per_file)
-        totals = ray.get(counter.totals.remote())
+        totals = counter.totals()
         rows = count_rows(out.uri)
         if rows == 0:
             raise InputError(
@@ -266,7 +266,7 @@ def build_units(layout: RunLayout, set_name: str, corpus_uri: str, seq_len: int,
         ds = windows_dataset(corpus_uri, layout.tokenizer, set_name, seq_len, counter, compute,
                              kind="units")
         write_dataset(ds, out, counter, max_rows_per_file=rows_per_file)
-        totals = ray.get(counter.totals.remote())
+        totals = counter.totals()
         rows = count_rows(out.uri)
         if rows == 0:
             raise InputError(f"{what or f'set {set_name!r}'} ('{corpus_uri}') has no documents "
