@@ -96,19 +96,48 @@ def _write_errors(what: str, counter: Any = None) -> Iterator[None]:
 SET_COLUMN = "_set"  # which output set a row of a multi-set pass goes to (never written out)
 
 
-def tag_set(batch: pa.Table, index: int) -> pa.Table:
-    """map_batches function: mark every row as going to output set ``index``."""
-    return batch.append_column(SET_COLUMN, pa.array(np.full(batch.num_rows, index, dtype=np.int32)))
-
-
 def read_tagged(uris: list[str], columns: list[str] | None = None):
     """One Ray Dataset over several artifacts, each row tagged with its artifact's index in
-    ``uris`` (``SET_COLUMN``): the input of a multi-set pass written by ``write_sets``."""
-    parts = [read_artifact(u, columns).map_batches(tag_set, fn_kwargs={"index": i},
-                                                    batch_format="pyarrow", batch_size=None,
-                                                    zero_copy_batch=True)
-             for i, u in enumerate(uris)]
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ``uris`` (``SET_COLUMN``): the input of a multi-set pass written by ``write_sets``.
+
+    One ``read_parquet`` over every artifact's files (the set told by each row's file), not a
+    union of one read per artifact: with 7 small sets the union took ~1.1 s more to run (one
+    read operator and its metadata pass per set)."""
+    for u in uris:
+        if manifest(u) is None:
+            raise StageError(f"input artifact '{u}' is not done; run its stage first")
+    files = []
+    for u in uris:
+        mine = parquet_files(u)
+        if not mine:
+            raise StageError(f"artifact '{u}' has no parquet files; delete it and re-run its stage")
+        files += mine
+    fs, _ = filesystem(uris[0])
+    ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True)
+    if columns:
+        ds = ds.select_columns([*columns, "path"])
+    dirs = [filesystem(u)[1].rstrip("/") + "/" for u in uris]
+    return ds.map_batches(_tag_by_path, fn_kwargs={"dirs": dirs}, batch_format="pyarrow",
+                          batch_size=None, zero_copy_batch=True)
+
+
+def owner_of(path: str, dirs: list[str]) -> int:
+    """Index of the directory of ``dirs`` (each ending in "/") that holds ``path``: the most
+    specific one (a set's directory may be inside another's name space, e.g. ``a/`` and
+    ``a/b/``)."""
+    owners = [i for i, d in enumerate(dirs) if d in path]
+    if not owners:
+        raise StageError(f"file '{path}' belongs to none of the artifacts being read")
+    return max(owners, key=lambda i: len(dirs[i]))
+
+
+def _tag_by_path(batch: pa.Table, dirs: list[str]) -> pa.Table:
+    """map_batches function: ``SET_COLUMN`` from each row's file, then the path dropped."""
+    paths = batch.column("path")
+    sets = np.empty(batch.num_rows, dtype=np.int32)
+    for path in pc.unique(paths).to_pylist():
+        sets[pc.equal(paths, path).to_numpy(zero_copy_only=False)] = owner_of(path, dirs)
+    return batch.drop_columns(["path"]).append_column(SET_COLUMN, pa.array(sets))
 
 
 class SetSink(Datasink):
@@ -141,7 +170,7 @@ class SetSink(Datasink):
 
 
 def write_sets(ds, stagings: list[Staging], counter: Any = None) -> None:
-    """Stream a dataset whose rows carry ``SET_COLUMN`` (``tag_set``) into the staging
+    """Stream a dataset whose rows carry ``SET_COLUMN`` (``read_tagged``) into the staging
     directories of several stages in one execution; errors as ``write_dataset``."""
     shown = ", ".join(f"'{s.final_uri}'" for s in stagings[:3]) + (", ..." if len(stagings) > 3 else "")
     with _write_errors(shown, counter):

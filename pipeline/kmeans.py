@@ -1,7 +1,8 @@
 """k-means over unit embeddings (pieces of one document), cluster assignment and cluster
 histograms.
 
-* ``fit_kmeans``: fits centroids on a bounded, seeded sample of ``data/embeddings/generic``
+* ``fit_kmeans_all`` (``fit_kmeans``: one K): fits centroids of every K in one Ray task on
+  one bounded, seeded sample of ``data/embeddings/generic``
   with ``kmeans.backend`` (scikit-learn: k-means++ then Lloyd; or faiss), optionally balanced
   (c-BTM style, see below), and writes ``data/kmeans-k<K>/centroids.safetensors``.
 * ``assign_sets``: one distributed Ray Data pass for every set at one K (centroids in the
@@ -45,8 +46,9 @@ from safetensors.numpy import load, save
 from slm.errors import InputError, StageError
 from slm.hashing import hash_uniform
 from slm.layout import RunLayout
-from slm.pipeline.artifacts import (SET_COLUMN, arrow_to_vectors, count_rows, parquet_files,
-                                    read_artifact, read_tagged, user_errors, write_sets)
+from slm.pipeline.artifacts import (SET_COLUMN, arrow_to_vectors, count_rows, owner_of,
+                                    parquet_files, read_artifact, read_tagged, user_errors,
+                                    write_sets)
 from slm.pipeline.config import FAISS_MISSING, KMeansConfig
 from slm.stage import (Stage, exists, filesystem, input_fingerprints, join, manifest, read_json,
                        rebuild_fix,
@@ -205,41 +207,57 @@ def fit_kmeans(layout: RunLayout, k: int, cfg: KMeansConfig, seed: int, force: b
 
     ``balanced`` defaults to ``cfg.balanced_mix and k == cfg.k_mix`` (the mixture's experts;
     a k shared with another method shares the balanced clustering). Returns the artifact URI."""
-    if k < 1:
-        raise InputError(f"k is {k}; the number of clusters must be at least 1")
-    src, out_uri = layout.embeddings("generic"), layout.kmeans(k)
-    if balanced is None:
-        balanced = bool(cfg.balanced_mix and k == cfg.k_mix)
-    config = {"k": k, "fit_sample": cfg.fit_sample, "max_iter": cfg.max_iter,
-              "n_init": cfg.n_init, "seed": seed, "balanced": balanced,
-              "balance_rounds": balance_rounds if balanced else 0}
-    if cfg.backend != "sklearn":  # keyed only when set, so runs fitted before it stay done
-        config["backend"] = cfg.backend
-    st = Stage(out_uri, stage="kmeans", config=config, inputs=input_fingerprints(layout, src),
-               force=force)
-    if st.done:
-        return out_uri
+    fit_kmeans_all(layout, [k], cfg, seed, force, balanced=balanced, balance_rounds=balance_rounds)
+    return layout.kmeans(k)
+
+
+def fit_kmeans_all(layout: RunLayout, ks: list[int], cfg: KMeansConfig, seed: int,
+                   force: bool = False, *, balanced: bool | None = None,
+                   balance_rounds: int = 5) -> list[int]:
+    """Stages: ``data/kmeans-k<K>`` for every K of ``ks`` not done yet, fitted in one Ray task
+    (its own CPUs, ``kmeans.fit_cpus``, where the cluster has them, not on the head): it reads
+    the seeded sample once and imports scikit-learn once (~1-2 s in a fresh worker), where a
+    task per K paid both per K. Each K's centroids are what a fit of that K alone gives (same
+    sample, same seed), and each K is published on its own. Returns the Ks fitted now."""
+    src = layout.embeddings("generic")
+    plans: dict[int, dict[str, Any]] = {}
+    for k in dict.fromkeys(ks):
+        if k < 1:
+            raise InputError(f"k is {k}; the number of clusters must be at least 1")
+        bal = bool(cfg.balanced_mix and k == cfg.k_mix) if balanced is None else balanced
+        config = {"k": k, "fit_sample": cfg.fit_sample, "max_iter": cfg.max_iter,
+                  "n_init": cfg.n_init, "seed": seed, "balanced": bal,
+                  "balance_rounds": balance_rounds if bal else 0}
+        if cfg.backend != "sklearn":  # keyed only when set, so runs fitted before it stay done
+            config["backend"] = cfg.backend
+        st = Stage(layout.kmeans(k), stage="kmeans", config=config,
+                   inputs=input_fingerprints(layout, src), force=force)
+        if not st.done:
+            plans[k] = {"stage": st, "balanced": bal}
+    if not plans:
+        return []
     n_total = count_rows(src)
-    if k > n_total:
-        raise InputError(f"k={k} clusters but the generic set has only {n_total} units "
+    if max(plans) > n_total:
+        raise InputError(f"k={max(plans)} clusters but the generic set has only {n_total} units "
                          f"('{src}'); lower kmeans.k_is/k_mix/k_pn to at most {n_total} or use "
                          "a bigger generic corpus")
-    # the fit runs as a Ray task with its own CPUs (kmeans.fit_cpus) where the cluster has them,
-    # not on the head: it reads its sample from storage itself and returns only the centroids
-    args = (src, max(cfg.fit_sample, k), n_total, k, seed, cfg.n_init, cfg.max_iter, balanced,
-            balance_rounds, cfg.backend)
+    fits = [(k, max(cfg.fit_sample, k), p["balanced"]) for k, p in plans.items()]
+    args = (src, fits, n_total, seed, cfg.n_init, cfg.max_iter, balance_rounds, cfg.backend)
     if ray.is_initialized():
         cpus = min(cfg.fit_cpus, ray.cluster_resources().get("CPU", cfg.fit_cpus) or cfg.fit_cpus)
-        fit = ray.remote(num_cpus=cpus)(fit_centroids)
-        res = ray.get(fit.options(name=f"kmeans-fit-k{k}").remote(*args))
+        task = ray.remote(num_cpus=cpus)(fit_all_centroids)
+        results = ray.get(task.options(name=f"kmeans-fit-k{'-'.join(map(str, plans))}").remote(*args))
     else:
-        res = fit_centroids(*args)
-    centroids, offsets = res.pop("centroids"), res.pop("offsets")
-    with st.publish() as out:
-        save_centroids(out.file(CENTROIDS_FILE), centroids, offsets)
-        out.manifest.update(k=k, dim=int(centroids.shape[1]), generic_rows=n_total, balanced=balanced, **res)
-    log.info("k-means k=%d on %d sampled windows (balanced=%s)", k, res["sample_rows"], balanced)
-    return out_uri
+        results = fit_all_centroids(*args)
+    for (k, plan), res in zip(plans.items(), results):
+        centroids, offsets = res.pop("centroids"), res.pop("offsets")
+        with plan["stage"].publish() as out:
+            save_centroids(out.file(CENTROIDS_FILE), centroids, offsets)
+            out.manifest.update(k=k, dim=int(centroids.shape[1]), generic_rows=n_total,
+                                balanced=plan["balanced"], **res)
+        log.info("k-means k=%d on %d sampled units (balanced=%s)", k, res["sample_rows"],
+                 plan["balanced"])
+    return list(plans)
 
 
 def fit_with(backend: str, x: np.ndarray, k: int, seed: int, n_init: int, max_iter: int
@@ -267,27 +285,51 @@ def fit_with(backend: str, x: np.ndarray, k: int, seed: int, n_init: int, max_it
     return km.cluster_centers_.astype(np.float32), int(km.n_iter_)
 
 
-def fit_centroids(src: str, target: int, n_total: int, k: int, seed: int, n_init: int, max_iter: int,
-                  balanced: bool, balance_rounds: int, backend: str = "sklearn") -> dict[str, Any]:
-    """Sample ≤ ``target`` embeddings of ``src`` and fit ``k`` centroids (``fit_with``, then the
-    balanced rounds); returns the centroids, offsets and the figures the manifest records."""
-    t0 = time.time()
-    x = sample_embeddings(src, target, n_total, seed)
-    if len(x) < k:  # the seeded sample fell short of k: take the first rows instead
-        x = sample_embeddings(src, target, target, seed)
-    sample_seconds = time.time() - t0
-    centroids, iterations = fit_with(backend, x, k, seed, n_init, max_iter)
-    offsets = np.zeros(k, dtype=np.float32)
-    if balanced:
-        centroids, offsets = balanced_lloyd(x, centroids, balance_rounds, seed)
-    labels, dist = nearest(x, centroids, offsets)
-    return {"centroids": centroids, "offsets": offsets, "sample_rows": int(len(x)),
-            "inertia": float(np.square(dist, dtype=np.float64).sum()),
-            "backend": backend, "iterations": iterations,
-            "sizes": np.bincount(labels, minlength=k).tolist(),
-            "sample_seconds": round(sample_seconds, 3), "fit_seconds": round(time.time() - t0 - sample_seconds, 3),
-            # where it ran: a Ray worker (a task with its own CPUs) or the calling process
-            "fit_in_ray_task": ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE}
+def fit_all_centroids(src: str, fits: list[tuple[int, int, bool]], n_total: int, seed: int,
+                      n_init: int, max_iter: int, balance_rounds: int,
+                      backend: str = "sklearn") -> list[dict[str, Any]]:
+    """For each ``(k, target, balanced)`` of ``fits``: sample ≤ ``target`` embeddings of ``src``
+    (once per distinct target) and fit ``k`` centroids (``fit_with``, then the balanced rounds);
+    returns, per fit, the centroids, offsets and the figures the manifest records."""
+    samples: dict[tuple[int, int], np.ndarray] = {}
+    out = []
+    for k, target, balanced in fits:
+        t0 = time.time()
+        x, shared = _sample_for(samples, src, target, n_total, k, seed)
+        sample_seconds = time.time() - t0
+        centroids, iterations = fit_with(backend, x, k, seed, n_init, max_iter)
+        offsets = np.zeros(k, dtype=np.float32)
+        if balanced:
+            centroids, offsets = balanced_lloyd(x, centroids, balance_rounds, seed)
+        labels, dist = nearest(x, centroids, offsets)
+        out.append({"centroids": centroids, "offsets": offsets, "sample_rows": int(len(x)),
+                    "inertia": float(np.square(dist, dtype=np.float64).sum()),
+                    "backend": backend, "iterations": iterations,
+                    "sizes": np.bincount(labels, minlength=k).tolist(),
+                    "sample_seconds": round(sample_seconds, 3), "sample_shared": shared,
+                    "fit_seconds": round(time.time() - t0 - sample_seconds, 3),
+                    # where it ran: a Ray worker (a task with its own CPUs) or the calling process
+                    "fit_in_ray_task": ray.is_initialized()
+                    and ray.get_runtime_context().worker.mode == ray.WORKER_MODE})
+    return out
+
+
+def _sample_for(samples: dict[tuple[int, int], np.ndarray], src: str, target: int, n_total: int, k: int, seed: int
+                ) -> tuple[np.ndarray, bool]:
+    """The seeded sample of ``target`` rows (read once per target, kept in ``samples``); the
+    first rows instead when the seeded sample fell short of ``k``. Returns (rows, reused)."""
+    key = (target, 0)
+    reused = key in samples
+    if not reused:
+        samples[key] = sample_embeddings(src, target, n_total, seed)
+    x = samples[key]
+    if len(x) < k:
+        key = (target, 1)
+        reused = key in samples
+        if not reused:
+            samples[key] = sample_embeddings(src, target, target, seed)
+        x = samples[key]
+    return x, reused
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,10 +416,7 @@ def partial_counts(batch: dict[str, np.ndarray], k: int, dirs: list[str]
                          "re-run assign for this k")
     sets, counts = [], []
     for path in np.unique(paths):
-        owner = [i for i, d in enumerate(dirs) if d in str(path)]
-        if not owner:
-            raise StageError(f"file '{path}' belongs to none of the sets being counted")
-        i = max(owner, key=lambda j: len(dirs[j]))  # the most specific directory
+        i = owner_of(str(path), dirs)
         sets.append(i)
         mine = paths == path
         counts.append(np.bincount(c[mine], weights=weight[mine], minlength=k).round().astype(np.int64))
