@@ -16,7 +16,7 @@ checked to be equal. Fitting is not timed here.
 Target: ratio (sklearn seconds / Ray seconds) >= 1.0. Writes ``kmeans_assign_ratio`` and
 ``kmeans_assign`` to bench/results/data_pipeline.json.
 
-Fit (``--fit``): the centroids fit as ``fit_centroids`` runs it, scikit-learn (k-means++ then
+Fit (``--fit``): the centroids fit as ``fit_all_centroids`` runs it, scikit-learn (k-means++ then
 Lloyd) vs faiss (``faiss-cpu``: random init then Lloyd), same sample, k, iteration cap and
 threads (every core); quality = inertia of each result computed the same way (goal: within 1 %).
 

@@ -170,9 +170,10 @@ def _run_stages(recipe, layout: RunLayout, stage: _Stages, force: bool,
                    embed.embed_unit_sets, layout, list(corpora), recipe.embed, force=force)
         if until == "embeddings":
             return
+        # every K in one task (one sample read, one scikit-learn import)
+        stage.many([(f"kmeans k={k}", layout.kmeans(k)) for k in ks], kmeans.fit_kmeans_all,
+                   layout, ks, recipe.kmeans, recipe.seed, force=force)
         for k in ks:
-            stage(f"kmeans k={k}", layout.kmeans(k), kmeans.fit_kmeans, layout, k, recipe.kmeans,
-                  recipe.seed, force=force)
             # every set in one execution (a Ray Data execution costs ~1 s whatever its size)
             stage.many([(f"assign k={k} {name}", layout.assignments(k, name)) for name in corpora],
                        kmeans.assign_sets, layout, k, list(corpora), force=force)

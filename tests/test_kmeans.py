@@ -17,8 +17,8 @@ from slm.layout import RunLayout
 from slm.pipeline.artifacts import parquet_files, vectors_to_arrow
 from slm.pipeline.config import KMeansConfig
 from slm.configkit import ConfigError
-from slm.pipeline.kmeans import (assign, assign_sets, fit_kmeans, fit_with, histograms, load_centroids,
-                                 nearest, read_histogram)
+from slm.pipeline.kmeans import (assign, assign_sets, fit_kmeans, fit_kmeans_all, fit_with, histograms,
+                                 load_centroids, nearest, read_histogram)
 
 DIM = 32
 
@@ -111,6 +111,13 @@ def test_fit_uses_a_bounded_seeded_sample(run):
     first = load_centroids(layout, 3)[0]
     fit_kmeans(layout, 3, cfg, seed=3, force=True)
     np.testing.assert_array_equal(load_centroids(layout, 3)[0], first)
+    # every K in one task, on one sample read: each K is what its fit alone gives
+    assert fit_kmeans_all(layout, [2, 3], cfg, seed=3, force=True) == [2, 3]
+    np.testing.assert_array_equal(load_centroids(layout, 3)[0], first)
+    two, three = stage.manifest(layout.kmeans(2)), stage.manifest(layout.kmeans(3))
+    assert (two["sample_shared"], three["sample_shared"]) == (False, True)
+    assert two["sample_rows"] == three["sample_rows"] and two["k"] == 2
+    assert fit_kmeans_all(layout, [2, 3], cfg, seed=3) == []  # done: nothing refitted
 
 
 def test_balanced_assignment_gives_equal_sizes(ray_local, tmp_path):
