@@ -7,8 +7,7 @@ task into its own types and keeps only its text, so a task records its ``InputEr
 before raising, and the driver re-raises that clean error. Counts are *keyed* (by file), so a
 task that Ray retries overwrites its own entry instead of adding twice.
 
-One actor serves every stage of a driver (a named actor in the driver's namespace), each stage
-its own scope: an actor is a new worker process, and starting one per stage cost ~0.8 s of a
+One actor serves every stage of a driver (``new_counter``), each stage its own scope: an actor is a new worker process, and starting one per stage cost ~0.8 s of a
 stage's ~0.9 s on a small set (2 cores; a warm Ray Data execution takes ~0.1 s). A scope's
 entries (one per file) stay until the driver exits.
 """
@@ -75,10 +74,21 @@ class Counter:
         return ray.get(self.actor.keys_with.remote(self.scope, name, limit))
 
 
+# The driver's counter actor per Ray session ((node, job) ids: a re-initialised Ray is a new
+# key). The module holds the handle: an actor whose handles are all gone is killed, and a
+# stage's Counter is dropped when the stage ends, so without it the next stage would find the
+# actor dying (seen: ActorDiedError, "all references to the actor were removed").
+_actors: dict[tuple[str, str], Any] = {}
+
+
 def new_counter() -> Counter:
     """A fresh scope in this driver's counter actor (started on first use)."""
-    actor = KeyedCounter.options(name=ACTOR_NAME, get_if_exists=True).remote()
-    return Counter(actor, uuid.uuid4().hex)
+    ctx = ray.get_runtime_context()
+    key = (ctx.get_node_id(), ctx.get_job_id())
+    if key not in _actors:
+        _actors.clear()  # handles of an earlier Ray session: that cluster is gone
+        _actors[key] = KeyedCounter.options(name=f"{ACTOR_NAME}-{uuid.uuid4().hex[:8]}").remote()
+    return Counter(_actors[key], uuid.uuid4().hex)
 
 
 def report(counter: Counter | None, key: str, **values: int) -> None:
