@@ -43,6 +43,7 @@ import ray
 import ray.data
 from safetensors.numpy import load, save
 
+from slm.cluster.ray_env import configure_data_context
 from slm.errors import InputError, StageError
 from slm.hashing import hash_uniform
 from slm.layout import RunLayout
@@ -291,6 +292,8 @@ def fit_all_centroids(src: str, fits: list[tuple[int, int, bool]], n_total: int,
     """For each ``(k, target, balanced)`` of ``fits``: sample ≤ ``target`` embeddings of ``src``
     (once per distinct target) and fit ``k`` centroids (``fit_with``, then the balanced rounds);
     returns, per fit, the centroids, offsets and the figures the manifest records."""
+    if ray.is_initialized():
+        configure_data_context()  # the sample's Dataset reads in the driver's (seeded) order
     samples: dict[tuple[int, int], np.ndarray] = {}
     out = []
     for k, target, balanced in fits:

@@ -3,7 +3,9 @@ Hugging Face tokenizer by name/path, saved as a ``transformers`` fast tokenizer 
 ``<|endoftext|>`` for a trained BPE; a named tokenizer keeps its own EOS).
 
 Training streams the corpus artifact batch by batch into ``tokenizers``' trainer
-(``train_from_iterator``): the trainer keeps word counts, never the corpus.
+(``train_from_iterator``): the trainer keeps word counts, never the corpus. It runs in a Ray
+task (``train_in_ray``), not on the driver: the corpus blocks it reads then never pass through
+the driver (on a cluster, the head), whose memory stays the same whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import tempfile
 from typing import Any, Iterator
 
+import ray
 import transformers  # AutoTokenizer resolves lazily (it imports torch): only named tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from slm.cluster.ray_env import configure_data_context
 from slm.errors import InputError, StageError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import read_artifact
@@ -43,9 +47,31 @@ def train_bpe(texts: Iterator[list[str]], vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=True)
     tok.train_from_iterator(texts, trainer=trainer)
+    return _fast(tok)
+
+
+def _fast(core: Tokenizer) -> PreTrainedTokenizerFast:
     # GPT-2 convention: one special token is BOS, EOS, UNK and padding.
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, bos_token=EOS,
                                    unk_token=EOS, pad_token=EOS)
+
+
+def _train_on_corpus(corpus_uri: str, limit: int, vocab_size: int) -> str:
+    """tokenizer.json text of a BPE trained on a corpus artifact (what the Ray task returns)."""
+    if ray.is_initialized():
+        configure_data_context()  # a Ray worker's own Dataset reads as the driver's do (order)
+    return train_bpe(_corpus_texts(corpus_uri, limit), vocab_size).backend_tokenizer.to_str()
+
+
+def train_in_ray(corpus_uri: str, limit: int, vocab_size: int) -> PreTrainedTokenizerFast:
+    """``train_bpe`` on a corpus artifact, in a Ray task when Ray is up. The task takes a CPU
+    only where the cluster has a second one for the Ray Data reads it starts (with the only
+    CPU taken, they would wait forever)."""
+    if not ray.is_initialized():
+        return _fast(Tokenizer.from_str(_train_on_corpus(corpus_uri, limit, vocab_size)))
+    cpus = 1.0 if ray.cluster_resources().get("CPU", 0) >= 2 else 0.0
+    task = ray.remote(num_cpus=cpus)(_train_on_corpus).options(name="bpe-train")
+    return _fast(Tokenizer.from_str(ray.get(task.remote(corpus_uri, limit, vocab_size))))
 
 
 def pretrained(name: str):
@@ -79,7 +105,7 @@ def build_tokenizer(layout: RunLayout, cfg: TokenizerConfig, force: bool = False
     if st.done:
         return st.uri
     tok = pretrained(cfg.name) if cfg.name else \
-        train_bpe(_corpus_texts(layout.corpus_generic(), cfg.train_docs), cfg.vocab_size)
+        train_in_ray(layout.corpus_generic(), cfg.train_docs, cfg.vocab_size)
     with st.publish() as out:
         _save(tok, out)
         out.manifest.update({"vocab_size": len(tok), "eos_token": tok.eos_token,
