@@ -59,6 +59,11 @@ def worker_env(cfg: ClusterConfig | None = None) -> dict[str, str]:
     env = dict(WORKER_ENV)
     # every process that builds a Dataset (Tune trials, Train workers) reads the same way
     env[_PARQUET_V2_VAR] = "1" if parquet_v2(cfg or ClusterConfig()) else "0"
+    if not progress_bars():
+        # Datasets built in workers (a sweep trial's streams, its Train workers') start from
+        # Ray Data's defaults, not from this driver's DataContext: without this they drew bars
+        # into the log (~1,000 redrawn lines in one demo sweep)
+        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     env.update({k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
     # Inside a Ray job (`slm submit`) ray.init refuses env vars the job's runtime env already
     # sets; the job's values win there.

@@ -32,3 +32,25 @@ def test_training_progress_in_a_log_is_one_line_per_event_and_has_no_bars(tmp_pa
     assert steps == ["4", "8", "12"], steps  # log_every 4: each once, in order
     assert "\x1b[A" not in out and "Running Dataset:" not in out  # no bars redrawn in a file
     assert "Progress bars disabled" in out  # Ray Data says why, once
+
+
+def test_datasets_built_in_workers_draw_no_bars_in_a_log():
+    """A sweep trial and its Train workers build their Datasets in Ray workers, which start
+    from Ray Data's defaults, not from the driver's DataContext."""
+    script = textwrap.dedent("""
+        import ray
+        from ray.data import DataContext
+        from slm.cluster.ray_env import ray_session
+
+        @ray.remote(num_cpus=0)
+        def bars():
+            return DataContext.get_current().enable_progress_bars
+
+        with ray_session():
+            print("WORKER_BARS", ray.get(bars.remote()))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("SLM_PROGRESS_BARS", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "WORKER_BARS False" in proc.stdout, proc.stdout[-3000:]
