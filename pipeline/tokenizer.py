@@ -18,7 +18,7 @@ import transformers  # AutoTokenizer resolves lazily (it imports torch): only na
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from slm.cluster.ray_env import configure_data_context
+from slm.cluster.ray_env import configure_data_context, progress_bars
 from slm.errors import InputError, StageError
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import read_artifact
@@ -45,7 +45,7 @@ def train_bpe(texts: Iterator[list[str]], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=True)
+                                  show_progress=progress_bars())  # blank lines in a log
     tok.train_from_iterator(texts, trainer=trainer)
     return _fast(tok)
 
