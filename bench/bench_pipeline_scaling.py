@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -58,6 +60,32 @@ def _write_inputs(root: str, docs: int) -> dict:
             "domains": {d: os.path.join(root, "domains", d) for d in ("alpha", "beta")}}
 
 
+class _PeakByStage(logging.Handler):
+    """The driver's peak RSS (VmHWM, MB) when each stage's log line is written: which stage
+    raises the driver's memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peaks: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = re.match(r"stage (.+?)\s+(done|skipped)\s+rows=", record.getMessage())
+        if m:
+            with open("/proc/self/status") as f:
+                hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM"))
+            self.peaks[m.group(1)] = hwm // 1024
+
+
+def _rises(peaks: dict[str, int], at_least: int = 3) -> dict[str, int]:
+    """The stages after which the driver's peak RSS had risen by ``at_least`` MB or more."""
+    out, last = {}, 0
+    for stage, mb in peaks.items():
+        if mb - last >= at_least:
+            out[stage] = mb
+        last = max(last, mb)
+    return out
+
+
 def run_one(docs: int) -> dict:
     """One pipeline run (in this process) on ``docs`` generic documents."""
     root = tempfile.mkdtemp(prefix=f"slm-bench-{docs}-")
@@ -71,6 +99,9 @@ def run_one(docs: int) -> dict:
         "cluster": {"num_cpus": 2},
     })
     validate(recipe)
+    peaks = _PeakByStage()
+    logging.getLogger("slm.pipeline.run").addHandler(peaks)
+    logging.getLogger("slm.pipeline.run").setLevel(logging.INFO)
     t0 = time.time()
     result = run_pipeline(recipe)
     wall = time.time() - t0
@@ -78,7 +109,8 @@ def run_one(docs: int) -> dict:
     return {"docs": docs, "stage_seconds": stage_seconds, "wall_seconds": wall,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "windows": next(s["rows"] for s in result["stages"] if s["stage"] == "windows generic"),
-            "per_stage": {s["stage"]: s["seconds"] for s in result["stages"]}}
+            "per_stage": {s["stage"]: s["seconds"] for s in result["stages"]},
+            "peak_rss_mb_after_stage": peaks.peaks}
 
 
 def _run_subprocess(docs: int) -> dict:
@@ -130,7 +162,8 @@ def scaling(docs: int, factor: int, results: str) -> None:
         "fixed_seconds_by_group": fixed_by_group,
         "order": "1x, 10x, 1x (each a fresh process with its own embedded Ray)",
         "runs": [{k: r[k] for k in ("docs", "windows", "stage_seconds", "wall_seconds",
-                                    "peak_rss_mb")} for r in runs],
+                                    "peak_rss_mb")}
+                 | {"peak_rss_rises_mb": _rises(r["peak_rss_mb_after_stage"])} for r in runs],
         "per_stage_seconds": {"1x": [{k: round(v, 2) for k, v in runs[i]["per_stage"].items()}
                                      for i in (0, 2)], "10x": per_stage},
         "load_average_at_start": load0}}, results)
