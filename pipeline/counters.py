@@ -7,8 +7,9 @@ task into its own types and keeps only its text, so a task records its ``InputEr
 before raising, and the driver re-raises that clean error. Counts are *keyed* (by file), so a
 task that Ray retries overwrites its own entry instead of adding twice.
 
-One actor serves every stage of a driver (``new_counter``), each stage its own scope: an actor is a new worker process, and starting one per stage cost ~0.8 s of a
-stage's ~0.9 s on a small set (2 cores; a warm Ray Data execution takes ~0.1 s). A scope's
+One actor serves every stage of a driver (``new_counter``), each stage its own scope: an
+actor is a new worker process, and starting one per stage cost ~0.8 s of a stage's ~0.9 s
+on a small set (2 cores; a warm Ray Data execution takes ~0.1 s). A scope's
 entries (one per file) stay until the driver exits.
 """
 
