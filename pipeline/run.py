@@ -23,6 +23,7 @@ from typing import Any, Callable
 from slm.cluster.ray_env import ray_session
 from slm.config import dump_recipe
 from slm.configkit import ConfigError
+from slm.heap import release_free_heap
 from slm.layout import SPLITS, RunLayout, domain_set, is_set, packed_set, train_subset
 from slm.pipeline import embed, importance, kmeans
 from slm.pipeline.config import STAGE_GROUPS
@@ -83,6 +84,7 @@ class _Stages:
         t0 = time.time()
         result = fn(*args, **kw)
         seconds = time.time() - t0
+        release_free_heap()  # else the driver keeps every stage's peak (see slm.heap)
         after = {uri: manifest(uri) or {} for _, uri in stages}
         ran = {uri for uri in after
                if before[uri] is None or before[uri].get("started") != after[uri].get("started")}
