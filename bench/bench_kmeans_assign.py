@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_info
 
 from record import RESULTS, load_average, record  # bench/record.py (the script's folder is on sys.path)
 from slm.cluster.config import ClusterConfig
@@ -72,16 +73,23 @@ def write_inputs(layout: RunLayout, rows: int, dim: int, k: int, files: int, see
     return km
 
 
-def sklearn_side(layout: RunLayout, km, out_file: str) -> tuple[float, np.ndarray]:
+def sklearn_side(layout: RunLayout, km, out_file: str) -> tuple[float, np.ndarray, dict]:
+    """Read + predict + write; also each phase's seconds and the task's thread pools, so that
+    a slow run shows which phase slowed (the ABBA runs differ up to 4x by order)."""
     t0 = time.perf_counter()
     table = read_rows(layout.embeddings("generic"))
     x = arrow_to_vectors(table.column("embedding"))
+    t1 = time.perf_counter()
     labels = km.predict(x)
+    t2 = time.perf_counter()
     dist = np.linalg.norm(x - km.cluster_centers_[labels], axis=1).astype(np.float32)
     pq.write_table(pa.table({"unit_id": table.column("unit_id"), "tokens": table.column("tokens"),
                              "cluster": pa.array(labels.astype(np.int32)),
                              "distance": pa.array(dist)}), out_file)
-    return time.perf_counter() - t0, labels
+    t3 = time.perf_counter()
+    info = {"read": t1 - t0, "predict": t2 - t1, "write": t3 - t2, "pid": os.getpid(),
+            "threads": sorted({(p["user_api"], p["num_threads"]) for p in threadpool_info()})}
+    return t3 - t0, labels, info
 
 
 def ray_side(layout: RunLayout, k: int) -> tuple[float, np.ndarray]:
@@ -99,6 +107,7 @@ def bench_assign(a: argparse.Namespace) -> None:
         km = write_inputs(layout, a.rows, a.dim, a.k, a.files, a.seed)
         out_file = os.path.join(tmp, "sklearn.parquet")
         times: dict[str, list[float]] = {"sklearn": [], "ray": []}
+        phases: list[dict] = []  # the sklearn side's phases, in run order
         with ray_session(ClusterConfig(num_cpus=a.cores)):
             # the sklearn side runs as a Ray task holding every core: same niceness as the
             # assign tasks (Ray's workers run at 15; a niceness-0 driver would take the CPU from
@@ -110,11 +119,13 @@ def bench_assign(a: argparse.Namespace) -> None:
                 # ABBA: each side runs first in half of the pairs, so neither always follows
                 # the other (a run after the Ray side was seen to slow scikit-learn down 3x)
                 if i % 2 == 0:
-                    s_sec, s_labels = ray.get(plain.remote(layout, km, out_file))
+                    s_sec, s_labels, info = ray.get(plain.remote(layout, km, out_file))
                     r_sec, r_labels = ray_side(layout, a.k)
                 else:
                     r_sec, r_labels = ray_side(layout, a.k)
-                    s_sec, s_labels = ray.get(plain.remote(layout, km, out_file))
+                    s_sec, s_labels, info = ray.get(plain.remote(layout, km, out_file))
+                phases.append({"after_ray_side": i % 2 == 1, **{
+                    k: round(v, 3) if isinstance(v, float) else v for k, v in info.items()}})
                 times["sklearn"].append(s_sec)
                 times["ray"].append(r_sec)
         agree = float((s_labels == r_labels).mean())
@@ -124,6 +135,8 @@ def bench_assign(a: argparse.Namespace) -> None:
     print(f"sklearn read+predict+write: {times['sklearn']} s  {a.rows * a.pairs / s_sum:10.0f} rows/s")
     print(f"Ray Data assign stage:      {times['ray']} s  {a.rows * a.pairs / r_sum:10.0f} rows/s "
           f"(first run, uncounted: {first:.2f} s)")
+    for ph in phases:
+        print(f"sklearn phases: {ph}")
     print(f"cluster ids equal on {agree:.4%} of rows")
     print(f"RATIO ray/sklearn throughput = {ratio:.3f}  (target >= 1.0)")
     record({"kmeans_assign_ratio": round(ratio, 3), "kmeans_assign": {
@@ -131,6 +144,7 @@ def bench_assign(a: argparse.Namespace) -> None:
         "ratio": round(ratio, 3), "pass": ratio >= 1.0, "order": "warm-up of each side, then ABBA (pairs alternate which side runs first)",
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "ray_first_run_seconds": round(first, 3), "cluster_ids_equal": agree,
+        "sklearn_phases": phases,
         "sizes": {"rows": a.rows, "dim": a.dim, "k": a.k, "files": a.files, "cores": a.cores},
         "load_average_at_start": load0}}, a.results)
 
