@@ -76,7 +76,8 @@ def write_inputs(layout: RunLayout, rows: int, dim: int, k: int, files: int, see
 
 def sklearn_side(layout: RunLayout, km, out_file: str) -> tuple[float, np.ndarray, dict]:
     """Read + predict + write; also each phase's seconds and the task's thread pools, so that
-    a slow run shows which phase slowed (the ABBA runs differ up to 4x by order)."""
+    a slow run shows which phase slowed (the first run after a switch of sides was up to 4x
+    slower, in its read and write)."""
     t0 = time.perf_counter()
     table = read_rows(layout.embeddings("generic"))
     x = arrow_to_vectors(table.column("embedding"))

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 PROBE = r"""
-import sys
 from slm.heap import release_free_heap
 
 def rss_mb():
@@ -33,4 +32,3 @@ def test_freed_heap_goes_back_to_the_os():
     trimmed, freed, after = out[0] == "True", float(out[1]), float(out[2])
     assert trimmed
     assert freed - after > 100, (freed, after)  # ~150 MB freed but resident, then returned
-
