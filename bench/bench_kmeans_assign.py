@@ -5,8 +5,8 @@ to artifact on the same data: parquet embeddings in, parquet (unit_id, tokens, c
 The scikit-learn side (a Ray task holding every core, so that it runs at the Ray workers'
 niceness) reads the parquet files with pyarrow, calls ``KMeans.predict`` (its OpenMP/BLAS
 threads use every core), computes the distance to the chosen centroid and writes one
-parquet file; the Ray side is the pipeline stage (streamed read, one matrix multiply + argmin
-per batch in parallel tasks, parquet write). The sides alternate (``--pairs``: each side first in half the pairs; each timed run follows an
+parquet file; the Ray side is the pipeline stage (``assign``: a Ray task per input file that
+reads it in batches, one matrix multiply + argmin per batch, and writes its rows). The sides alternate (``--pairs``: each side first in half the pairs; each timed run follows an
 uncounted run of the same side, since the first run after a switch is slower for either side) inside one
 embedded Ray session (started before, not timed), after one uncounted warm-up run of each side:
 the first Ray run also starts and warms the Ray workers (imports), a once-per-session cost that
@@ -139,7 +139,7 @@ def bench_assign(a: argparse.Namespace) -> None:
     ratio = s_sum / r_sum
     print(f"rows={a.rows} dim={a.dim} k={a.k} files={a.files} cores={a.cores} pairs={a.pairs}")
     print(f"sklearn read+predict+write: {times['sklearn']} s  {a.rows * a.pairs / s_sum:10.0f} rows/s")
-    print(f"Ray Data assign stage:      {times['ray']} s  {a.rows * a.pairs / r_sum:10.0f} rows/s "
+    print(f"Ray assign stage:           {times['ray']} s  {a.rows * a.pairs / r_sum:10.0f} rows/s "
           f"(first run, uncounted: {first:.2f} s)")
     for ph in phases:
         print(f"sklearn phases: {ph}")

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 import ray.data
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
@@ -54,14 +55,27 @@ def read_rows(uri: str, columns: list[str] | None = None) -> pa.Table:
                              for f in parquet_files(uri)])
 
 
-def read_artifact(uri: str, columns: list[str] | None = None):
-    """A Ray Dataset over a published parquet artifact (streamed, never collected)."""
+def read_artifact(uri: str, columns: list[str] | None = None, *, file_blocks: bool = False):
+    """A Ray Dataset over a published parquet artifact (streamed, never collected);
+    ``file_blocks``: read it in ``file_block_count`` blocks (for wide rows, e.g. embeddings)."""
     fs, _ = filesystem(uri)
-    ds = ray.data.read_parquet(_input_files(uri), filesystem=fs)
+    files = input_files(uri)
+    blocks = {"override_num_blocks": file_block_count(len(files))} if file_blocks else {}
+    ds = ray.data.read_parquet(files, filesystem=fs, **blocks)
     return ds.select_columns(columns) if columns else ds
 
 
-def _input_files(uri: str) -> list[str]:
+def file_block_count(files: int) -> int:
+    """Read blocks for an artifact of wide rows (the embeddings: 1.5 KiB a row): one per file,
+    or twice the cluster's CPUs where there are more of those. Ray Data's default asks for at
+    least 200 blocks of at least 1 MiB: it split a 300 MB embeddings artifact of 16 files into
+    208 blocks, and reading it took 4.0-4.9 s against 0.9-1.2 s in 16 blocks (2 cores).
+    Ray still caps each block at ``target_max_block_size`` while reading."""
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    return max(files, 2 * cpus, 1)
+
+
+def input_files(uri: str) -> list[str]:
     """The parquet files of a published artifact a stage reads; StageError when it is not done
     or holds none."""
     if manifest(uri) is None:
@@ -109,7 +123,7 @@ def read_tagged(uris: list[str], columns: list[str] | None = None):
     One ``read_parquet`` over every artifact's files (the set told by each row's file), not a
     union of one read per artifact: with 7 small sets the union took ~1.1 s more to run (one
     read operator and its metadata pass per set)."""
-    files = [f for u in uris for f in _input_files(u)]
+    files = [f for u in uris for f in input_files(u)]
     fs, _ = filesystem(uris[0])
     ds = ray.data.read_parquet(files, filesystem=fs, include_paths=True)
     if columns:

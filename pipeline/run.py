@@ -175,10 +175,10 @@ def _run_stages(recipe, layout: RunLayout, stage: _Stages, force: bool,
         # every K in one task (one sample read, one scikit-learn import)
         stage.many([(f"kmeans k={k}", layout.kmeans(k)) for k in ks], kmeans.fit_kmeans_all,
                    layout, ks, recipe.kmeans, recipe.seed, force=force)
-        for k in ks:
-            # every set in one execution (a Ray Data execution costs ~1 s whatever its size)
-            stage.many([(f"assign k={k} {name}", layout.assignments(k, name)) for name in corpora],
-                       kmeans.assign_sets, layout, k, list(corpora), force=force)
+        # every set at every K in one pass (each embeddings file read once for all Ks)
+        stage.many([(f"assign k={k} {name}", layout.assignments(k, name))
+                    for k in ks for name in corpora],
+                   kmeans.assign_all, layout, ks, list(corpora), force=force)
         if until == "kmeans":
             return
 

@@ -17,7 +17,7 @@ from slm.layout import RunLayout
 from slm.pipeline.artifacts import parquet_files, vectors_to_arrow
 from slm.pipeline.config import KMeansConfig
 from slm.configkit import ConfigError
-from slm.pipeline.kmeans import (assign, assign_sets, fit_kmeans, fit_kmeans_all, fit_with, histograms,
+from slm.pipeline.kmeans import (assign, assign_all, assign_sets, fit_kmeans, fit_kmeans_all, fit_with, histograms,
                                  load_centroids, nearest, read_histogram)
 
 DIM = 32
@@ -101,6 +101,40 @@ def test_fit_and_assign_agree_with_sklearn(run):
     assert fit_kmeans(layout, 4, FIT, seed=0) == uri
     assert stage.manifest(uri)["started"] == m["started"]
     assert assign_sets(layout, 4, ["generic", "domain-x-train"]) == []
+
+
+def test_every_k_in_one_pass(run):
+    """One pass assigns each set at every K it still needs; each K's result is what that K's
+    centroids give alone, and output file i holds the rows of input file i."""
+    layout, generic, domain = run
+    fit_kmeans(layout, 2, FIT, seed=0, balanced=False)
+    before = read_assign(layout, 4, "generic")
+    # k=4 is done for both sets: only k=2 runs
+    assert assign_all(layout, [4, 2], ["generic", "domain-x-train"]) == [
+        (2, "generic"), (2, "domain-x-train")]
+    for s, x in (("generic", generic), ("domain-x-train", domain)):
+        c, off = load_centroids(layout, 2)
+        np.testing.assert_array_equal(read_assign(layout, 2, s).column("cluster").to_numpy(),
+                                      nearest(x, c, off)[0])
+    assert stage.manifest(layout.assignments(2, "generic"))["shared_pass"]["ks"] == [2]
+    files = parquet_files(layout.assignments(2, "generic"))
+    want = [pq.read_table(f, columns=["unit_id"]) for f in parquet_files(layout.embeddings("generic"))]
+    assert [pq.read_table(f).column("unit_id") for f in files] == [t.column("unit_id") for t in want]
+    # forced: both Ks again in one pass, k=4 unchanged
+    assert len(assign_all(layout, [4, 2], ["generic", "domain-x-train"], force=True)) == 4
+    assert read_assign(layout, 4, "generic").equals(before)
+    assert stage.manifest(layout.assignments(4, "generic"))["shared_pass"]["ks"] == [4, 2]
+
+
+def test_embeddings_without_vectors_are_an_input_error(run):
+    layout, _, _ = run
+    with stage.publish(layout.embeddings("broken"), stage="embed", config={"set": "broken"}) as out:
+        pq.write_table(pa.table({"unit_id": pa.array([1, 2], pa.int64())}),
+                       os.path.join(out.local_dir, "part-0.parquet"))
+    with pytest.raises(InputError, match=r"embeddings file '.*broken/part-0.parquet' has columns "
+                                         r"\['unit_id'\], not unit_id and embedding"):
+        assign(layout, 4, "broken")
+    assert stage.manifest(layout.assignments(4, "broken")) is None  # nothing published
 
 
 def test_fit_uses_a_bounded_seeded_sample(run):
