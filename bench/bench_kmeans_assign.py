@@ -84,14 +84,19 @@ def sklearn_side(layout: RunLayout, km, out_file: str) -> tuple[float, np.ndarra
     t1 = time.perf_counter()
     labels = km.predict(x)
     t2 = time.perf_counter()
-    dist = np.linalg.norm(x - km.cluster_centers_[labels], axis=1).astype(np.float32)
+    # the distance to the chosen centroid, a chunk at a time: in one go, x - centres[labels]
+    # allocated two fresh 300 MB arrays, and that phase took 0.4-2.8 s from run to run
+    dist = np.empty(len(x), np.float32)
+    for i in range(0, len(x), 4096):
+        dist[i:i + 4096] = np.linalg.norm(x[i:i + 4096] - km.cluster_centers_[labels[i:i + 4096]], axis=1)
+    t3 = time.perf_counter()
     pq.write_table(pa.table({"unit_id": table.column("unit_id"), "tokens": table.column("tokens"),
                              "cluster": pa.array(labels.astype(np.int32)),
                              "distance": pa.array(dist)}), out_file)
-    t3 = time.perf_counter()
-    info = {"read": t1 - t0, "predict": t2 - t1, "write": t3 - t2, "pid": os.getpid(),
+    t4 = time.perf_counter()
+    info = {"read": t1 - t0, "predict": t2 - t1, "distance": t3 - t2, "write": t4 - t3, "pid": os.getpid(),
             "threads": sorted({(p["user_api"], p["num_threads"]) for p in threadpool_info()})}
-    return t3 - t0, labels, info
+    return t4 - t0, labels, info
 
 
 def ray_side(layout: RunLayout, k: int) -> tuple[float, np.ndarray]:
@@ -138,16 +143,18 @@ def bench_assign(a: argparse.Namespace) -> None:
     s_sum, r_sum = sum(times["sklearn"]), sum(times["ray"])
     ratio = s_sum / r_sum
     print(f"rows={a.rows} dim={a.dim} k={a.k} files={a.files} cores={a.cores} pairs={a.pairs}")
-    print(f"sklearn read+predict+write: {times['sklearn']} s  {a.rows * a.pairs / s_sum:10.0f} rows/s")
-    print(f"Ray assign stage:           {times['ray']} s  {a.rows * a.pairs / r_sum:10.0f} rows/s "
+    print(f"sklearn read+predict+dist+write: {times['sklearn']} s  {a.rows * a.pairs / s_sum:10.0f} rows/s")
+    print(f"Ray assign stage:                {times['ray']} s  {a.rows * a.pairs / r_sum:10.0f} rows/s "
           f"(first run, uncounted: {first:.2f} s)")
     for ph in phases:
         print(f"sklearn phases: {ph}")
     print(f"cluster ids equal on {agree:.4%} of rows")
     print(f"RATIO ray/sklearn throughput = {ratio:.3f}  (target >= 1.0)")
     record({"kmeans_assign_ratio": round(ratio, 3), "kmeans_assign": {
-        "goal": "sklearn read+predict+write seconds / assign stage seconds >= 1.0",
-        "ratio": round(ratio, 3), "pass": ratio >= 1.0, "order": "warm-up of each side, then pairs (alternating which side goes first), each side timed right after an uncounted run of itself",
+        "goal": "sklearn read+predict+distance+write seconds / assign stage seconds >= 1.0",
+        "ratio": round(ratio, 3), "pass": ratio >= 1.0,
+        # the fastest run of each side: scikit-learn's read of the whole table varies the most
+        "ratio_of_fastest_runs": round(min(times["sklearn"]) / min(times["ray"]), 3), "order": "warm-up of each side, then pairs (alternating which side goes first), each side timed right after an uncounted run of itself",
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "ray_first_run_seconds": round(first, 3), "cluster_ids_equal": agree,
         "sklearn_phases": phases,
