@@ -399,8 +399,8 @@ def assign_all(layout: RunLayout, ks: list[int], set_names: list[str], force: bo
 
     Plain Ray tasks over files, not a Ray Data pipeline: the pass is a per-file map with no
     shuffle, and Ray Data's execution (blocks through the object store, its operator scheduling)
-    cost 2.8-3.6 s against 1.3-1.7 s for these tasks on 200k × 384 at k=1024 (2 cores; scikit-
-    learn's read + predict + write: 1.7-1.8 s; bench_kmeans_assign.py). Returns the (K, set)
+    cost 2.8-3.6 s against 1.2-1.5 s for these tasks on 200k × 384 at k=1024 (2 cores; scikit-
+    learn's read + predict + write: 1.5-2.8 s; bench_kmeans_assign.py). Returns the (K, set)
     pairs assigned now."""
     stages = {(k, n): Stage(layout.assignments(k, n), stage="assign", config={"k": k},
                             inputs=input_fingerprints(layout, layout.embeddings(n), layout.kmeans(k)),
