@@ -119,6 +119,8 @@ def ray_session(cfg: ClusterConfig | None = None) -> Iterator[None]:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
+            # no dashboard, so no State API: silence what polls it (slm.cluster.worker_setup)
+            runtime_env["worker_process_setup_hook"] = "slm.cluster.worker_setup.quiet_state_api_pollers"
             ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False,
                      runtime_env=runtime_env, log_to_driver=True,
                      logging_level=logging.WARNING)
