@@ -340,17 +340,18 @@ def _sample_for(samples: dict[tuple[int, int], np.ndarray], src: str, target: in
 # --------------------------------------------------------------------------------------------
 
 def assign_file(fs: Any, path: str, models: dict[int, tuple[np.ndarray, np.ndarray]],
-                dests: list[tuple[int, Any, str]], name: str) -> int:
+                dests: list[tuple[int, Any, str]], name: str, fix: str) -> int:
     """Ray task: the nearest (offset-adjusted) centroid of every embedding of one embeddings
     file, for every K of ``dests`` (``(k, filesystem, staging dir)``), written as
     ``<dir>/<name>`` (unit_id[, tokens], cluster, distance). Reads the file in batches of
     ``ASSIGN_BATCH`` rows, so a task holds one batch of vectors and the small outputs. Returns
-    the rows read. Re-running it rewrites the same files (a retried task is harmless)."""
+    the rows read. Re-running it rewrites the same files (a retried task is harmless). ``fix``:
+    how to rebuild the embeddings, named in the error on a bad file (``rebuild_fix``)."""
     pf = pq.ParquetFile(fs.open_input_file(path))
     names = pf.schema_arrow.names
     if "embedding" not in names or "unit_id" not in names:
         raise InputError(f"embeddings file '{path}' has columns {names}, not unit_id and "
-                         "embedding; re-run the embeddings stage (slm data --force)")
+                         f"embedding; {fix}")
     columns = [c for c in ("unit_id", "tokens", "embedding") if c in names]
     kept: list[pa.RecordBatch] = []
     found: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k, _, _ in dests}
@@ -361,8 +362,7 @@ def assign_file(fs: Any, path: str, models: dict[int, tuple[np.ndarray, np.ndarr
             centroids, offsets = models[k]
             if len(x) and x.shape[1] != centroids.shape[1]:
                 raise InputError(f"embeddings '{path}' have dim {x.shape[1]} but the k={k} "
-                                 f"centroids have {centroids.shape[1]}; re-fit k-means on these "
-                                 "embeddings")
+                                 f"centroids have {centroids.shape[1]}; {fix}")
             if len(x):
                 found[k].append(nearest(x, centroids, offsets))
     keys = pa.Table.from_batches(kept) if kept else None
@@ -417,11 +417,13 @@ def assign_all(layout: RunLayout, ks: list[int], set_names: list[str], force: bo
         t0 = time.time()
         model_ref = ray.put(models)  # one copy in the object store, shared by every task
         task = ray.remote(num_cpus=1)(assign_file)
+        fix = rebuild_fix(layout)  # on the driver: a task does not see the command's hint
         pending = []
         for n in sets:
             fs, _ = filesystem(layout.embeddings(n))
             dests = [(k, outs[(k, n)].fs, outs[(k, n)].path) for k in models if (k, n) in outs]
-            pending += [task.options(name=f"assign-{n}").remote(fs, f, model_ref, dests, f"part-{i:06d}.parquet")
+            pending += [task.options(name=f"assign-{n}").remote(fs, f, model_ref, dests,
+                                                                 f"part-{i:06d}.parquet", fix)
                         for i, f in enumerate(input_files(layout.embeddings(n)))]
         with user_errors():
             ray.get(pending)

@@ -132,7 +132,8 @@ def test_embeddings_without_vectors_are_an_input_error(run):
         pq.write_table(pa.table({"unit_id": pa.array([1, 2], pa.int64())}),
                        os.path.join(out.local_dir, "part-0.parquet"))
     with pytest.raises(InputError, match=r"embeddings file '.*broken/part-0.parquet' has columns "
-                                         r"\['unit_id'\], not unit_id and embedding"):
+                                         r"\['unit_id'\], not unit_id and embedding; re-run `slm data run "
+                                         r"--recipe .* --force`"):
         assign(layout, 4, "broken")
     assert stage.manifest(layout.assignments(4, "broken")) is None  # nothing published
 
