@@ -44,7 +44,7 @@ from slm.cluster.config import ClusterConfig
 from slm.cluster.ray_env import ray_session
 from slm.layout import RunLayout
 from slm.pipeline.artifacts import arrow_to_vectors, read_rows, vectors_to_arrow
-from slm.pipeline.kmeans import CENTROIDS_FILE, assign, fit_with, nearest, save_centroids
+from slm.pipeline.kmeans import ASSIGN_BATCH, CENTROIDS_FILE, assign, fit_with, nearest, save_centroids
 from slm.stage import publish
 
 
@@ -77,18 +77,19 @@ def write_inputs(layout: RunLayout, rows: int, dim: int, k: int, files: int, see
 def sklearn_side(layout: RunLayout, km, out_file: str) -> tuple[float, np.ndarray, dict]:
     """Read + predict + write; also each phase's seconds and the task's thread pools, so that
     a slow run shows which phase slowed (the first run after a switch of sides was up to 4x
-    slower, in its read and write)."""
+    slower, in the phases that allocate fresh memory)."""
     t0 = time.perf_counter()
     table = read_rows(layout.embeddings("generic"))
     x = arrow_to_vectors(table.column("embedding"))
     t1 = time.perf_counter()
     labels = km.predict(x)
     t2 = time.perf_counter()
-    # the distance to the chosen centroid, a chunk at a time: in one go, x - centres[labels]
-    # allocated two fresh 300 MB arrays, and that phase took 0.4-2.8 s from run to run
+    # the distance to the chosen centroid, a batch at a time as the stage does: in one go,
+    # x - centres[labels] allocated two fresh 300 MB arrays, and took 0.4-2.8 s from run to run
     dist = np.empty(len(x), np.float32)
-    for i in range(0, len(x), 4096):
-        dist[i:i + 4096] = np.linalg.norm(x[i:i + 4096] - km.cluster_centers_[labels[i:i + 4096]], axis=1)
+    for i in range(0, len(x), ASSIGN_BATCH):
+        rows = slice(i, i + ASSIGN_BATCH)
+        dist[rows] = np.linalg.norm(x[rows] - km.cluster_centers_[labels[rows]], axis=1)
     t3 = time.perf_counter()
     pq.write_table(pa.table({"unit_id": table.column("unit_id"), "tokens": table.column("tokens"),
                              "cluster": pa.array(labels.astype(np.int32)),
@@ -124,8 +125,8 @@ def bench_assign(a: argparse.Namespace) -> None:
             ray.get(plain.remote(layout, km, out_file))  # warm-up (uncounted): imports, cache
             for i in range(a.pairs):
                 # each side is timed right after an uncounted run of itself: the first run
-                # after a switch is slower for either side (scikit-learn's read and write, the
-                # phases that allocate fresh memory, up to 8x; Ray's stage ~1.2 s), so plain
+                # after a switch is slower for either side (scikit-learn's phases that allocate
+                # fresh memory, up to 8x; Ray's stage ~1.2 s), so plain
                 # ABBA measured mostly that penalty, not the sides
                 sides = ("sklearn", "ray") if i % 2 == 0 else ("ray", "sklearn")
                 for side in sides:

@@ -356,18 +356,19 @@ def assign_file(fs: Any, path: str, models: dict[int, tuple[np.ndarray, np.ndarr
     kept: list[pa.RecordBatch] = []
     found: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k, _, _ in dests}
     for batch in pf.iter_batches(batch_size=ASSIGN_BATCH, columns=columns):
+        if batch.num_rows == 0:
+            continue
         x = arrow_to_vectors(batch.column("embedding"))
         kept.append(batch.drop_columns(["embedding"]))
         for k in found:
             centroids, offsets = models[k]
-            if len(x) and x.shape[1] != centroids.shape[1]:
+            if x.shape[1] != centroids.shape[1]:
                 raise InputError(f"embeddings '{path}' have dim {x.shape[1]} but the k={k} "
                                  f"centroids have {centroids.shape[1]}; {fix}")
-            if len(x):
-                found[k].append(nearest(x, centroids, offsets))
-    keys = pa.Table.from_batches(kept) if kept else None
-    if keys is None or keys.num_rows == 0:
+            found[k].append(nearest(x, centroids, offsets))
+    if not kept:
         return 0
+    keys = pa.Table.from_batches(kept)
     for k, out_fs, out_dir in dests:
         cluster = np.concatenate([c for c, _ in found[k]])
         distance = np.concatenate([d for _, d in found[k]])
@@ -411,22 +412,21 @@ def assign_all(layout: RunLayout, ks: list[int], set_names: list[str], force: bo
         return []
     models = {k: load_centroids(layout, k) for k in dict.fromkeys(k for k, _ in todo)}
     sets = list(dict.fromkeys(n for _, n in todo))
-    rows = {n: count_rows(layout.embeddings(n)) for n in sets}
     with contextlib.ExitStack() as publishing:
         outs = {key: publishing.enter_context(stages[key].publish()) for key in todo}
         t0 = time.time()
         model_ref = ray.put(models)  # one copy in the object store, shared by every task
         task = ray.remote(num_cpus=1)(assign_file)
         fix = rebuild_fix(layout)  # on the driver: a task does not see the command's hint
-        pending = []
+        pending: dict[str, list[ray.ObjectRef]] = {}
         for n in sets:
             fs, _ = filesystem(layout.embeddings(n))
             dests = [(k, outs[(k, n)].fs, outs[(k, n)].path) for k in models if (k, n) in outs]
-            pending += [task.options(name=f"assign-{n}").remote(fs, f, model_ref, dests,
-                                                                 f"part-{i:06d}.parquet", fix)
-                        for i, f in enumerate(input_files(layout.embeddings(n)))]
-        with user_errors():
-            ray.get(pending)
+            pending[n] = [task.options(name=f"assign-{n}").remote(fs, f, model_ref, dests,
+                                                                   f"part-{i:06d}.parquet", fix)
+                          for i, f in enumerate(input_files(layout.embeddings(n)))]
+        with user_errors():  # each set's rows, as its tasks read them (no footer pass here)
+            rows = {n: sum(ray.get(refs)) for n, refs in pending.items()}
         seconds = time.time() - t0
         for (k, n), out in outs.items():
             written = count_rows(out.uri)
